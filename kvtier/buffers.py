@@ -1,0 +1,36 @@
+"""A preallocated tensor that grows along one dimension by doubling: appends copy in place, no per-step torch.cat."""
+from __future__ import annotations
+
+import torch
+
+
+class GrowableTensor:
+    def __init__(self, shape: tuple[int, ...], dim: int, dtype: torch.dtype, device: torch.device, capacity: int = 16):
+        self.dim = dim
+        self.length = 0
+        shape = list(shape)
+        shape[dim] = capacity
+        self.data = torch.empty(shape, dtype=dtype, device=device)
+
+    def append(self, rows: torch.Tensor) -> None:
+        """rows: same shape as the buffer except along `dim`."""
+        count = rows.shape[self.dim]
+        self.reserve(self.length + count)
+        self.data.narrow(self.dim, self.length, count).copy_(rows)
+        self.length += count
+
+    def reserve(self, capacity: int) -> None:
+        if capacity <= self.data.shape[self.dim]:
+            return
+        shape = list(self.data.shape)
+        shape[self.dim] = max(capacity, 2 * shape[self.dim])
+        grown = torch.empty(shape, dtype=self.data.dtype, device=self.data.device)
+        grown.narrow(self.dim, 0, self.length).copy_(self.view())
+        self.data = grown
+
+    def view(self) -> torch.Tensor:
+        return self.data.narrow(self.dim, 0, self.length)
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel() * self.data.element_size()

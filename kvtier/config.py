@@ -1,0 +1,167 @@
+"""ReAttentionConfig: the scope's sizes, the selection policy, derivation from a model's window, validation."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# Chosen by measurement on SmolLM2-135M-Instruct with `kvtier niah` (README, "Why these defaults").
+DEFAULT_POLICY = "quest"
+# The scope fills this fraction of the trained window: SmolLM2 retrieves better with half its window than with all
+# of it (its own recall fades near the end of its window), measured in benchmarks/RESULTS.md.
+DEFAULT_SCOPE_FRACTION = 0.5
+_PAPER_GLOBAL = 32
+_PAPER_SPAN = 32
+_PAPER_CHUNK = 512
+_MAX_LOCAL = 8192
+
+_SIZE_FIELDS = ("global_size", "local_size", "span_size", "top_k", "chunk_size")
+
+
+@dataclass(frozen=True)
+class ReAttentionConfig:
+    """What each attention call sees: `[global | top_k spans of span_size | local window]`, queries in chunks.
+
+    A field left at None is derived from the model's trained window by `resolve` (see `derive_defaults`).
+    """
+
+    global_size: int | None = None
+    local_size: int | None = None
+    span_size: int | None = None
+    top_k: int | None = None
+    chunk_size: int | None = None
+    policy: str = DEFAULT_POLICY
+    policy_options: dict[str, Any] = field(default_factory=dict)
+    per_kv_head: bool = False
+    allow_exceeding_window: bool = False
+
+    # ---- construction -------------------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ReAttentionConfig":
+        if not isinstance(data, dict):
+            raise ValueError(f"a kvtier config must be a mapping of field -> value, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown kvtier config field(s) {unknown}; valid fields are {sorted(known)}")
+        return cls(**data)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "ReAttentionConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"kvtier config file {str(path)!r} does not exist")
+        text = path.read_text()
+        suffix = path.suffix.lower()
+        if suffix in (".yaml", ".yml"):
+            import yaml
+
+            try:
+                data = yaml.safe_load(text)
+            except yaml.YAMLError as err:
+                raise ValueError(f"kvtier config file {str(path)!r} is not valid YAML: {err}") from None
+        elif suffix == ".json":
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"kvtier config file {str(path)!r} is not valid JSON: {err}") from None
+        else:
+            raise ValueError(f"kvtier config file {str(path)!r}: use a .yaml, .yml or .json file")
+        return cls.from_dict(data or {})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_file(self, path: str | Path) -> None:
+        path = Path(path)
+        suffix = path.suffix.lower()
+        if suffix in (".yaml", ".yml"):
+            import yaml
+
+            text = yaml.safe_dump(self.to_dict(), sort_keys=False)
+        elif suffix == ".json":
+            text = json.dumps(self.to_dict(), indent=2) + "\n"
+        else:
+            raise ValueError(f"cannot write kvtier config to {str(path)!r}: use a .yaml, .yml or .json file")
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+
+    def replace(self, **changes: Any) -> "ReAttentionConfig":
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise ValueError(f"unknown kvtier config field(s) {unknown}; valid fields are {sorted(known)}")
+        return dataclasses.replace(self, **changes)
+
+    # ---- derived quantities -------------------------------------------------------------------------------------
+    @property
+    def scope_bound(self) -> int:
+        """Largest scope an attention call can see; every rotary position used is below it."""
+        self._require_resolved()
+        return self.global_size + self.top_k * self.span_size + self.local_size
+
+    def resolve(self, window: int) -> "ReAttentionConfig":
+        """Fill the fields left at None from `window` (the model's trained context), then validate."""
+        given = {name: getattr(self, name) for name in _SIZE_FIELDS if getattr(self, name) is not None}
+        resolved = dataclasses.replace(self, **derive_defaults(window, **given))
+        resolved.validate(window)
+        return resolved
+
+    def validate(self, window: int) -> None:
+        for name in _SIZE_FIELDS:
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
+        self._require_resolved()
+        for name in ("span_size", "local_size", "chunk_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}; try the default by leaving it out")
+        for name in ("global_size", "top_k"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.chunk_size + self.span_size > self.local_size:
+            raise ValueError(
+                f"chunk_size + span_size = {self.chunk_size} + {self.span_size} exceeds local_size = {self.local_size}: "
+                f"a query chunk must fit in the local window with a span to spare; lower chunk_size to "
+                f"{max(self.local_size - self.span_size, 1)} or raise local_size"
+            )
+        if self.scope_bound > window and not self.allow_exceeding_window:
+            fit_k = max((window - self.global_size - self.local_size) // self.span_size, 0)
+            raise ValueError(
+                f"global_size + top_k * span_size + local_size = {self.global_size} + {self.top_k}*{self.span_size} + "
+                f"{self.local_size} = {self.scope_bound} exceeds the model's {window}-token window; lower top_k to "
+                f"{fit_k} or pass allow_exceeding_window=True"
+            )
+        if not isinstance(self.per_kv_head, bool) or not isinstance(self.allow_exceeding_window, bool):
+            raise ValueError("per_kv_head and allow_exceeding_window must be true or false")
+        if not isinstance(self.policy_options, dict):
+            raise ValueError(f"policy_options must be a mapping, got {type(self.policy_options).__name__}")
+        from kvtier.policies import build_policy
+
+        build_policy(self.policy, self.policy_options)
+
+    def _require_resolved(self) -> None:
+        missing = [name for name in _SIZE_FIELDS if getattr(self, name) is None]
+        if missing:
+            raise ValueError(f"config fields {missing} are unset; call config.resolve(window) first")
+
+
+def derive_defaults(window: int, **given: int) -> dict[str, int]:
+    """The paper's shape scaled to `window` * DEFAULT_SCOPE_FRACTION, around the sizes in `given`: 32 global
+    tokens, spans of 32, half the scope local (at most 8192), top_k filling the rest, query chunks of 512."""
+    if isinstance(window, bool) or not isinstance(window, int) or window <= 0:
+        raise ValueError(f"the model's window (max_position_embeddings) must be a positive integer, got {window!r}")
+    scope = int(window * DEFAULT_SCOPE_FRACTION)
+    sizes = dict(given)
+    sizes.setdefault("span_size", min(_PAPER_SPAN, max(scope // 64, 1)))
+    sizes.setdefault("global_size", min(_PAPER_GLOBAL, scope // 64))
+    sizes.setdefault("local_size", min(scope // 2, _MAX_LOCAL))
+    span, glob, local = sizes["span_size"], sizes["global_size"], sizes["local_size"]
+    if all(isinstance(v, int) and not isinstance(v, bool) for v in (span, glob, local)) and span > 0:
+        target = scope if glob + local < scope else window  # a large given local window fills the trained one
+        sizes.setdefault("top_k", max((target - glob - local) // span, 0))
+        sizes.setdefault("chunk_size", max(min(_PAPER_CHUNK, local - span), 1))
+    return sizes

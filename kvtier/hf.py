@@ -1,0 +1,140 @@
+"""The only module that knows transformers internals: registration, hooks, version shims.
+
+How kvtier rides inside an unmodified model (see docs/architecture.md):
+- an attention function "reattention" and a mask function of the same name are registered;
+- a pre-hook on the decoder notices when a ReAttentionCache drives the forward; while it does, a hook on the rotary
+  module returns cos = 1, sin = 0, so q and k reach the cache and the attention function un-rotated;
+- the cache's `update` publishes (cache, layer, key) in a context variable; the attention function recognises its
+  own key and runs the scope attention, and otherwise (any other cache, or none) runs stock SDPA.
+"""
+from __future__ import annotations
+
+import contextvars
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+ATTENTION_NAME = "reattention"
+SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+
+# the ReAttentionCache driving the current decoder forward, if any
+_ACTIVE_CACHE: contextvars.ContextVar[Any] = contextvars.ContextVar("kvtier_active_cache", default=None)
+# (cache, layer_idx, key tensor) published by the last cache.update
+_PUBLISHED: contextvars.ContextVar[tuple | None] = contextvars.ContextVar("kvtier_published", default=None)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What kvtier needs to know of a model, read once when a cache binds it."""
+
+    family: str
+    window: int
+    num_layers: int
+    inv_freq: torch.Tensor
+    attention_scaling: float
+
+
+def publish(cache: Any, layer_idx: int, key: torch.Tensor) -> None:
+    _PUBLISHED.set((cache, layer_idx, key))
+
+
+def reattention_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    """AttentionInterface entry: the scope attention for our own cache's keys, stock SDPA for anything else."""
+    published = _PUBLISHED.get()
+    if published is None or published[2] is not key or published[1] != module.layer_idx:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    return published[0].attend(module.layer_idx, query, scaling), None
+
+
+def reattention_mask(*args, **kwargs):
+    """Mask entry: nothing to build for the scope attention (it masks per chunk itself); stock SDPA's otherwise."""
+    if _ACTIVE_CACHE.get() is None:
+        return sdpa_mask(*args, **kwargs)
+    padding = kwargs.get("attention_mask")
+    if isinstance(padding, torch.Tensor) and padding.dim() == 2 and not bool(padding.all()):
+        raise NotImplementedError(
+            "ReAttentionCache does not support padded batches yet: pass rows of equal length (no padding), "
+            "or run the rows one at a time"
+        )
+    return None
+
+
+def _register_interfaces() -> None:
+    if AttentionInterface._global_mapping.get(ATTENTION_NAME) is not reattention_attention:
+        AttentionInterface.register(ATTENTION_NAME, reattention_attention)
+    if AttentionMaskInterface._global_mapping.get(ATTENTION_NAME) is not reattention_mask:
+        AttentionMaskInterface.register(ATTENTION_NAME, reattention_mask)
+
+
+def _cache_of(kwargs: dict) -> Any:
+    # transformers 5.24 renamed the decoder's `past_key_values` argument to `cache`; accept both
+    cache = kwargs.get("cache")
+    return cache if cache is not None else kwargs.get("past_key_values")
+
+
+def _decoder_pre_hook(module, args, kwargs):
+    from kvtier.cache import ReAttentionCache
+
+    cache = _cache_of(kwargs)
+    module._kvtier_tokens.append(_ACTIVE_CACHE.set(cache if isinstance(cache, ReAttentionCache) else None))
+
+
+def _decoder_post_hook(module, args, kwargs, output):
+    _ACTIVE_CACHE.reset(module._kvtier_tokens.pop())
+    _PUBLISHED.set(None)  # drop the reference to the last key tensor
+
+
+def _rotary_hook(module, args, output):
+    if _ACTIVE_CACHE.get() is None:
+        return output
+    cos, sin = output
+    return torch.ones_like(cos), torch.zeros_like(sin)
+
+
+def model_spec(model) -> ModelSpec:
+    """Check the model is one kvtier can host and read its shape; ValueError naming the problem otherwise."""
+    config = getattr(model, "config", None)
+    family = getattr(config, "model_type", None)
+    if family not in SUPPORTED_FAMILIES:
+        raise ValueError(
+            f"kvtier supports the {', '.join(SUPPORTED_FAMILIES)} model families; got model_type={family!r}. "
+            "Load a supported model (e.g. Llama, Mistral, Qwen2, Qwen3)"
+        )
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    rotary = getattr(decoder, "rotary_emb", None)
+    if rotary is None or not hasattr(rotary, "original_inv_freq"):
+        raise ValueError(
+            f"this {family} model has no rotary embedding module (decoder.rotary_emb with original_inv_freq); "
+            "ReAttention re-assigns rotary positions and needs a RoPE model"
+        )
+    window = getattr(config, "max_position_embeddings", None)
+    if not isinstance(window, int) or window <= 0:
+        raise ValueError(f"the model config has no positive max_position_embeddings (got {window!r}); set it to its trained window")
+    return ModelSpec(
+        family=family,
+        window=window,
+        num_layers=config.num_hidden_layers,
+        inv_freq=rotary.original_inv_freq.detach().clone(),
+        attention_scaling=float(getattr(rotary, "attention_scaling", 1.0)),
+    )
+
+
+def bind_model(model) -> ModelSpec:
+    """Switch `model` to kvtier's attention and install the hooks, once (idempotent). With any other cache the
+    switched model computes exactly what stock SDPA does."""
+    spec = model_spec(model)
+    _register_interfaces()
+    if model.config._attn_implementation != ATTENTION_NAME:
+        model.set_attn_implementation(ATTENTION_NAME)
+    decoder = model.get_decoder()
+    if not getattr(decoder, "_kvtier_hooked", False):
+        decoder._kvtier_tokens = []
+        decoder.register_forward_pre_hook(_decoder_pre_hook, with_kwargs=True)
+        decoder.register_forward_hook(_decoder_post_hook, with_kwargs=True, always_call=True)
+        decoder.rotary_emb.register_forward_hook(_rotary_hook)
+        decoder._kvtier_hooked = True
+    return spec

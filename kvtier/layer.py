@@ -1,0 +1,142 @@
+"""ReAttentionLayer: one model layer's KV (all rows of the batch): takes new tokens in, seals spans as they leave the
+local window, selects spans for a query chunk, and gathers the scope `[global | selected spans | local]`."""
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import CacheLayerMixin
+
+from kvtier.config import ReAttentionConfig
+from kvtier.policies import Policy
+from kvtier.regions import GlobalRegion, LocalWindow, SpanTable
+from kvtier.tiers import SlotPool
+
+
+class ReAttentionLayer(CacheLayerMixin):
+    is_compileable = False
+    is_sliding = False
+
+    def __init__(self, config: ReAttentionConfig, policy: Policy):
+        super().__init__()
+        self.config = config
+        self.policy = policy
+        self.seen = 0  # tokens fed to this layer (absolute)
+        self.largest_scope = 0
+        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    # ---- transformers' layer protocol ---------------------------------------------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        batch, kv_heads, _, head_dim = key_states.shape
+        dtype, device = key_states.dtype, key_states.device
+        cfg = self.config
+        self.dtype, self.device = dtype, device
+        self.shape = (batch, kv_heads, head_dim)
+        self.global_region = GlobalRegion(batch, kv_heads, cfg.global_size, head_dim, dtype, device)
+        self.local = LocalWindow(batch, kv_heads, cfg.local_size, cfg.chunk_size, head_dim, dtype, device)
+        self.table = SpanTable(batch, kv_heads, self.policy.summary_size(cfg.span_size), head_dim, dtype, device)
+        self.pool = SlotPool(kv_heads, cfg.span_size, head_dim, dtype, device)
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Stash the new pre-RoPE K/V [B, Hkv, q, D] for this forward's attention call, which takes them in chunk by
+        chunk (so that each query chunk selects among the spans sealed before it). Returns them unchanged."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        elif key_states.shape[0] != self.shape[0]:
+            raise ValueError(
+                f"this ReAttentionCache holds {self.shape[0]} sequences but got a batch of {key_states.shape[0]}; "
+                "use a new cache for a new batch"
+            )
+        if self._pending is not None:
+            raise RuntimeError("ReAttentionLayer.update was called twice without an attention call in between")
+        self._pending = (key_states, value_states)
+        self.seen += key_states.shape[2]
+        return key_states, value_states
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_mask_sizes(self, query_length, *args) -> tuple[int, int]:
+        if isinstance(query_length, torch.Tensor):  # older releases pass cache_position
+            query_length = query_length.shape[0]
+        return self.seen + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def get_max_cache_shape(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.__init__(self.config, self.policy)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise NotImplementedError("ReAttentionCache does not support beam search yet; use greedy or sampling")
+
+    def crop(self, max_length: int) -> None:
+        raise NotImplementedError("ReAttentionCache cannot be cropped (it is not used with assisted decoding yet)")
+
+    # ---- what the attention call uses ---------------------------------------------------------------------------
+    def take_pending(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._pending is None:
+            raise RuntimeError("the attention call found no new tokens: ReAttentionCache.update was not called first")
+        pending, self._pending = self._pending, None
+        return pending
+
+    def ingest(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Append one chunk's K/V [B, Hkv, c, D]; seal the oldest local tokens in whole spans until at most
+        local_size remain (so the local window keeps between local_size - span_size + 1 and local_size tokens)."""
+        taken = self.global_region.absorb(keys, values)
+        if taken == keys.shape[2]:
+            return
+        self.local.append(keys[:, :, taken:], values[:, :, taken:])
+        excess = self.local.length - self.config.local_size
+        if excess > 0:
+            self._seal(-(-excess // self.config.span_size))
+
+    def _seal(self, count: int) -> None:
+        span = self.config.span_size
+        batch, kv_heads, head_dim = self.shape
+        keys, values = self.local.pop_front(count * span)  # [B, Hkv, count*S, D]
+        keys = keys.reshape(batch, kv_heads, count, span, head_dim).transpose(1, 2)  # [B, count, Hkv, S, D]
+        values = values.reshape(batch, kv_heads, count, span, head_dim).transpose(1, 2)
+        spans = torch.stack((keys, values), dim=2).flatten(0, 1)  # [B*count, 2, Hkv, S, D], span-major
+        slots = self.pool.put(spans).view(batch, count)
+        summaries = self.policy.summarise(spans[:, 0])  # [B*count, Hkv, c, D]
+        summaries = summaries.view(batch, count, *summaries.shape[1:]).transpose(1, 2)  # [B, Hkv, count, c, D]
+        self.table.append(slots, summaries)
+
+    def select(self, queries: torch.Tensor) -> torch.Tensor:
+        """queries [B, Hq, c, D] pre-RoPE -> span ids [B, Hkv, k] ascending (the same ids for every head unless
+        per_kv_head)."""
+        ids = self.policy.select(queries, self.table.summaries.view(), self.config.top_k, self.config.per_kv_head)
+        return ids.expand(-1, self.shape[1], -1)
+
+    def gather_scope(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """ids [B, Hkv, k] -> scope keys, values [B, Hkv, L, D] in original token order:
+        `[global | selected spans | local window]`, L = g + k*S + local."""
+        batch, kv_heads, head_dim = self.shape
+        global_keys, global_values = self.global_region.view()
+        local_keys, local_values = self.local.view()
+        n_global, n_local, n_sel = global_keys.shape[2], local_keys.shape[2], ids.shape[-1] * self.config.span_size
+        length = n_global + n_sel + n_local
+        keys = torch.empty(batch, kv_heads, length, head_dim, dtype=self.dtype, device=self.device)  # [B, Hkv, L, D]
+        values = torch.empty_like(keys)
+        keys[:, :, :n_global], values[:, :, :n_global] = global_keys, global_values
+        if n_sel:
+            table_slots = self.table.slots.view()[:, None, :].expand(-1, kv_heads, -1)  # [B, Hkv, n]
+            spans = self.pool.gather(table_slots.gather(2, ids))  # [B, Hkv, k, 2, S, D]
+            keys[:, :, n_global : n_global + n_sel] = spans[:, :, :, 0].flatten(2, 3)
+            values[:, :, n_global : n_global + n_sel] = spans[:, :, :, 1].flatten(2, 3)
+        keys[:, :, n_global + n_sel :], values[:, :, n_global + n_sel :] = local_keys, local_values
+        self.largest_scope = max(self.largest_scope, length)
+        return keys, values
+
+    # ---- accounting ---------------------------------------------------------------------------------------------
+    def spans(self) -> int:
+        return len(self.table) * self.shape[0] if self.is_initialized else 0
+
+    def resident_bytes(self) -> int:
+        if not self.is_initialized:
+            return 0
+        regions = (self.global_region.keys, self.global_region.values, self.local.keys, self.local.values)
+        return sum(t.numel() * t.element_size() for t in regions) + self.table.nbytes + self.pool.nbytes

@@ -1,0 +1,93 @@
+"""Per-layer regions of one attention layer's KV, for all rows of a batch: global sinks, the local window, the
+table of sealed spans (where each lives, and its summary)."""
+from __future__ import annotations
+
+import torch
+
+from kvtier.buffers import GrowableTensor
+from kvtier.tiers import TIER_GPU
+
+
+class GlobalRegion:
+    """The first G tokens of every row; always in scope, never evicted."""
+
+    def __init__(self, batch: int, kv_heads: int, size: int, head_dim: int, dtype: torch.dtype, device: torch.device):
+        self.keys = torch.empty(batch, kv_heads, size, head_dim, dtype=dtype, device=device)  # [B, Hkv, G, D]
+        self.values = torch.empty_like(self.keys)
+        self.length = 0
+
+    def absorb(self, keys: torch.Tensor, values: torch.Tensor) -> int:
+        """Take as many of keys/values [B, Hkv, q, D] as still fit; return how many were taken."""
+        taken = min(self.keys.shape[2] - self.length, keys.shape[2])
+        self.keys[:, :, self.length : self.length + taken] = keys[:, :, :taken]
+        self.values[:, :, self.length : self.length + taken] = values[:, :, :taken]
+        self.length += taken
+        return taken
+
+    def view(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.keys[:, :, : self.length], self.values[:, :, : self.length]
+
+
+class LocalWindow:
+    """The most recent tokens, in a buffer written in place; the oldest leave from the front as spans are sealed.
+    Room for two windows plus a chunk, so the live part is moved back to the start only once per window."""
+
+    def __init__(
+        self, batch: int, kv_heads: int, window: int, chunk: int, head_dim: int, dtype: torch.dtype, device: torch.device
+    ):
+        capacity = 2 * window + chunk
+        self.keys = torch.empty(batch, kv_heads, capacity, head_dim, dtype=dtype, device=device)  # [B, Hkv, cap, D]
+        self.values = torch.empty_like(self.keys)
+        self.start = 0
+        self.length = 0
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        count = keys.shape[2]
+        if self.start + self.length + count > self.keys.shape[2]:
+            self._compact()
+        end = self.start + self.length
+        self.keys[:, :, end : end + count] = keys
+        self.values[:, :, end : end + count] = values
+        self.length += count
+
+    def pop_front(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Remove the `count` oldest tokens; returns views [B, Hkv, count, D], valid until the next append."""
+        keys = self.keys[:, :, self.start : self.start + count]
+        values = self.values[:, :, self.start : self.start + count]
+        self.start += count
+        self.length -= count
+        return keys, values
+
+    def view(self) -> tuple[torch.Tensor, torch.Tensor]:
+        live = slice(self.start, self.start + self.length)
+        return self.keys[:, :, live], self.values[:, :, live]
+
+    def _compact(self) -> None:
+        live = slice(self.start, self.start + self.length)
+        self.keys[:, :, : self.length] = self.keys[:, :, live].clone()
+        self.values[:, :, : self.length] = self.values[:, :, live].clone()
+        self.start = 0
+
+
+class SpanTable:
+    """Sealed spans of every row: where each lives (tier, slot) and its summary, which stays on the model's device."""
+
+    def __init__(
+        self, batch: int, kv_heads: int, summary_size: int, head_dim: int, dtype: torch.dtype, device: torch.device
+    ):
+        self.slots = GrowableTensor((batch, 0), 1, torch.long, device)  # [B, n] slot in its tier
+        self.tiers = GrowableTensor((batch, 0), 1, torch.int8, device)  # [B, n] tier index (kvtier.tiers.TIERS)
+        self.summaries = GrowableTensor((batch, kv_heads, 0, summary_size, head_dim), 2, dtype, device)  # [B, Hkv, n, c, D]
+
+    def append(self, slots: torch.Tensor, summaries: torch.Tensor) -> None:
+        """slots [B, m], summaries [B, Hkv, m, c, D] for m newly sealed spans per row."""
+        self.slots.append(slots)
+        self.tiers.append(torch.full_like(slots, TIER_GPU, dtype=torch.int8))
+        self.summaries.append(summaries)
+
+    def __len__(self) -> int:
+        return self.slots.length
+
+    @property
+    def nbytes(self) -> int:
+        return self.slots.nbytes + self.tiers.nbytes + self.summaries.nbytes

@@ -1,0 +1,31 @@
+"""Rotary embedding at scope positions: tables built in float64, rotation in float32, result in the model's dtype."""
+from __future__ import annotations
+
+import torch
+
+
+class ScopeRotary:
+    """cos/sin for positions 0..bound-1, built once: scope positions never reach the bound, so the tables never grow.
+
+    `inv_freq` and `attention_scaling` come from the model's own rotary module (llama3 / yarn / linear scaling is
+    already baked into them), so rotating at position p equals the model's rotary at p, minus its fp32 rounding.
+    """
+
+    def __init__(self, inv_freq: torch.Tensor, attention_scaling: float, bound: int, device: torch.device):
+        positions = torch.arange(bound, dtype=torch.float64, device=device)
+        angles = positions[:, None] * inv_freq.to(device=device, dtype=torch.float64)[None, :]  # [bound, D/2]
+        angles = torch.cat((angles, angles), dim=-1)  # [bound, D], HF's half-split layout
+        self.cos = (angles.cos() * attention_scaling).float()  # [bound, D]
+        self.sin = (angles.sin() * attention_scaling).float()
+        self.bound = bound
+
+    def rotate(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        """x [B, H, L, D] pre-RoPE -> x rotated at positions start..start+L-1, in x's dtype."""
+        length = x.shape[-2]
+        if start < 0 or start + length > self.bound:
+            raise AssertionError(f"rotary positions {start}..{start + length - 1} leave the scope bound {self.bound}")
+        cos, sin = self.cos[start : start + length], self.sin[start : start + length]
+        x32 = x.float()
+        half = x32.shape[-1] // 2
+        rotated_half = torch.cat((-x32[..., half:], x32[..., :half]), dim=-1)
+        return (x32 * cos + rotated_half * sin).to(x.dtype)

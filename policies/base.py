@@ -1,0 +1,100 @@
+"""The interface every selection policy shares: summarise a sealed span, score a query chunk, pick <= top_k spans."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+AGGREGATIONS = ("vote", "max", "sum")
+
+
+@dataclass
+class Policy:
+    """Base of all policies. A subclass sets `name`, and defines `summary_size`, `summarise`, `candidate_scores`.
+
+    Scoring runs per (query token, query head) against each span's `m` candidates (its summary vectors, or for an
+    upper-bound summary a single bound); `aggregation` turns those into one ranking per sequence (or per KV head):
+      - "vote": each (query, head) votes for the spans holding its `votes` best candidates; most votes win, ties go
+        to the higher best score, then to the earlier span;
+      - "max":  a span's best candidate score over the chunk's queries and the heads;
+      - "sum":  the sum over queries and heads of the span's best candidate score.
+    """
+
+    aggregation: str = "max"
+    votes: int = 4
+    query_block: int = 64  # queries scored at once: bounds the [B, Hkv, g, q, n, m] score tensor
+
+    name: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(
+                f"{self.name} policy: aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}"
+            )
+        if isinstance(self.votes, bool) or not isinstance(self.votes, int) or self.votes < 1:
+            raise ValueError(f"{self.name} policy: votes must be a positive integer, got {self.votes!r}")
+        if isinstance(self.query_block, bool) or not isinstance(self.query_block, int) or self.query_block < 1:
+            raise ValueError(f"{self.name} policy: query_block must be a positive integer, got {self.query_block!r}")
+
+    # ---- what a policy defines ----------------------------------------------------------------------------------
+    def summary_size(self, span_size: int) -> int:
+        """c: how many D-vectors per KV head summarise one span."""
+        raise NotImplementedError
+
+    def summarise(self, keys: torch.Tensor) -> torch.Tensor:
+        """keys [N, Hkv, S, D] (pre-RoPE, N sealed spans) -> summaries [N, Hkv, c, D] in the keys' dtype."""
+        raise NotImplementedError
+
+    def candidate_scores(self, queries: torch.Tensor, summaries: torch.Tensor) -> torch.Tensor:
+        """queries [B, Hkv, g, q, D] fp32 (g = query heads per KV head), summaries [B, Hkv, n, c, D] fp32
+        -> scores [B, Hkv, g, q, n, m] fp32, m candidates per span."""
+        raise NotImplementedError
+
+    # ---- shared machinery ---------------------------------------------------------------------------------------
+    def select(self, queries: torch.Tensor, summaries: torch.Tensor, top_k: int, per_kv_head: bool) -> torch.Tensor:
+        """queries [B, Hq, q, D] pre-RoPE, summaries [B, Hkv, n, c, D] -> span ids [B, Hsel, k] int64, ascending
+        and unique, k = min(top_k, n); Hsel = Hkv when `per_kv_head`, else 1 (one selection for all heads).
+        Query head h reads KV head h // (Hq // Hkv)."""
+        batch, hq, _, dim = queries.shape
+        hkv, n_spans = summaries.shape[1], summaries.shape[2]
+        k = min(top_k, n_spans)
+        h_sel = hkv if per_kv_head else 1
+        if k == 0:
+            return torch.empty(batch, h_sel, 0, dtype=torch.long, device=queries.device)
+        if hq % hkv:
+            raise ValueError(f"{hq} query heads cannot be grouped over {hkv} KV heads")
+        grouped = queries.float().view(batch, hkv, hq // hkv, -1, dim)  # [B, Hkv, g, q, D]
+        primary, secondary = self._aggregate(grouped, summaries.float())  # each [B, Hkv, n]
+        if not per_kv_head:
+            primary = primary.sum(1, keepdim=True) if self.aggregation != "max" else primary.amax(1, keepdim=True)
+            secondary = secondary.amax(1, keepdim=True)
+        order = _rank(primary, secondary)[..., :k]
+        return order.sort(dim=-1).values
+
+    def _aggregate(self, grouped: torch.Tensor, summaries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (primary, secondary) [B, Hkv, n] fp32: the ranking key and its tie-break (the best score)."""
+        batch, hkv, _, n_queries, _ = grouped.shape
+        n_spans = summaries.shape[2]
+        primary = torch.zeros(batch, hkv, n_spans, dtype=torch.float32, device=grouped.device)
+        best = torch.full_like(primary, float("-inf"))
+        for start in range(0, n_queries, self.query_block):
+            scores = self.candidate_scores(grouped[:, :, :, start : start + self.query_block], summaries)
+            per_span = scores.amax(-1)  # [B, Hkv, g, qb, n]
+            best = torch.maximum(best, per_span.amax(dim=(2, 3)))
+            if self.aggregation == "vote":
+                flat = scores.flatten(-2)  # [B, Hkv, g, qb, n*m]
+                picks = flat.topk(min(self.votes, flat.shape[-1]), dim=-1).indices // scores.shape[-1]
+                primary.scatter_add_(-1, picks.flatten(2), torch.ones_like(picks.flatten(2), dtype=torch.float32))
+            elif self.aggregation == "sum":
+                primary += per_span.sum(dim=(2, 3))
+        if self.aggregation == "max":
+            primary = best
+        return primary, best
+
+
+def _rank(primary: torch.Tensor, secondary: torch.Tensor) -> torch.Tensor:
+    """Span ids ordered by primary desc, then secondary desc, then id asc (stable sorts) -> [B, H, n] int64."""
+    by_secondary = secondary.argsort(dim=-1, descending=True, stable=True)
+    by_primary = primary.gather(-1, by_secondary).argsort(dim=-1, descending=True, stable=True)
+    return by_secondary.gather(-1, by_primary)

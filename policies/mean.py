@@ -1,0 +1,24 @@
+"""`mean`: a span is summarised by its mean pre-RoPE key; score = query . mean key."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .base import Policy
+
+
+@dataclass
+class MeanPolicy(Policy):
+    aggregation: str = "max"
+
+    name = "mean"
+
+    def summary_size(self, span_size: int) -> int:
+        return 1
+
+    def summarise(self, keys: torch.Tensor) -> torch.Tensor:
+        return keys.float().mean(dim=2, keepdim=True).to(keys.dtype)
+
+    def candidate_scores(self, queries: torch.Tensor, summaries: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("bkgqd,bkncd->bkgqnc", queries, summaries)
