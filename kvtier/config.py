@@ -69,7 +69,7 @@ class ReAttentionConfig:
                 raise ValueError(f"kvtier config file {str(path)!r} is not valid JSON: {err}") from None
         else:
             raise ValueError(f"kvtier config file {str(path)!r}: use a .yaml, .yml or .json file")
-        return cls.from_dict(data or {})
+        return cls.from_dict({} if data is None else data)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -113,15 +113,15 @@ class ReAttentionConfig:
     def validate(self, window: int) -> None:
         for name in _SIZE_FIELDS:
             value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError(f"{name} must be an integer, got {value!r}")
+            if name in ("span_size", "local_size", "chunk_size") and value <= 0:
+                raise ValueError(f"{name} must be positive, got {value}; try the default by leaving it out")
+            if value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
         self._require_resolved()
-        for name in ("span_size", "local_size", "chunk_size"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}; try the default by leaving it out")
-        for name in ("global_size", "top_k"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.chunk_size + self.span_size > self.local_size:
             raise ValueError(
                 f"chunk_size + span_size = {self.chunk_size} + {self.span_size} exceeds local_size = {self.local_size}: "
@@ -129,11 +129,16 @@ class ReAttentionConfig:
                 f"{max(self.local_size - self.span_size, 1)} or raise local_size"
             )
         if self.scope_bound > window and not self.allow_exceeding_window:
-            fit_k = max((window - self.global_size - self.local_size) // self.span_size, 0)
+            fit_k = (window - self.global_size - self.local_size) // self.span_size
+            fix = (
+                f"lower top_k to {fit_k}"
+                if fit_k >= 0
+                else f"lower local_size to at most {window - self.global_size - self.top_k * self.span_size}"
+            )
             raise ValueError(
                 f"global_size + top_k * span_size + local_size = {self.global_size} + {self.top_k}*{self.span_size} + "
-                f"{self.local_size} = {self.scope_bound} exceeds the model's {window}-token window; lower top_k to "
-                f"{fit_k} or pass allow_exceeding_window=True"
+                f"{self.local_size} = {self.scope_bound} exceeds the model's {window}-token window; {fix} "
+                "or pass allow_exceeding_window=True"
             )
         if not isinstance(self.per_kv_head, bool) or not isinstance(self.allow_exceeding_window, bool):
             raise ValueError("per_kv_head and allow_exceeding_window must be true or false")
@@ -154,6 +159,8 @@ def derive_defaults(window: int, **given: int) -> dict[str, int]:
     tokens, spans of 32, half the scope local (at most 8192), top_k filling the rest, query chunks of 512."""
     if isinstance(window, bool) or not isinstance(window, int) or window <= 0:
         raise ValueError(f"the model's window (max_position_embeddings) must be a positive integer, got {window!r}")
+    if window < 64:
+        raise ValueError(f"a {window}-token window is too small to derive a scope from; give every size explicitly")
     scope = int(window * DEFAULT_SCOPE_FRACTION)
     sizes = dict(given)
     sizes.setdefault("span_size", min(_PAPER_SPAN, max(scope // 64, 1)))

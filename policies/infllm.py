@@ -1,5 +1,5 @@
 """`infllm`: a span is summarised by its `representatives` most central keys (InfLLM, 2024: the tokens the span's
-own context attends to most; here, the keys closest to the span's mean key, since queries are gone at seal time);
+own context attends to most; here, the keys most aligned with the span's mean key, since queries are gone at seal time);
 score = the best representative's dot product with the query."""
 from __future__ import annotations
 

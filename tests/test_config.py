@@ -150,7 +150,13 @@ def test_derive_defaults_matches_resolve():
     assert ReAttentionConfig().resolve(WINDOW) == ReAttentionConfig(**derive_defaults(WINDOW))
 
 
-@pytest.mark.parametrize("window", [16, 128, 512, 2048, 4096, 8192, 32768, 131072, 1 << 20])
+def test_a_tiny_window_asks_for_explicit_sizes():
+    with pytest.raises(ValueError, match="too small to derive a scope"):
+        ReAttentionConfig().resolve(16)
+    assert ReAttentionConfig(global_size=1, local_size=8, span_size=2, top_k=2, chunk_size=4).resolve(16).scope_bound == 13
+
+
+@pytest.mark.parametrize("window", [64, 128, 512, 2048, 4096, 8192, 32768, 131072, 1 << 20])
 def test_defaults_fit_every_window(window):
     config = ReAttentionConfig().resolve(window)
     assert config.scope_bound <= window

@@ -60,9 +60,8 @@ def _reference_scores(name: str, queries: torch.Tensor, keys: torch.Tensor) -> t
         candidates = keys
     elif name == "mean":
         candidates = keys.mean(3, keepdim=True)
-    elif name == "infllm":
-        policy = _policy("infllm")
-        candidates = _paired(queries, _summaries(policy, keys.float()).double())
+    elif name == "infllm":  # its representatives are checked against brute force on their own, below
+        candidates = _paired(queries, _summaries(_policy("infllm"), keys.float()).double())
     elif name == "quest":  # channel by channel, the larger of q*min and q*max, summed
         lo, hi = keys.amin(3), keys.amax(3)  # [B, Hq, n, D]
         qd = q[:, :, :, None, :]
