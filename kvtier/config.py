@@ -159,7 +159,7 @@ def derive_defaults(window: int, **given: int) -> dict[str, int]:
     tokens, spans of 32, half the scope local (at most 8192), top_k filling the rest, query chunks of 512."""
     if isinstance(window, bool) or not isinstance(window, int) or window <= 0:
         raise ValueError(f"the model's window (max_position_embeddings) must be a positive integer, got {window!r}")
-    if window < 64:
+    if window < 64 and set(_SIZE_FIELDS) - set(given):
         raise ValueError(f"a {window}-token window is too small to derive a scope from; give every size explicitly")
     scope = int(window * DEFAULT_SCOPE_FRACTION)
     sizes = dict(given)
