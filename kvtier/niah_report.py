@@ -1,0 +1,112 @@
+"""Reports of needle-in-a-haystack runs (the dicts `kvtier.niah.run_niah` returns): tables, heatmaps, JSON."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+
+def accuracy_grid(run: dict[str, Any]) -> list[list[tuple[int, int]]]:
+    """(hits, prompts) per cell: one row per length, one column per depth, in the run's order."""
+    counts = {(length, depth): [0, 0] for length in run["lengths"] for depth in run["depths"]}
+    for sample in run["samples"]:
+        cell = counts[(sample["length"], sample["depth"])]
+        cell[0] += bool(sample["hit"])
+        cell[1] += 1
+    return [[tuple(counts[(length, depth)]) for depth in run["depths"]] for length in run["lengths"]]
+
+
+def format_length(tokens: int) -> str:
+    """12288 -> '12K', 1048576 -> '1M', 7900 -> '7900'."""
+    for unit, size in (("M", 1 << 20), ("K", 1 << 10)):
+        if tokens % size == 0:
+            return f"{tokens // size}{unit}"
+    return str(tokens)
+
+
+def format_table(run: dict[str, Any]) -> str:
+    """Passkeys found per length (rows) and depth (columns), with each row's total and the overall total."""
+    grid = accuracy_grid(run)
+    header = ["length"] + [f"{depth:g}" for depth in run["depths"]] + ["all"]
+    rows = [[format_length(length)] + [_fraction(*cell) for cell in cells] + [_fraction(*_total(cells))]
+            for length, cells in zip(run["lengths"], grid)]
+    per_depth = [_total(list(column)) for column in zip(*grid)]
+    overall = _total([cell for cells in grid for cell in cells])
+    rows.append(["all"] + [_fraction(*cell) for cell in per_depth] + [_fraction(*overall)])
+    return f"{run['label']}\n" + _render(header, rows)
+
+
+def format_comparison(runs: list[dict[str, Any]]) -> str:
+    """One row per (method, length): passkeys found per depth, in total, and the mean prefill and decode seconds."""
+    depths = runs[0]["depths"]
+    header = ["method", "length"] + [f"{depth:g}" for depth in depths] + ["all", "prefill s", "decode s"]
+    rows = []
+    for run in runs:
+        for length, cells in zip(run["lengths"], accuracy_grid(run)):
+            timed = [s for s in run["samples"] if s["length"] == length]
+            rows.append([run["label"], format_length(length)] + [_fraction(*cell) for cell in cells]
+                        + [_fraction(*_total(cells)), _mean(timed, "prefill_s"), _mean(timed, "decode_s")])
+    return _render(header, rows)
+
+
+def plot_heatmap(run: dict[str, Any], path: str | Path) -> Path:
+    """The ReAttention paper's figure: accuracy over length (x) and needle depth (y), red 0 to green 1."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_depth = list(zip(*accuracy_grid(run)))  # [depth][length] -> (hits, prompts), depth down the y axis
+    accuracy = [[hits / count if count else float("nan") for hits, count in row] for row in by_depth]
+    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(run["lengths"]), 1.4 + 0.5 * len(run["depths"])))
+    image = ax.imshow(accuracy, cmap="RdYlGn", vmin=0.0, vmax=1.0, aspect="auto")
+    for y, row in enumerate(by_depth):
+        for x, (hits, count) in enumerate(row):
+            dark = count and abs(hits / count - 0.5) > 0.3  # the colormap's ends are dark: write in white there
+            ax.text(x, y, f"{hits}/{count}", ha="center", va="center", fontsize=9, color="white" if dark else "black")
+    ax.set_xticks(range(len(run["lengths"])), [format_length(length) for length in run["lengths"]])
+    ax.set_yticks(range(len(run["depths"])), [f"{depth:.0%}" for depth in run["depths"]])
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("needle depth")
+    hits, count = _total([cell for row in by_depth for cell in row])
+    ax.set_title(f"passkey retrieval: {run['label']}\n{hits}/{count} found", fontsize=10)
+    fig.colorbar(image, ax=ax, label="accuracy")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_report(runs: list[dict[str, Any]], out_dir: str | Path, meta: dict[str, Any] | None = None) -> list[Path]:
+    """results.json (`meta` and every run) and one heatmap PNG per run into `out_dir`; returns the paths written."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = out_dir / "results.json"
+    results.write_text(json.dumps({**(meta or {}), "runs": runs}, indent=2, default=str) + "\n")
+    return [results] + [plot_heatmap(run, out_dir / f"niah-{_slug(run['label'])}.png") for run in runs]
+
+
+def _slug(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", label).strip("-")
+
+
+def _total(cells: list[tuple[int, int]]) -> tuple[int, int]:
+    return sum(hits for hits, _ in cells), sum(count for _, count in cells)
+
+
+def _fraction(hits: int, count: int) -> str:
+    return f"{hits}/{count}" if count else "-"
+
+
+def _mean(samples: list[dict[str, Any]], key: str) -> str:
+    return f"{sum(s[key] for s in samples) / len(samples):.1f}" if samples else "-"
+
+
+def _render(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
+    lines = [header, ["-" * width for width in widths]] + rows
+    # The first column names the row (a method or a length): left-aligned; counts and seconds right-aligned.
+    return "\n".join("  ".join([str(line[0]).ljust(widths[0])] + [str(cell).rjust(width) for cell, width
+                                                                    in zip(line[1:], widths[1:])]) for line in lines)

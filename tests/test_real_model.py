@@ -1,0 +1,58 @@
+"""Invariant on the real model: with a ~1K-token scope over a ~3K-token haystack, the needle can only reach the
+answer through selection. The default policy and `reattention` find it; `streaming` (no middle) cannot."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvtier import ReAttentionCache
+from kvtier.haystack import build_sample, passkey_found
+from kvtier.model import ModelNotInstalledError, load_smollm2
+from kvtier.niah import answer
+
+pytestmark = pytest.mark.real_model
+
+SCOPE = dict(global_size=32, local_size=512, span_size=32, top_k=16)  # 32 + 512 + 512 = 1056 tokens
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    try:
+        return load_smollm2()
+    except ModelNotInstalledError as err:
+        pytest.skip(f"the real model is not installed here: {err}")
+
+
+@pytest.fixture(scope="module")
+def haystack(smollm2):
+    _, tokenizer = smollm2
+    sample = build_sample(tokenizer, 3000, 0.4, "58361")
+    middle = range(SCOPE["global_size"], sample.length - SCOPE["local_size"])
+    assert sample.needle_start in middle  # neither a global nor a local token: only selection can bring it
+    return sample
+
+
+@pytest.mark.parametrize("policy", [None, "reattention"], ids=["default", "reattention"])
+def test_selection_brings_the_needle_back(smollm2, haystack, policy):
+    model, tokenizer = smollm2
+    cache = ReAttentionCache(model, **SCOPE, **({"policy": policy} if policy else {}))
+    text = tokenizer.decode(answer(model, haystack.ids, cache, max_new_tokens=8).tokens)
+    assert passkey_found(text, haystack.key), text
+    stats = cache.stats()
+    assert stats["scope_tokens"] <= 1056 and stats["tokens"] >= haystack.length
+
+
+def test_streaming_cannot_see_the_needle(smollm2, haystack):
+    model, tokenizer = smollm2
+    cache = ReAttentionCache(model, policy="streaming", **SCOPE)
+    text = tokenizer.decode(answer(model, haystack.ids, cache, max_new_tokens=8).tokens)
+    assert not passkey_found(text, haystack.key), text
+
+
+def test_stock_finds_it_at_this_length(smollm2, haystack):
+    """The haystack is inside the model's window, so the stock model is the ceiling the selection must reach."""
+    model, tokenizer = smollm2
+    ids = torch.tensor([haystack.ids])
+    with torch.inference_mode():
+        out = model.generate(ids, max_new_tokens=8, do_sample=False)
+    assert passkey_found(tokenizer.decode(out[0, ids.shape[1] :]), haystack.key)
