@@ -31,7 +31,8 @@ class Method:
         c = self.config
         if c is None:
             return STOCK
-        return f"{c.policy} G{c.global_size} k{c.top_k}x{c.span_size} W{c.local_size} C{c.chunk_size}"
+        middle = "" if c.policy == "streaming" else f" k{c.top_k}x{c.span_size}"  # streaming selects no span
+        return f"{c.policy} G{c.global_size}{middle} W{c.local_size} C{c.chunk_size}"
 
     def new_cache(self, model):
         if self.config is None:

@@ -59,7 +59,8 @@ def plot_heatmap(run: dict[str, Any], path: str | Path) -> Path:
 
     by_depth = list(zip(*accuracy_grid(run)))  # [depth][length] -> (hits, prompts), depth down the y axis
     accuracy = [[hits / count if count else float("nan") for hits, count in row] for row in by_depth]
-    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(run["lengths"]), 1.4 + 0.5 * len(run["depths"])))
+    # wide enough for the title (the method's label) even with one or two lengths
+    fig, ax = plt.subplots(figsize=(max(4.5, 1.2 + 1.1 * len(run["lengths"])), 1.4 + 0.5 * len(run["depths"])))
     image = ax.imshow(accuracy, cmap="RdYlGn", vmin=0.0, vmax=1.0, aspect="auto")
     for y, row in enumerate(by_depth):
         for x, (hits, count) in enumerate(row):
@@ -70,7 +71,7 @@ def plot_heatmap(run: dict[str, Any], path: str | Path) -> Path:
     ax.set_xlabel("context length (tokens)")
     ax.set_ylabel("needle depth")
     hits, count = _total([cell for row in by_depth for cell in row])
-    ax.set_title(f"passkey retrieval: {run['label']}\n{hits}/{count} found", fontsize=10)
+    ax.set_title(f"passkey retrieval, {hits}/{count} found\n{run['label']}", fontsize=9)
     fig.colorbar(image, ax=ax, label="accuracy")
     fig.tight_layout()
     path = Path(path)
