@@ -9,13 +9,14 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from kvtier.config import ReAttentionConfig
-
 # Before torch loads (kvtier's top level does not import it): OpenMP threads that spin between ops cost ~4 ms per
 # small op on a 2-core VM (a policy's selection: 290 ms instead of 19 ms); passive waiting removes that.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+
+from kvtier.config import ReAttentionConfig
+
 from kvtier.haystack import build_sample, draw_key, passkey_found
 from kvtier.model import GGUF_NAME, ModelNotInstalledError, load_smollm2, preferred_dtype, window_of
 from kvtier.niah import PREFILL_CHUNK, STOCK, Method, answer, kvtier_method, run_comparison
