@@ -136,7 +136,7 @@ def _run_niah(args: argparse.Namespace) -> int:
     runs = run_comparison(model, tokenizer, methods, args.lengths, args.depths, keys=args.keys, seed=args.seed,
                           max_new_tokens=args.max_new_tokens, prefill_chunk=args.prefill_chunk)
     meta = {"command": ["kvtier", *args.argv], "model": GGUF_NAME, "device": str(model.device),
-            "dtype": str(model.dtype), "torch_threads": torch.get_num_threads(),
+            "dtype": str(model.dtype), "torch_threads": torch.get_num_threads(), "versions": _versions(),
             "finished": datetime.now().isoformat(timespec="seconds")}
     for path in write_report(runs, out, meta):
         print(f"wrote {path}")
@@ -191,6 +191,17 @@ def _method_names(policy: str | None) -> list[str | None]:
     return expanded
 
 
+
+
+def _versions() -> dict[str, str]:
+    import platform
+
+    import transformers
+
+    import kvtier
+
+    return {"kvtier": kvtier.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version()}
 
 
 # ---- argument types -------------------------------------------------------------------------------------------------
