@@ -24,8 +24,10 @@ class ScopeRotary:
         length = x.shape[-2]
         if start < 0 or start + length > self.bound:
             raise AssertionError(f"rotary positions {start}..{start + length - 1} leave the scope bound {self.bound}")
-        cos, sin = self.cos[start : start + length], self.sin[start : start + length]
+        cos, sin = self.cos[start : start + length], self.sin[start : start + length]  # [L, D]
         x32 = x.float()
         half = x32.shape[-1] // 2
-        rotated_half = torch.cat((-x32[..., half:], x32[..., :half]), dim=-1)
-        return (x32 * cos + rotated_half * sin).to(x.dtype)
+        out = x32 * cos  # + rotate_half(x) * sin, written in place: rotate_half(x) = [-x2, x1]
+        out[..., :half].addcmul_(x32[..., half:], sin[:, :half], value=-1.0)
+        out[..., half:].addcmul_(x32[..., :half], sin[:, half:])
+        return out.to(x.dtype)
