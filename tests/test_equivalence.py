@@ -1,6 +1,7 @@
 """Invariant 1: when the scope covers everything, kvtier generates exactly what the stock model and cache do."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from kvtier import ReAttentionCache
@@ -53,3 +54,18 @@ def test_binding_twice_is_idempotent():
     second = greedy(model, ids, ReAttentionCache(model, global_size=4, local_size=32, span_size=4, top_k=3, chunk_size=16))
     assert torch.equal(first, second)
     assert len(model.get_decoder()._forward_pre_hooks) == 1
+
+
+def test_the_cache_keyword_of_newer_transformers_works_too():
+    import inspect
+
+    model = tiny_model("llama")
+    if "cache" not in inspect.signature(model.forward).parameters:
+        pytest.skip("this transformers release predates the `cache=` keyword (added in 5.24)")
+    ids = random_ids(100)
+    sizes = dict(global_size=4, local_size=32, span_size=4, top_k=3, chunk_size=8)
+    with torch.inference_mode():
+        by_new_name = model.generate(
+            ids, cache=ReAttentionCache(model, **sizes), max_new_tokens=12, min_new_tokens=12, do_sample=False
+        )
+    assert torch.equal(by_new_name[:, 100:], greedy(model, ids, ReAttentionCache(model, **sizes), new_tokens=12))
