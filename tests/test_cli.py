@@ -209,7 +209,7 @@ def test_real_tokenizer_prompt_equals_tokenizing_its_text():
     try:
         gguf = find_gguf()
     except ModelNotInstalledError as err:
-        pytest.skip(str(err))
+        pytest.skip(f"the real model is not installed here: {err}")
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
