@@ -1,6 +1,8 @@
-"""A preallocated tensor that grows along one dimension by doubling: appends copy in place, no per-step torch.cat."""
+"""Storage that grows by doubling: tensors along one dimension (appends copy in place, no per-step torch.cat) and
+per-span numpy arrays."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
@@ -34,3 +36,17 @@ class GrowableTensor:
     @property
     def nbytes(self) -> int:
         return self.data.numel() * self.data.element_size()
+
+
+class GrowableArray:
+    """A 1-D numpy array indexed by span uid that grows by doubling; new entries start at `fill`."""
+
+    def __init__(self, dtype, fill, capacity: int = 1024):
+        self.fill = fill
+        self.data = np.full(capacity, fill, dtype=dtype)
+
+    def ensure(self, size: int) -> None:
+        if size > self.data.shape[0]:
+            grown = np.full(max(size, 2 * self.data.shape[0]), self.fill, dtype=self.data.dtype)
+            grown[: self.data.shape[0]] = self.data
+            self.data = grown

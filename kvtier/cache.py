@@ -9,11 +9,12 @@ from transformers.cache_utils import Cache
 
 from kvtier import hf
 from kvtier.attention import scope_attention
+from kvtier.buffers import GrowableTensor
 from kvtier.config import ReAttentionConfig
 from kvtier.layer import ReAttentionLayer
 from kvtier.policies import build_policy
 from kvtier.rotary import ScopeRotary
-from kvtier.tiers import TIERS
+from kvtier.tiers.placement import Placement
 
 
 class ReAttentionCache(Cache):
@@ -38,7 +39,39 @@ class ReAttentionCache(Cache):
         self.policy = build_policy(self.config.policy, self.config.policy_options)
         self.spec = spec
         self._rotary: dict[torch.device, ScopeRotary] = {}
-        super().__init__(layers=[ReAttentionLayer(self.config, self.policy) for _ in range(spec.num_layers)])
+        self.placement: Placement | None = None  # created with the first layer's K/V (it needs their shape)
+        self._tokens: GrowableTensor | None = None  # [B, T] the token ids fed, while they are known
+        self._tokens_known = True
+        super().__init__(
+            layers=[ReAttentionLayer(self.config, self.policy, self._placement_for) for _ in range(spec.num_layers)]
+        )
+
+    def _placement_for(self, span_shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, step_spans: int):
+        if self.placement is None:
+            self.placement = Placement(self.config, span_shape, dtype, device, step_spans)
+        elif (self.placement.span_shape, self.placement.dtype) != (tuple(span_shape), dtype):
+            raise ValueError(
+                f"every layer must hold K/V of one shape and dtype; got {span_shape} {dtype} after "
+                f"{self.placement.span_shape} {self.placement.dtype}"
+            )
+        return self.placement
+
+    def record_tokens(self, input_ids: torch.Tensor | None) -> None:
+        """Called by the decoder hook with each forward's input ids [B, q] (None when embeddings were passed)."""
+        if input_ids is None:
+            self._tokens_known = False
+            return
+        if self._tokens is None:
+            self._tokens = GrowableTensor((input_ids.shape[0], 0), 1, torch.long, torch.device("cpu"))
+        self._tokens.append(input_ids.detach().to("cpu", torch.long))
+
+    @property
+    def token_ids(self) -> torch.Tensor | None:
+        """The token ids this cache holds [B, T] (None if some forward passed embeddings instead of ids): continue a
+        saved context with `model.generate(torch.cat([cache.token_ids, more_ids], -1), past_key_values=cache)`."""
+        if not self._tokens_known or self._tokens is None:
+            return None
+        return self._tokens.view().clone()
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         keys, values = self.layers[layer_idx].update(key_states, value_states)
@@ -57,21 +90,41 @@ class ReAttentionCache(Cache):
         return self._rotary[device]
 
     def stats(self) -> dict[str, Any]:
-        """tokens fed, the largest rotary position used and scope seen, spans and resident bytes per tier."""
+        """A plain dict: tokens fed, the largest rotary position used and scope seen; per tier the spans and bytes
+        resident, bytes moved in each direction, selection hits and misses, promotions, evictions and time waited;
+        `gpu_fixed_bytes` is what stays on the GPU outside the span pool (global, local window, summaries)."""
         scope = max((layer.largest_scope for layer in self.layers), default=0)
+        tiers = self.placement.stats() if self.placement is not None else Placement.empty_stats()
         return {
             "tokens": self.get_seq_length(),
             "max_position": scope - 1,
             "scope_tokens": scope,
             "scope_bound": self.config.scope_bound,
-            "spans": _per_tier(gpu=sum(layer.spans() for layer in self.layers)),
-            "bytes": _per_tier(gpu=sum(layer.resident_bytes() for layer in self.layers)),
+            **tiers,
+            "gpu_fixed_bytes": sum(layer.resident_bytes() for layer in self.layers),
             "policy": self.config.policy,
         }
 
+    def save(self, path: str | Path) -> None:
+        """Write everything needed to continue into one LMDB file at `path`, atomically: an interrupted save
+        leaves the previous file (or none), never a partial one."""
+        from kvtier.persist import save_cache
+
+        save_cache(self, Path(path))
+
+    @classmethod
+    def load(cls, path: str | Path, model, **placement: Any) -> "ReAttentionCache":
+        """Reopen a saved cache for `model` (checked against the saved fingerprint) and continue without re-running
+        the prefill; spans stay in the file until selected. `placement` may set gpu_budget, host_budget,
+        disk_path, disk_budget for this session."""
+        from kvtier.persist import load_cache
+
+        return load_cache(cls, Path(path), model, placement)
+
+    def close(self) -> None:
+        """Wait for background copies, close the LMDB files and delete the spill file. The cache is unusable after."""
+        if self.placement is not None:
+            self.placement.close()
+
     def __repr__(self) -> str:
         return f"ReAttentionCache({self.config}, tokens={self.get_seq_length()})"
-
-
-def _per_tier(**counts: int) -> dict[str, int]:
-    return {tier: counts.get(tier, 0) for tier in TIERS}

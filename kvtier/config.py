@@ -18,6 +18,10 @@ _PAPER_CHUNK = 512
 _MAX_LOCAL = 8192
 
 _SIZE_FIELDS = ("global_size", "local_size", "span_size", "top_k", "chunk_size")
+PLACEMENT_FIELDS = ("gpu_budget", "host_budget", "disk_path", "disk_budget")
+KERNEL_CHOICES = ("auto", "reference")
+_BYTE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
 
 @dataclass(frozen=True)
@@ -36,6 +40,12 @@ class ReAttentionConfig:
     policy_options: dict[str, Any] = field(default_factory=dict)
     per_kv_head: bool = False
     allow_exceeding_window: bool = False
+    # where sealed spans live (None = no limit / no disk tier); budgets in bytes or strings like "8GiB"
+    gpu_budget: int | str | None = None
+    host_budget: int | str | None = None
+    disk_path: str | None = None
+    disk_budget: int | str | None = None
+    kernels: str = "auto"  # "auto": Triton on CUDA, PyTorch references elsewhere; "reference": always the references
 
     # ---- construction -------------------------------------------------------------------------------------------
     @classmethod
@@ -147,6 +157,26 @@ class ReAttentionConfig:
         from kvtier.policies import build_policy
 
         build_policy(self.policy, self.policy_options)
+        self._validate_placement()
+
+    def budget_bytes(self, name: str) -> int | None:
+        """gpu_budget / host_budget / disk_budget in bytes (None: unlimited)."""
+        return parse_bytes(getattr(self, name), name)
+
+    def _validate_placement(self) -> None:
+        for name in ("gpu_budget", "host_budget", "disk_budget"):
+            self.budget_bytes(name)
+        if self.disk_path is not None and (not isinstance(self.disk_path, str) or not self.disk_path):
+            raise ValueError(f"disk_path must be a directory path (a string), got {self.disk_path!r}")
+        if self.disk_budget is not None and self.disk_path is None:
+            raise ValueError("disk_budget is set but disk_path is not: set disk_path to the directory for spilled spans")
+        if self.host_budget is not None and self.disk_path is None:
+            raise ValueError(
+                "host_budget is set but there is no disk tier to spill to: set disk_path (a directory for an LMDB "
+                "file of spilled spans), or leave host_budget unset for no host limit"
+            )
+        if self.kernels not in KERNEL_CHOICES:
+            raise ValueError(f"kernels must be one of {KERNEL_CHOICES}, got {self.kernels!r}")
 
     def _require_resolved(self) -> None:
         missing = [name for name in _SIZE_FIELDS if getattr(self, name) is None]
@@ -172,3 +202,25 @@ def derive_defaults(window: int, **given: int) -> dict[str, int]:
         sizes.setdefault("top_k", max((target - glob - local) // span, 0))
         sizes.setdefault("chunk_size", max(min(_PAPER_CHUNK, local - span), 1))
     return sizes
+
+
+def parse_bytes(value: int | str | None, name: str = "size") -> int | None:
+    """An int of bytes or a string like "512MiB", "8GiB", "1.5GB", "4096" -> bytes (None stays None)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ValueError(f"{name} must be a number of bytes or a string like '8GiB', got {value!r}")
+    if isinstance(value, str):
+        text = value.strip().lower().replace(" ", "")
+        number = text.rstrip("kmgtib")
+        unit = text[len(number):]
+        try:
+            amount = float(number)
+        except ValueError:
+            amount = None
+        if amount is None or unit not in _BYTE_UNITS:
+            raise ValueError(f"{name}={value!r} is not a size: write bytes or e.g. '512MiB', '8GiB', '2GB'")
+        value = int(amount * _BYTE_UNITS[unit])
+    if value <= 0:
+        raise ValueError(f"{name} must be positive, got {value!r}; leave it unset for no limit")
+    return value

@@ -80,7 +80,10 @@ def _decoder_pre_hook(module, args, kwargs):
     from kvtier.cache import ReAttentionCache
 
     cache = _cache_of(kwargs)
-    module._kvtier_tokens.append(_ACTIVE_CACHE.set(cache if isinstance(cache, ReAttentionCache) else None))
+    ours = isinstance(cache, ReAttentionCache)
+    if ours:
+        cache.record_tokens(kwargs.get("input_ids"))
+    module._kvtier_tokens.append(_ACTIVE_CACHE.set(cache if ours else None))
 
 
 def _decoder_post_hook(module, args, kwargs, output):

@@ -2,23 +2,30 @@
 local window, selects spans for a query chunk, and gathers the scope `[global | selected spans | local]`."""
 from __future__ import annotations
 
+from typing import Callable
+
+import numpy as np
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
 from kvtier.config import ReAttentionConfig
 from kvtier.policies import Policy
 from kvtier.regions import GlobalRegion, LocalWindow, SpanTable
-from kvtier.tiers import SlotPool
+from kvtier.tiers.placement import Placement
+
+# (span shape (2, Hkv, S, D), dtype, device, spans one step may need) -> the cache's placement, shared by its layers
+PlacementSource = Callable[[tuple[int, ...], torch.dtype, torch.device, int], Placement]
 
 
 class ReAttentionLayer(CacheLayerMixin):
     is_compileable = False
     is_sliding = False
 
-    def __init__(self, config: ReAttentionConfig, policy: Policy):
+    def __init__(self, config: ReAttentionConfig, policy: Policy, placement_source: PlacementSource):
         super().__init__()
         self.config = config
         self.policy = policy
+        self.placement_source = placement_source
         self.seen = 0  # tokens fed to this layer (absolute)
         self.largest_scope = 0
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -33,7 +40,9 @@ class ReAttentionLayer(CacheLayerMixin):
         self.global_region = GlobalRegion(batch, kv_heads, cfg.global_size, head_dim, dtype, device)
         self.local = LocalWindow(batch, kv_heads, cfg.local_size, cfg.chunk_size, head_dim, dtype, device)
         self.table = SpanTable(batch, kv_heads, self.policy.summary_size(cfg.span_size), head_dim, dtype, device)
-        self.pool = SlotPool(kv_heads, cfg.span_size, head_dim, dtype, device)
+        selected = cfg.top_k * (kv_heads if cfg.per_kv_head else 1)
+        step_spans = batch * (selected + -(-cfg.chunk_size // cfg.span_size))
+        self.placement = self.placement_source((2, kv_heads, cfg.span_size, head_dim), dtype, device, step_spans)
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -67,7 +76,7 @@ class ReAttentionLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        self.__init__(self.config, self.policy)
+        self.__init__(self.config, self.policy, self.placement_source)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         raise NotImplementedError("ReAttentionCache does not support beam search yet; use greedy or sampling")
@@ -100,10 +109,10 @@ class ReAttentionLayer(CacheLayerMixin):
         keys = keys.reshape(batch, kv_heads, count, span, head_dim).transpose(1, 2)  # [B, count, Hkv, S, D]
         values = values.reshape(batch, kv_heads, count, span, head_dim).transpose(1, 2)
         spans = torch.stack((keys, values), dim=2).flatten(0, 1)  # [B*count, 2, Hkv, S, D], span-major
-        slots = self.pool.put(spans).view(batch, count)
         summaries = self.policy.summarise(spans[:, 0])  # [B*count, Hkv, c, D]
         summaries = summaries.view(batch, count, *summaries.shape[1:]).transpose(1, 2)  # [B, Hkv, count, c, D]
-        self.table.append(slots, summaries)
+        uids = torch.from_numpy(self.placement.add(spans)).view(batch, count)
+        self.table.append(uids, summaries)
 
     def select(self, queries: torch.Tensor) -> torch.Tensor:
         """queries [B, Hq, c, D] pre-RoPE -> span ids [B, Hkv, k] ascending (the same ids for every head unless
@@ -123,20 +132,32 @@ class ReAttentionLayer(CacheLayerMixin):
         values = torch.empty_like(keys)
         keys[:, :, :n_global], values[:, :, :n_global] = global_keys, global_values
         if n_sel:
-            table_slots = self.table.slots.view()[:, None, :].expand(-1, kv_heads, -1)  # [B, Hkv, n]
-            spans = self.pool.gather(table_slots.gather(2, ids))  # [B, Hkv, k, 2, S, D]
+            spans = self._fetch(ids)  # [B, Hkv, k, 2, S, D]
             keys[:, :, n_global : n_global + n_sel] = spans[:, :, :, 0].flatten(2, 3)
             values[:, :, n_global : n_global + n_sel] = spans[:, :, :, 1].flatten(2, 3)
         keys[:, :, n_global + n_sel :], values[:, :, n_global + n_sel :] = local_keys, local_values
         self.largest_scope = max(self.largest_scope, length)
         return keys, values
 
-    # ---- accounting ---------------------------------------------------------------------------------------------
-    def spans(self) -> int:
-        return len(self.table) * self.shape[0] if self.is_initialized else 0
+    def _fetch(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [B, Hkv, k] -> the spans [B, Hkv, k, 2, S, D], each row and KV head reading its own head. With every
+        span in the GPU pool at slot == uid this is one indexing op on the device; otherwise the placement brings the
+        distinct selected spans up in one batch."""
+        kv_heads = self.shape[1]
+        if self.placement.unbounded:
+            table = self.table.uids.view()[:, None, :].expand(-1, kv_heads, -1)  # [B, Hkv, n]
+            return self.placement.gpu.gather_heads(table.gather(2, ids))
+        rows = torch.arange(ids.shape[0])[:, None, None]
+        uids = self.table.uids_host.view()[rows, ids.cpu()].numpy()  # [B, Hkv, k]
+        distinct, inverse = np.unique(uids, return_inverse=True)
+        spans = self.placement.fetch(distinct).to(self.device)  # [U, 2, Hkv, S, D]
+        heads = torch.arange(kv_heads, device=self.device)[None, :, None]
+        return spans[torch.from_numpy(inverse.reshape(uids.shape)).to(self.device), :, heads]
 
+    # ---- accounting ---------------------------------------------------------------------------------------------
     def resident_bytes(self) -> int:
+        """Bytes this layer keeps on the device outside the span pool: global, local window, span table."""
         if not self.is_initialized:
             return 0
         regions = (self.global_region.keys, self.global_region.values, self.local.keys, self.local.values)
-        return sum(t.numel() * t.element_size() for t in regions) + self.table.nbytes + self.pool.nbytes
+        return sum(t.numel() * t.element_size() for t in regions) + self.table.nbytes

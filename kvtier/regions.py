@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 
 from kvtier.buffers import GrowableTensor
-from kvtier.tiers import TIER_GPU
 
 
 class GlobalRegion:
@@ -70,24 +69,25 @@ class LocalWindow:
 
 
 class SpanTable:
-    """Sealed spans of every row: where each lives (tier, slot) and its summary, which stays on the model's device."""
+    """Sealed spans of every row: each span's uid (the placement knows where it lives) and its summary, which stays
+    on the model's device."""
 
     def __init__(
         self, batch: int, kv_heads: int, summary_size: int, head_dim: int, dtype: torch.dtype, device: torch.device
     ):
-        self.slots = GrowableTensor((batch, 0), 1, torch.long, device)  # [B, n] slot in its tier
-        self.tiers = GrowableTensor((batch, 0), 1, torch.int8, device)  # [B, n] tier index (kvtier.tiers.TIERS)
+        self.uids = GrowableTensor((batch, 0), 1, torch.long, device)  # [B, n] on the device, to index the GPU pool
+        self.uids_host = GrowableTensor((batch, 0), 1, torch.long, torch.device("cpu"))  # [B, n] for the placement
         self.summaries = GrowableTensor((batch, kv_heads, 0, summary_size, head_dim), 2, dtype, device)  # [B, Hkv, n, c, D]
 
-    def append(self, slots: torch.Tensor, summaries: torch.Tensor) -> None:
-        """slots [B, m], summaries [B, Hkv, m, c, D] for m newly sealed spans per row."""
-        self.slots.append(slots)
-        self.tiers.append(torch.full_like(slots, TIER_GPU, dtype=torch.int8))
+    def append(self, uids: torch.Tensor, summaries: torch.Tensor) -> None:
+        """uids [B, m] on the CPU, summaries [B, Hkv, m, c, D] for m newly sealed spans per row."""
+        self.uids_host.append(uids)
+        self.uids.append(uids.to(self.uids.data.device))
         self.summaries.append(summaries)
 
     def __len__(self) -> int:
-        return self.slots.length
+        return self.uids.length
 
     @property
     def nbytes(self) -> int:
-        return self.slots.nbytes + self.tiers.nbytes + self.summaries.nbytes
+        return self.uids.nbytes + self.summaries.nbytes

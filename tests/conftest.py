@@ -1,11 +1,16 @@
 """Fixtures: tiny random models of every supported family, built from a config (no download)."""
 from __future__ import annotations
 
+import os
 import warnings
 
 import pytest
 import torch
 import transformers
+
+# Triton kernels run on the CPU through Triton's interpreter; it must be chosen before any kernel is defined.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 

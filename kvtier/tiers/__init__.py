@@ -1,7 +1,6 @@
-"""Where sealed spans' K/V live. Only the model's-device slot pool exists so far; host and disk tiers come later."""
-from .gpu import SlotPool
+"""Where sealed spans' K/V live: a GPU slot pool (gpu.py), a pinned host pool (host.py) and an LMDB file (disk.py),
+composed by placement.py. The global tokens, the local window and the span summaries never leave the GPU."""
 
 TIERS = ("gpu", "host", "disk")
-TIER_GPU = 0
 
-__all__ = ["SlotPool", "TIERS", "TIER_GPU"]
+__all__ = ["TIERS"]

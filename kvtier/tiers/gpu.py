@@ -1,32 +1,59 @@
 """The slot pool on the model's device: one slot = one sealed span, K and V of all KV heads, span-major."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 
-from kvtier.buffers import GrowableTensor
+from kvtier.tiers.base import SlotMap
 
 
-class SlotPool:
-    def __init__(self, kv_heads: int, span_size: int, head_dim: int, dtype: torch.dtype, device: torch.device):
-        # [slots, 2 (K, V), Hkv, S, D]: a span is one contiguous transfer unit
-        self._slots = GrowableTensor((0, 2, kv_heads, span_size, head_dim), 0, dtype, device)
+class DevicePool:
+    """Spans on the model's device, at most `capacity` of them (None: no limit); the allocation grows by doubling up
+    to the capacity, so a budget is never exceeded and a small context does not reserve it all."""
 
-    def put(self, spans: torch.Tensor) -> torch.Tensor:
-        """spans [N, 2, Hkv, S, D] -> their slot ids [N] int64."""
-        first = self._slots.length
-        self._slots.append(spans)
-        return torch.arange(first, first + spans.shape[0], device=spans.device)
+    def __init__(self, span_shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, capacity: int | None):
+        self.map = SlotMap(capacity)
+        self.capacity = capacity
+        self.data = torch.empty((16 if capacity is None else min(16, capacity), *span_shape), dtype=dtype, device=device)  # [slots, 2, Hkv, S, D]
 
-    def gather(self, slots: torch.Tensor) -> torch.Tensor:
-        """slots [B, Hkv, k] (the span of each row and KV head) -> [B, Hkv, k, 2, S, D], one indexing op, reading
-        only the KV head each row asks for."""
+    def put(self, uids: np.ndarray, spans: torch.Tensor) -> np.ndarray:
+        """spans [N, 2, Hkv, S, D] on the device -> the slots [N] they now occupy."""
+        slots = self.map.assign(uids)
+        self._grow_to(self.map.created)
+        self.data.index_copy_(0, torch.from_numpy(slots).to(self.data.device), spans)
+        return slots
+
+    def _grow_to(self, rows: int) -> None:
+        have = self.data.shape[0]
+        if rows <= have:
+            return
+        target = max(rows, 2 * have) if self.capacity is None else min(max(rows, 2 * have), self.capacity)
+        grown = self.data.new_empty((target, *self.data.shape[1:]))
+        grown[:have] = self.data
+        self.data = grown
+
+    def take(self, uids: np.ndarray) -> torch.Tensor:
+        """uids [N] -> a new tensor of their spans [N, 2, Hkv, S, D] on the device."""
+        return self.data[torch.from_numpy(self.map.lookup(uids)).to(self.data.device)]
+
+    def get_into(self, uids: np.ndarray, out: torch.Tensor) -> None:
+        out.copy_(self.take(uids))
+
+    def gather_heads(self, slots: torch.Tensor) -> torch.Tensor:
+        """slots [B, Hkv, k] on the device -> [B, Hkv, k, 2, S, D], reading only the KV head each row asks for."""
         heads = torch.arange(slots.shape[1], device=slots.device)[None, :, None]
-        return self._slots.data[slots, :, heads]
+        return self.data[slots, :, heads]
+
+    def contains(self, uid: int) -> bool:
+        return self.map.contains(uid)
+
+    def evict(self, uids: np.ndarray) -> None:
+        self.map.release(uids)
 
     def __len__(self) -> int:
-        return self._slots.length
+        return self.map.used
 
     @property
     def nbytes(self) -> int:
-        """Bytes resident (the allocation, not just the used slots)."""
-        return self._slots.nbytes
+        """Bytes allocated on the device (at most the budget)."""
+        return self.data.numel() * self.data.element_size()

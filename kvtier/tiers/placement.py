@@ -1,0 +1,364 @@
+"""Placement: which tier each sealed span lives in, and the moves between tiers.
+
+New spans enter the GPU pool. When a pool runs low, its least recently selected spans move down (GPU -> pinned host
+on a copy stream, host -> LMDB on the disk writer's thread), a batch at a time and before the pool is empty, so the
+attention call rarely waits. A span is dropped from a tier only once its copy below is complete (the copy event
+fired, the LMDB transaction committed); until then it is read from the tier above. Selected spans come back in one
+batch per layer; a span on disk is read into the host pool first, and a host span selected again is promoted to
+the GPU. Spans never change, so a disk copy stays valid after promotion and a later demotion needs no new write.
+"""
+from __future__ import annotations
+
+import time
+import weakref
+
+import numpy as np
+import torch
+
+from kvtier.buffers import GrowableArray
+from kvtier.config import ReAttentionConfig
+from kvtier.errors import TierFullError
+from kvtier.metrics import DIRECTIONS, TierCounters
+from kvtier.tiers import TIERS
+from kvtier.tiers.disk import LmdbStore
+from kvtier.tiers.gpu import DevicePool
+from kvtier.tiers.host import HostPool
+
+GPU, HOST, DISK = 0, 1, 2
+PROMOTE_AFTER = 2  # a host span selected this many times since it moved down goes back up to the GPU
+HEADROOM = 16  # a pool starts moving spans down when less than 1/HEADROOM of it is free
+
+
+def capacity_of(budget: int | None, span_bytes: int, name: str, needed: int) -> int | None:
+    """A byte budget -> how many spans it holds (None: no limit); TierFullError when it cannot hold `needed`."""
+    if budget is None:
+        return None
+    spans = budget // span_bytes
+    if spans < needed:
+        raise TierFullError(
+            f"{name}={budget} bytes holds {spans} spans of {span_bytes} bytes, but one attention step may need "
+            f"{needed} in that tier (the spans selected for a query chunk plus those sealed by it); raise {name} to "
+            f"at least {needed * span_bytes} bytes"
+        )
+    return spans
+
+
+class Placement:
+    def __init__(self, config: ReAttentionConfig, span_shape: tuple[int, ...], dtype: torch.dtype,
+                 device: torch.device, step_spans: int):
+        """span_shape = (2, Hkv, S, D); step_spans = the most spans one attention step selects and seals."""
+        self.span_shape, self.dtype, self.device = tuple(span_shape), dtype, device
+        self.span_bytes = int(np.prod(span_shape)) * dtype.itemsize
+        gpu_cap = capacity_of(config.budget_bytes("gpu_budget"), self.span_bytes, "gpu_budget", step_spans)
+        host_cap = capacity_of(config.budget_bytes("host_budget"), self.span_bytes, "host_budget", step_spans)
+        self.gpu = DevicePool(span_shape, dtype, device, gpu_cap)
+        self.host = HostPool(span_shape, dtype, host_cap, pinned=device.type == "cuda")
+        self.disk = None
+        if config.disk_path is not None:
+            self.disk = LmdbStore.spill(config.disk_path, span_shape, dtype, config.budget_bytes("disk_budget"))
+            weakref.finalize(self, self.disk.close)
+        self.archive: LmdbStore | None = None  # a loaded cache's spans (uids below archived)
+        self.archived = 0
+        self.uids = 0
+        self.clock = 0  # one tick per fetch
+        self.tier = GrowableArray(np.int8, -1)  # per uid: GPU / HOST / DISK
+        self.last_used = GrowableArray(np.int64, 0)
+        self.selected = GrowableArray(np.int32, 0)  # selections since the span last moved down
+        self.moving = GrowableArray(np.bool_, False)  # GPU -> host copy in flight
+        self.writing = GrowableArray(np.bool_, False)  # host -> disk write queued, not committed
+        self.counters = {name: TierCounters() for name in TIERS}
+        self.moved = dict.fromkeys(DIRECTIONS, 0)  # bytes
+        self._copies: list[tuple[torch.cuda.Event | None, np.ndarray]] = []  # GPU -> host, oldest first
+        self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._staging: torch.Tensor | None = None  # pinned [n, 2, Hkv, S, D] for host -> GPU copies
+        self._staging_free: torch.cuda.Event | None = None
+
+    @property
+    def unbounded(self) -> bool:
+        """Every span is in the GPU pool for good, at slot == uid: the layer may index the pool directly."""
+        return self.gpu.capacity is None and self.archive is None
+
+    def attach_archive(self, store: LmdbStore, count: int) -> None:
+        """Spans 0..count-1 live in a saved cache's file."""
+        self.archive, self.archived = store, count
+        weakref.finalize(self, store.close)
+        self._new(count, DISK)
+
+    def _new(self, count: int, tier: int) -> np.ndarray:
+        uids = np.arange(self.uids, self.uids + count, dtype=np.int64)
+        self.uids += count
+        for array in (self.tier, self.last_used, self.selected, self.moving, self.writing):
+            array.ensure(self.uids)
+        self.tier.data[uids] = tier
+        self.last_used.data[uids] = self.clock
+        return uids
+
+    # ---- entering and leaving ----------------------------------------------------------------------------------
+    def add(self, spans: torch.Tensor) -> np.ndarray:
+        """Newly sealed spans [N, 2, Hkv, S, D] on the device -> their uids [N]."""
+        self.poll()
+        self._make_room_on_gpu(spans.shape[0])
+        uids = self._new(spans.shape[0], GPU)
+        slots = self.gpu.put(uids, spans)
+        if self.unbounded and not np.array_equal(slots, uids):
+            raise AssertionError("an unbounded GPU pool must place span uid at slot uid")
+        return uids
+
+    def fetch(self, uids: np.ndarray) -> torch.Tensor:
+        """Distinct uids [M] selected by one attention call -> their spans [M, 2, Hkv, S, D] on the device."""
+        self.poll()
+        self.clock += 1
+        self.last_used.data[uids] = self.clock
+        self.selected.data[uids] += 1
+        self._count_hits(self.tier.data[uids])
+        from_disk = uids[self.tier.data[uids] == DISK]
+        if len(from_disk):
+            self._load_from_disk(from_disk)
+        tier = self.tier.data[uids]
+        out = torch.empty((len(uids), *self.span_shape), dtype=self.dtype, device=self.device)  # [M, 2, Hkv, S, D]
+        on_gpu, on_host = np.flatnonzero(tier == GPU), np.flatnonzero(tier == HOST)
+        if len(on_gpu):
+            out[self._index(on_gpu)] = self.gpu.take(uids[on_gpu])
+        if len(on_host):
+            out[self._index(on_host)] = self._host_to_device(uids[on_host])
+            hot = on_host[self.selected.data[uids[on_host]] >= PROMOTE_AFTER]
+            if len(hot):
+                self._promote(uids[hot], out[self._index(hot)])
+        return out
+
+    def _count_hits(self, tier: np.ndarray) -> None:
+        counts = np.bincount(tier, minlength=3)
+        self.counters["gpu"].hits += int(counts[GPU])
+        self.counters["gpu"].misses += int(counts[HOST] + counts[DISK])
+        self.counters["host"].hits += int(counts[HOST])
+        self.counters["host"].misses += int(counts[DISK])
+        self.counters["disk"].hits += int(counts[DISK])
+
+    def _index(self, positions: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(positions).to(self.device)
+
+    def _host_to_device(self, uids: np.ndarray) -> torch.Tensor:
+        """One batched copy: host slots -> pinned staging -> the device (asynchronous on CUDA)."""
+        start = time.perf_counter()
+        staging = self._staging_rows(len(uids))
+        self.host.get_into(uids, staging)
+        rows = staging.to(self.device, non_blocking=True)
+        if self._stream is not None:
+            self._staging_free = torch.cuda.Event()
+            self._staging_free.record()
+        self.counters["host"].wait_s += time.perf_counter() - start
+        self.moved["host->gpu"] += len(uids) * self.span_bytes
+        return rows
+
+    def _staging_rows(self, count: int) -> torch.Tensor:
+        if self._staging_free is not None:
+            self._staging_free.synchronize()  # the previous copy out of the staging buffer has finished
+        if self._staging is None or self._staging.shape[0] < count:
+            size = max(count, 2 * (0 if self._staging is None else self._staging.shape[0]))
+            self._staging = torch.empty((size, *self.span_shape), dtype=self.dtype, pin_memory=self._stream is not None)
+        return self._staging[:count]
+
+    def _promote(self, uids: np.ndarray, spans: torch.Tensor) -> None:
+        """Host spans selected repeatedly, already copied to the device as spans [N, ...] -> into the GPU pool."""
+        self._make_room_on_gpu(len(uids))
+        self.gpu.put(uids, spans)
+        self.host.evict(uids)
+        self.tier.data[uids] = GPU
+        self.counters["gpu"].promotions += len(uids)
+
+    def _load_from_disk(self, uids: np.ndarray) -> None:
+        """Disk spans -> pinned staging -> the host pool (one read transaction per store)."""
+        self._make_room_on_host(len(uids))
+        staging = torch.empty((len(uids), *self.span_shape), dtype=self.dtype, pin_memory=self._stream is not None)
+        self._read_disk(uids, staging)
+        self.host.put(uids, staging)
+        self.tier.data[uids] = HOST
+        self.selected.data[uids] = 1
+        self.counters["host"].promotions += len(uids)
+        self.moved["disk->host"] += len(uids) * self.span_bytes
+
+    # ---- moving down -------------------------------------------------------------------------------------------
+    def _least_recent(self, tier: int, count: int, busy: GrowableArray) -> np.ndarray:
+        """Up to `count` uids of `tier`, least recently selected first, not selected by the current call, not busy."""
+        live = slice(0, self.uids)
+        candidates = np.flatnonzero(
+            (self.tier.data[live] == tier) & (self.last_used.data[live] < self.clock) & ~busy.data[live]
+        )
+        if len(candidates) > count:
+            candidates = candidates[np.argpartition(self.last_used.data[candidates], count - 1)[:count]]
+        return candidates
+
+    def _make_room_on_gpu(self, count: int) -> None:
+        capacity = self.gpu.capacity
+        if capacity is None:
+            return
+        in_flight = sum(len(uids) for _, uids in self._copies)
+        short = max(count, capacity // HEADROOM) - (self.gpu.map.free_count() + in_flight)
+        if self.host.map.capacity is not None:
+            short = min(short, self.host.map.capacity // 2)
+        if short > 0:
+            self._spill_to_host(self._least_recent(GPU, short, self.moving))
+        while self.gpu.map.free_count() < count:
+            if not self._copies:
+                raise TierFullError(f"gpu_budget holds {capacity} spans and all are in use by this step; raise gpu_budget")
+            self._finish_copies(wait=True)
+
+    def _spill_to_host(self, uids: np.ndarray) -> None:
+        if not len(uids):
+            return
+        self._make_room_on_host(len(uids))
+        self.moving.data[uids] = True
+        event = None
+        if self._stream is not None:
+            self._stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self._stream):
+                self.gpu.data.record_stream(self._stream)
+                self.host.put(uids, self.gpu.take(uids))
+                event = torch.cuda.Event()
+                event.record(self._stream)
+        else:
+            self.host.put(uids, self.gpu.take(uids))
+        self._copies.append((event, uids))
+        self.counters["gpu"].evictions += len(uids)
+        self.moved["gpu->host"] += len(uids) * self.span_bytes
+
+    def _finish_copies(self, wait: bool) -> None:
+        """Spans whose GPU -> host copy completed now live on the host; their GPU slots are freed."""
+        while self._copies:
+            event, uids = self._copies[0]
+            if event is not None and not event.query():
+                if not wait:
+                    return
+                start = time.perf_counter()
+                event.synchronize()
+                self.counters["host"].wait_s += time.perf_counter() - start
+                wait = False
+            self._copies.pop(0)
+            self.gpu.evict(uids)
+            self.tier.data[uids] = HOST
+            self.moving.data[uids] = False
+            self.selected.data[uids] = 0
+
+    def _make_room_on_host(self, count: int) -> None:
+        capacity = self.host.map.capacity
+        if capacity is None:
+            return
+        in_flight = int(self.writing.data[: self.uids].sum())
+        short = max(count, capacity // HEADROOM) - (self.host.map.free_count() + in_flight)
+        if short > 0:
+            victims = self._least_recent(HOST, short, self.writing)
+            on_disk = self._has_disk_copy(victims)
+            self._drop_from_host(victims[on_disk])
+            self._write_to_disk(victims[~on_disk])
+        while self.host.map.free_count() < count:
+            if self.disk is None or not self.disk.pending():
+                raise TierFullError(f"host_budget holds {capacity} spans and all are in use by this step; raise host_budget")
+            start = time.perf_counter()
+            self._committed(self.disk.wait_any())
+            self.counters["disk"].wait_s += time.perf_counter() - start
+
+    def _has_disk_copy(self, uids: np.ndarray) -> np.ndarray:
+        in_archive = uids < self.archived
+        if self.disk is None:
+            return in_archive
+        return in_archive | np.array([self.disk.contains(uid) for uid in uids.tolist()], dtype=bool)
+
+    def _write_to_disk(self, uids: np.ndarray) -> None:
+        if not len(uids):
+            return
+        if self.disk is None:
+            raise TierFullError("the host tier is full and there is no disk tier: set disk_path, or raise host_budget")
+        self._relieve_disk(len(uids))
+        copy = torch.empty((len(uids), *self.span_shape), dtype=self.dtype)  # [N, 2, Hkv, S, D], the writer's own
+        self.host.get_into(uids, copy)
+        self.disk.put(uids, copy)
+        self.writing.data[uids] = True
+        self.counters["host"].evictions += len(uids)
+        self.moved["host->disk"] += len(uids) * self.span_bytes
+
+    def _relieve_disk(self, count: int) -> None:
+        """Near the disk budget, delete the disk copies of spans that are on the GPU again."""
+        budget = self.disk.budget
+        if budget is None or self.disk.record_bytes + count * self.span_bytes <= budget:
+            return
+        self.disk.committed.ensure(self.uids)
+        redundant = np.flatnonzero((self.tier.data[: self.uids] == GPU) & self.disk.committed.data[: self.uids])
+        if len(redundant):
+            self.disk.evict(redundant)
+
+    def _committed(self, uids: np.ndarray) -> None:
+        """Disk writes committed: drop those spans' host copies (unless selected by the current call)."""
+        if not len(uids):
+            return
+        self.writing.data[uids] = False
+        still_host = uids[(self.tier.data[uids] == HOST) & (self.last_used.data[uids] < self.clock)]
+        self._drop_from_host(still_host)
+
+    def _drop_from_host(self, uids: np.ndarray) -> None:
+        self.host.evict(uids)
+        self.tier.data[uids] = DISK
+        self.selected.data[uids] = 0
+
+    def poll(self) -> None:
+        """Finish whatever completed in the background (copies to the host, commits to disk)."""
+        self._finish_copies(wait=False)
+        if self.disk is not None:
+            self._committed(self.disk.poll())
+
+    # ---- reporting ---------------------------------------------------------------------------------------------
+    def _read_disk(self, uids: np.ndarray, out: torch.Tensor) -> None:
+        """Spans on disk (in the saved cache's file or the spill file) -> out [N, 2, Hkv, S, D] on the host."""
+        archived = uids < self.archived
+        for store, part in ((self.archive, archived), (self.disk, ~archived)):
+            if part.all():
+                store.get_into(uids, out)
+            elif part.any():
+                rows = torch.empty((int(part.sum()), *self.span_shape), dtype=self.dtype)
+                store.get_into(uids[part], rows)
+                out[torch.from_numpy(np.flatnonzero(part))] = rows
+
+    def read_spans(self, uids: np.ndarray) -> torch.Tensor:
+        """Any spans, wherever they live -> a CPU tensor [N, 2, Hkv, S, D] (for saving); nothing moves."""
+        out = torch.empty((len(uids), *self.span_shape), dtype=self.dtype)
+        tier = self.tier.data[uids]
+        for code in (GPU, HOST, DISK):
+            where = np.flatnonzero(tier == code)
+            if not len(where):
+                continue
+            if code == GPU:
+                rows = self.gpu.take(uids[where]).cpu()
+            else:
+                rows = torch.empty((len(where), *self.span_shape), dtype=self.dtype)
+                (self.host.get_into if code == HOST else self._read_disk)(uids[where], rows)
+            out[torch.from_numpy(where)] = rows
+        return out
+
+    def stats(self) -> dict:
+        counts = np.bincount(self.tier.data[: self.uids].astype(np.int64) + 1, minlength=4)[1:]
+        disk_bytes = (self.disk.nbytes if self.disk is not None else 0) + self.archived * self.span_bytes
+        if self.disk is not None:
+            self.counters["disk"].wait_s = self.disk.wait_s + (self.archive.wait_s if self.archive else 0.0)
+        return {
+            "span_bytes": self.span_bytes,
+            "spans": {name: int(counts[code]) for code, name in enumerate(TIERS)},
+            "bytes": {"gpu": self.gpu.nbytes, "host": self.host.nbytes, "disk": disk_bytes},
+            "moved": dict(self.moved),
+            "tiers": {name: counter.as_dict() for name, counter in self.counters.items()},
+        }
+
+    @staticmethod
+    def empty_stats() -> dict:
+        """stats() of a cache that has not seen a token yet."""
+        return {
+            "span_bytes": 0,
+            "spans": dict.fromkeys(TIERS, 0),
+            "bytes": dict.fromkeys(TIERS, 0),
+            "moved": dict.fromkeys(DIRECTIONS, 0),
+            "tiers": {name: TierCounters().as_dict() for name in TIERS},
+        }
+
+    def close(self) -> None:
+        self._finish_copies(wait=True)
+        for store in (self.disk, self.archive):
+            if store is not None:
+                store.close()
