@@ -12,6 +12,7 @@ from kvtier.attention import scope_attention
 from kvtier.buffers import GrowableTensor
 from kvtier.config import ReAttentionConfig
 from kvtier.layer import ReAttentionLayer
+from kvtier.persist import fingerprint, load_cache, save_cache
 from kvtier.policies import build_policy
 from kvtier.rotary import ScopeRotary
 from kvtier.tiers.placement import Placement
@@ -38,6 +39,7 @@ class ReAttentionCache(Cache):
         self.config = config.replace(**overrides).resolve(spec.window)
         self.policy = build_policy(self.config.policy, self.config.policy_options)
         self.spec = spec
+        self.model_fingerprint = fingerprint(model)  # checked against the model a saved cache is loaded into
         self._rotary: dict[torch.device, ScopeRotary] = {}
         self.placement: Placement | None = None  # created with the first layer's K/V (it needs their shape)
         self._tokens: GrowableTensor | None = None  # [B, T] the token ids fed, while they are known
@@ -108,8 +110,6 @@ class ReAttentionCache(Cache):
     def save(self, path: str | Path) -> None:
         """Write everything needed to continue into one LMDB file at `path`, atomically: an interrupted save
         leaves the previous file (or none), never a partial one."""
-        from kvtier.persist import save_cache
-
         save_cache(self, Path(path))
 
     @classmethod
@@ -117,8 +117,6 @@ class ReAttentionCache(Cache):
         """Reopen a saved cache for `model` (checked against the saved fingerprint) and continue without re-running
         the prefill; spans stay in the file until selected. `placement` may set gpu_budget, host_budget,
         disk_path, disk_budget for this session."""
-        from kvtier.persist import load_cache
-
         return load_cache(cls, Path(path), model, placement)
 
     def close(self) -> None:

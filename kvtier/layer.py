@@ -61,6 +61,15 @@ class ReAttentionLayer(CacheLayerMixin):
         self.seen += key_states.shape[2]
         return key_states, value_states
 
+    def restore(self, state: dict[str, torch.Tensor], uids: torch.Tensor, seen: int, largest_scope: int) -> None:
+        """Rebuild from a saved cache: state holds global_keys/values, local_keys/values [B, Hkv, *, D] and
+        summaries [B, Hkv, n, c, D] on this layer's device; uids [B, n] name the spans in the placement."""
+        self.lazy_initialization(state["global_keys"], state["global_values"])
+        self.global_region.absorb(state["global_keys"], state["global_values"])
+        self.local.append(state["local_keys"], state["local_values"])
+        self.table.append(uids, state["summaries"])
+        self.seen, self.largest_scope = seen, largest_scope
+
     def get_seq_length(self) -> int:
         return self.seen
 

@@ -336,8 +336,7 @@ class Placement:
     def stats(self) -> dict:
         counts = np.bincount(self.tier.data[: self.uids].astype(np.int64) + 1, minlength=4)[1:]
         disk_bytes = (self.disk.nbytes if self.disk is not None else 0) + self.archived * self.span_bytes
-        if self.disk is not None:
-            self.counters["disk"].wait_s = self.disk.wait_s + (self.archive.wait_s if self.archive else 0.0)
+        self.counters["disk"].wait_s = sum(store.wait_s for store in (self.disk, self.archive) if store is not None)
         return {
             "span_bytes": self.span_bytes,
             "spans": {name: int(counts[code]) for code, name in enumerate(TIERS)},

@@ -1,0 +1,253 @@
+"""Saving a cache to one LMDB file and loading it back for the same model.
+
+The file holds: a JSON `meta` record (format version, config, the model's fingerprint, token count, per-layer sizes),
+the token ids, each layer's global tokens, local window and span summaries, and every span. All records are raw
+tensor bytes or JSON with checksums (kvtier.records); nothing is pickled. A save writes `<path>.partial`, syncs
+it and renames it over `path`, so an interrupted save leaves the previous file or none, never a partial one.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import lmdb
+import torch
+from tqdm.auto import tqdm
+
+import kvtier
+from kvtier import records
+from kvtier.config import PLACEMENT_FIELDS, ReAttentionConfig
+from kvtier.errors import CacheFileNotFoundError, CacheWriteError, CorruptCacheError, IncompatibleCacheError
+from kvtier.tiers.disk import LmdbStore, put_records, span_key
+
+FORMAT = "kvtier-cache"
+VERSION = 1
+_BATCH_BYTES = 64 * 2**20  # spans per write transaction
+_PAGE = 4096
+_META_KEYS = {"config", "fingerprint", "dtype", "batch", "tokens", "token_ids", "span_shape", "spans", "layers"}
+_LAYER_TENSORS = ("global_keys", "global_values", "local_keys", "local_values", "summaries")
+
+
+def fingerprint(model) -> dict[str, Any]:
+    """What a saved cache's model must match: family, shapes, and a hash of the weights' names and shapes."""
+    config = model.config
+    heads = config.num_attention_heads
+    names = "\n".join(f"{name}:{tuple(param.shape)}" for name, param in model.named_parameters())
+    return {
+        "family": config.model_type,
+        "layers": config.num_hidden_layers,
+        "heads": heads,
+        "kv_heads": getattr(config, "num_key_value_heads", None) or heads,
+        "head_dim": getattr(config, "head_dim", None) or config.hidden_size // heads,
+        "hidden_size": config.hidden_size,
+        "vocab_size": config.vocab_size,
+        "window": config.max_position_embeddings,
+        "weights_sha256": hashlib.sha256(names.encode()).hexdigest(),
+    }
+
+
+def _layer_key(index: int, name: str) -> bytes:
+    return f"layer/{index}/{name}".encode()
+
+
+def _record_pages(length: int) -> int:
+    return -(-(length + 64) // _PAGE) + 1
+
+
+# ---- save ---------------------------------------------------------------------------------------------------------
+def save_cache(cache, path: Path) -> None:
+    if cache.placement is None:
+        raise ValueError("this cache holds no tokens yet: run a forward (or generate) with it before saving")
+    if path.is_dir():
+        raise CacheWriteError(f"cannot save to {str(path)!r}: it is a directory; give a file path such as ctx.lmdb")
+    if not path.parent.is_dir():
+        raise CacheWriteError(f"cannot save to {str(path)!r}: the folder {str(path.parent)!r} does not exist")
+    partial = path.with_name(path.name + ".partial")
+    try:
+        _write(cache, partial)
+        os.replace(partial, path)
+        _fsync_directory(path.parent)
+    except BaseException as err:
+        for leftover in (partial, Path(str(partial) + "-lock")):
+            leftover.unlink(missing_ok=True)
+        if isinstance(err, (OSError, lmdb.Error)) and not isinstance(err, CacheWriteError):
+            raise CacheWriteError(
+                f"saving the cache to {str(path)!r} failed ({err}); whatever was at that path is unchanged. "
+                "Free disk space or choose a writable location"
+            ) from None
+        raise
+
+
+def _write(cache, partial: Path) -> None:
+    placement = cache.placement
+    layers = [layer for layer in cache.layers if layer.is_initialized]
+    if len(layers) != len(cache.layers):
+        raise ValueError("some layers of this cache never saw a token; save after a complete forward")
+    span_count = sum(layer.table.uids_host.view().numel() for layer in layers)
+    span_record = placement.span_bytes + 256
+    estimate = (span_count * _record_pages(span_record) + 64) * _PAGE
+    estimate += sum(_record_pages(t.numel() * t.element_size()) * _PAGE for t in _layer_tensors(layers[0]).values()) * len(layers)
+    partial.unlink(missing_ok=True)
+    env = lmdb.open(str(partial), subdir=False, map_size=int(estimate * 1.25) + 2**24, lock=False, sync=False,
+                    metasync=False, readahead=False)
+    unlocked = _NoLock()
+    try:
+        items: list[tuple[bytes, bytes]] = []
+        for index, layer in enumerate(layers):
+            items += [(_layer_key(index, name), records.encode_tensor(t.cpu())) for name, t in _layer_tensors(layer).items()]
+        tokens = cache.token_ids
+        if tokens is not None:
+            items.append((b"tokens", records.encode_tensor(tokens)))
+        put_records(env, items, unlocked)
+        _write_spans(placement, layers, env, span_count, unlocked)
+        put_records(env, [(b"meta", records.encode_json(_meta(cache, layers, span_count, tokens is not None)))], unlocked)
+        env.sync(True)
+    finally:
+        env.close()
+
+
+def _layer_tensors(layer) -> dict[str, torch.Tensor]:
+    global_keys, global_values = layer.global_region.view()
+    local_keys, local_values = layer.local.view()
+    return dict(zip(_LAYER_TENSORS, (global_keys, global_values, local_keys, local_values, layer.table.summaries.view())))
+
+
+def _write_spans(placement, layers, env, span_count: int, lock) -> None:
+    """Every span, in the order (layer, row, span): saved uid 0, 1, 2, ... - the uids a load gives them back."""
+    per_batch = max(1, _BATCH_BYTES // placement.span_bytes)
+    saved_uid = 0
+    with tqdm(total=span_count, unit="span", desc="saving spans", disable=span_count < 50_000) as progress:
+        for layer in layers:
+            uids = layer.table.uids_host.view().flatten().numpy()
+            for start in range(0, len(uids), per_batch):
+                batch = uids[start : start + per_batch]
+                spans = placement.read_spans(batch)  # [N, 2, Hkv, S, D] on the host
+                put_records(env, [(span_key(saved_uid + i), records.encode_tensor(span)) for i, span in enumerate(spans)], lock)
+                saved_uid += len(batch)
+                progress.update(len(batch))
+
+
+def _meta(cache, layers, span_count: int, has_tokens: bool) -> dict[str, Any]:
+    config = cache.config.replace(**dict.fromkeys(PLACEMENT_FIELDS))  # tiers are per session, not part of the context
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "kvtier": kvtier.__version__,
+        "config": config.to_dict(),
+        "fingerprint": cache.model_fingerprint,
+        "dtype": str(layers[0].dtype).removeprefix("torch."),
+        "batch": layers[0].shape[0],
+        "tokens": cache.get_seq_length(),
+        "token_ids": has_tokens,
+        "span_shape": list(cache.placement.span_shape),
+        "spans": span_count,
+        "layers": [
+            {"seen": layer.seen, "largest_scope": layer.largest_scope, "spans": len(layer.table)} for layer in layers
+        ],
+    }
+
+
+class _NoLock:
+    """The lock put_records takes around map resizes: nobody else reads a file being saved."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _fsync_directory(directory: Path) -> None:
+    handle = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
+
+
+# ---- load ---------------------------------------------------------------------------------------------------------
+def load_cache(cls, path: Path, model, placement: dict[str, Any]):
+    unknown = sorted(set(placement) - set(PLACEMENT_FIELDS))
+    if unknown:
+        raise ValueError(f"load() can only set {list(PLACEMENT_FIELDS)}; the rest comes from the saved cache (got {unknown})")
+    env = _open(path)
+    try:
+        meta = _read_meta(env, path)
+        _check_model(meta, model, path)
+        config = ReAttentionConfig.from_dict(meta["config"]).replace(**placement)
+        cache = cls(model, config)
+        _restore(cache, env, meta, path, model)
+    except BaseException:
+        env.close()
+        raise
+    return cache
+
+
+def _open(path: Path) -> lmdb.Environment:
+    if not path.exists():
+        raise CacheFileNotFoundError(f"no saved kvtier cache at {str(path)!r}; save one with cache.save(path)")
+    if path.is_dir():
+        raise CorruptCacheError(f"{str(path)!r} is a directory, not a kvtier cache file")
+    try:
+        return lmdb.open(str(path), subdir=False, readonly=True, lock=False, readahead=False)
+    except lmdb.Error as err:
+        raise CorruptCacheError(f"{str(path)!r} is not a kvtier cache (LMDB cannot open it: {err})") from None
+
+
+def _read_meta(env: lmdb.Environment, path: Path) -> dict[str, Any]:
+    with env.begin() as txn:
+        raw = txn.get(b"meta")
+    if raw is None:
+        raise CorruptCacheError(f"{str(path)!r} has no metadata record: it is not a complete kvtier cache")
+    meta = records.decode_json(raw, "meta")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CorruptCacheError(f"{str(path)!r} is not a kvtier cache (its metadata names no kvtier format)")
+    if meta.get("version") != VERSION:
+        raise IncompatibleCacheError(
+            f"{str(path)!r} was written in kvtier cache format {meta.get('version')} (kvtier {meta.get('kvtier')}); "
+            f"this kvtier reads format {VERSION}: re-run the prefill and save again"
+        )
+    missing = sorted(_META_KEYS - set(meta))
+    if missing:
+        raise CorruptCacheError(f"{str(path)!r}: the metadata lacks {missing}")
+    expected = meta["spans"] + len(meta["layers"]) * len(_LAYER_TENSORS) + 1 + bool(meta["token_ids"])
+    if env.stat()["entries"] != expected:
+        raise CorruptCacheError(f"{str(path)!r} holds {env.stat()['entries']} records, its metadata says {expected}")
+    return meta
+
+
+def _check_model(meta: dict[str, Any], model, path: Path) -> None:
+    saved = dict(meta["fingerprint"], dtype=meta["dtype"])
+    current = dict(fingerprint(model), dtype=str(model.dtype).removeprefix("torch."))
+    differs = [f"{key}: saved {saved.get(key)!r}, model {value!r}" for key, value in current.items() if saved.get(key) != value]
+    if differs:
+        raise IncompatibleCacheError(
+            f"{str(path)!r} was saved for another model ({'; '.join(differs)}); load it with the model (and dtype) "
+            "that produced it"
+        )
+
+
+def _restore(cache, env: lmdb.Environment, meta: dict[str, Any], path: Path, model) -> None:
+    decoder_layers = model.get_decoder().layers
+    with env.begin(buffers=True) as txn:
+        def tensor(key: bytes) -> torch.Tensor:
+            raw = txn.get(key)
+            if raw is None:
+                raise CorruptCacheError(f"{str(path)!r}: record {key.decode()!r} is missing")
+            return records.decode_tensor(raw, key.decode())
+
+        saved_uid = 0
+        for index, (layer, info) in enumerate(zip(cache.layers, meta["layers"])):
+            device = next(decoder_layers[index].parameters()).device
+            state = {name: tensor(_layer_key(index, name)).to(device) for name in _LAYER_TENSORS}
+            count = info["spans"] * meta["batch"]
+            uids = torch.arange(saved_uid, saved_uid + count).view(meta["batch"], info["spans"])
+            layer.restore(state, uids, info["seen"], info["largest_scope"])
+            saved_uid += count
+        if meta["token_ids"]:
+            cache.record_tokens(tensor(b"tokens"))
+    span_shape = tuple(meta["span_shape"])
+    dtype = records.DTYPES[meta["dtype"]]
+    cache.placement.attach_archive(LmdbStore.archive(env, path, span_shape, dtype, meta["spans"]), meta["spans"])
