@@ -60,7 +60,7 @@ class Placement:
         self.archive: LmdbStore | None = None  # a loaded cache's spans (uids below archived)
         self.archived = 0
         self.uids = 0
-        self.clock = 0  # one tick per fetch
+        self.clock = 0  # one tick per fetch and per add: spans used at the current tick are never moved down
         self.tier = GrowableArray(np.int8, -1)  # per uid: GPU / HOST / DISK
         self.last_used = GrowableArray(np.int64, 0)
         self.selected = GrowableArray(np.int32, 0)  # selections since the span last moved down
@@ -102,6 +102,7 @@ class Placement:
         slots = self.gpu.put(uids, spans)
         if self.unbounded and not np.array_equal(slots, uids):
             raise AssertionError("an unbounded GPU pool must place span uid at slot uid")
+        self.clock += 1
         return uids
 
     def fetch(self, uids: np.ndarray) -> torch.Tensor:

@@ -1,0 +1,181 @@
+"""The tier store: placement never changes what the model generates, bytes really move through every tier, budgets
+hold at every step, and the stores keep their promises (slots reused, a span dropped only once its copy is safe)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
+
+from kvtier import ReAttentionCache
+from kvtier.config import ReAttentionConfig
+from kvtier.errors import TierFullError
+from kvtier.tiers.base import SlotMap
+from kvtier.tiers.disk import LmdbStore
+from kvtier.tiers.host import HostPool, contiguous_runs
+from kvtier.tiers.placement import DISK, GPU, HOST, Placement
+from tests.conftest import greedy, random_ids, tiny_model
+
+TINY = dict(global_size=4, local_size=24, span_size=4, top_k=3, chunk_size=12)
+SPAN_BYTES = 2 * 2 * 4 * 16 * 4  # K and V, 2 KV heads, 4 tokens, head_dim 16, float32
+SPAN_SHAPE = (2, 2, 4, 16)
+
+
+def _budgets(tmp_path, tier: str) -> dict:
+    """Everything on the device, spilling to the host, or spilling through the host to LMDB."""
+    if tier == "gpu":
+        return {}
+    small = {"gpu_budget": 24 * SPAN_BYTES}
+    if tier == "host":
+        return small
+    return {**small, "host_budget": 24 * SPAN_BYTES, "disk_path": str(tmp_path / "spill")}
+
+
+class _RecordStats(StoppingCriteria):
+    """Reads cache.stats() after every forward of generate; never stops it."""
+
+    def __init__(self, cache):
+        self.cache, self.seen = cache, []
+
+    def __call__(self, input_ids, scores, **kwargs):
+        self.seen.append(self.cache.stats())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+
+@pytest.mark.parametrize("policy", ["quest", "reattention"])
+def test_placement_does_not_change_generated_tokens(tmp_path, policy):
+    model = tiny_model("llama")
+    ids = random_ids(260, batch=2, seed=3)
+    outputs, stats = {}, {}
+    for tier in ("gpu", "host", "disk"):
+        cache = ReAttentionCache(model, policy=policy, **TINY, **_budgets(tmp_path, tier))
+        outputs[tier] = greedy(model, ids, cache, new_tokens=48)
+        stats[tier] = cache.stats()
+        cache.close()
+    assert torch.equal(outputs["host"], outputs["gpu"])
+    assert torch.equal(outputs["disk"], outputs["gpu"])
+    assert stats["gpu"]["moved"] == dict.fromkeys(stats["gpu"]["moved"], 0)
+    assert stats["gpu"]["spans"]["host"] == stats["gpu"]["spans"]["disk"] == 0
+    host = stats["host"]
+    assert host["moved"]["gpu->host"] > 0 and host["moved"]["host->gpu"] > 0 and host["spans"]["host"] > 0
+    assert host["tiers"]["host"]["hits"] > 0 and host["tiers"]["gpu"]["evictions"] > 0
+    disk = stats["disk"]
+    assert disk["moved"]["host->disk"] > 0 and disk["moved"]["disk->host"] > 0 and disk["spans"]["disk"] > 0
+    assert disk["tiers"]["disk"]["hits"] > 0 and disk["tiers"]["host"]["promotions"] > 0
+    total = sum(stats["gpu"]["spans"].values())
+    assert sum(host["spans"].values()) == sum(disk["spans"].values()) == total  # no span lost or duplicated
+
+
+def test_budgets_hold_at_every_step_of_a_long_generation(tmp_path):
+    model = tiny_model("qwen2")
+    budgets = {"gpu_budget": 20 * SPAN_BYTES, "host_budget": f"{24 * SPAN_BYTES}B",
+               "disk_path": str(tmp_path), "disk_budget": 400 * SPAN_BYTES}
+    cache = ReAttentionCache(model, **TINY, **budgets)
+    recorder = _RecordStats(cache)
+    greedy(model, random_ids(400, seed=5), cache, new_tokens=300, stopping_criteria=StoppingCriteriaList([recorder]))
+    assert len(recorder.seen) == 300
+    for stats in recorder.seen:
+        assert stats["bytes"]["gpu"] <= 20 * SPAN_BYTES
+        assert stats["bytes"]["host"] <= 24 * SPAN_BYTES
+        assert stats["bytes"]["disk"] <= 400 * SPAN_BYTES
+    last = recorder.seen[-1]
+    assert last["spans"]["gpu"] <= 20 and last["spans"]["host"] <= 24
+    assert last["spans"]["disk"] > 0.5 * sum(last["spans"].values())  # most of the middle really lives in LMDB
+    cache.close()
+    assert list(tmp_path.iterdir()) == []  # the spill file is scratch: removed on close
+
+
+def test_a_budget_below_one_step_names_the_field():
+    model = tiny_model("llama")
+    cache = ReAttentionCache(model, **TINY, gpu_budget=SPAN_BYTES // 2)
+    with pytest.raises(TierFullError, match=r"gpu_budget=512 bytes holds 0 spans.*raise gpu_budget"):
+        greedy(model, random_ids(40), cache, new_tokens=1)
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"host_budget": "1GiB"}, "set disk_path"),
+        ({"disk_budget": "1GiB"}, "disk_budget is set but disk_path is not"),
+        ({"gpu_budget": "8 gigs"}, "gpu_budget='8 gigs' is not a size"),
+        ({"gpu_budget": 0}, "gpu_budget must be positive"),
+        ({"kernels": "fast"}, "kernels must be one of"),
+    ],
+)
+def test_bad_placement_config_names_the_problem(fields, message):
+    with pytest.raises(ValueError, match=message):
+        ReAttentionConfig(**fields).resolve(2048)
+
+
+def test_fetch_returns_the_same_spans_wherever_they_live(tmp_path):
+    config = ReAttentionConfig(gpu_budget=8 * SPAN_BYTES, host_budget=8 * SPAN_BYTES, disk_path=str(tmp_path))
+    placement = Placement(config.resolve(2048), SPAN_SHAPE, torch.float32, torch.device("cpu"), step_spans=4)
+    spans = torch.randn(40, *SPAN_SHAPE)  # [N, 2, Hkv, S, D]
+    for start in range(0, 40, 4):
+        placement.add(spans[start : start + 4])
+    tiers = placement.tier.data[:40]
+    assert {GPU, HOST} <= set(tiers.tolist()) and (tiers == DISK).sum() + placement.disk.pending() > 0
+    chosen = np.array([0, 3, 17, 21, 39])
+    assert torch.equal(placement.fetch(chosen), spans[torch.from_numpy(chosen)])
+    assert torch.equal(placement.read_spans(np.arange(40)), spans)
+    placement.close()
+
+
+def test_a_span_leaves_the_host_only_after_its_disk_write_committed(tmp_path):
+    config = ReAttentionConfig(gpu_budget=4 * SPAN_BYTES, host_budget=4 * SPAN_BYTES, disk_path=str(tmp_path))
+    placement = Placement(config.resolve(2048), SPAN_SHAPE, torch.float32, torch.device("cpu"), step_spans=2)
+    spans = torch.randn(12, *SPAN_SHAPE)
+    for start in range(0, 12, 2):
+        placement.add(spans[start : start + 2])
+        written = np.flatnonzero(placement.writing.data[: placement.uids])
+        for uid in written.tolist():  # queued for disk, not yet committed: still held (and read) on the host
+            assert placement.tier.data[uid] == HOST and placement.host.contains(uid)
+    placement.disk.wait_any()
+    placement.poll()
+    on_disk = np.flatnonzero(placement.tier.data[:12] == DISK)
+    assert len(on_disk) and all(placement.disk.contains(uid) and not placement.host.contains(uid) for uid in on_disk.tolist())
+    assert torch.equal(placement.fetch(on_disk), spans[torch.from_numpy(on_disk)])
+    placement.close()
+
+
+def test_slot_map_reuses_released_slots_lowest_first():
+    slots = SlotMap(capacity=6)
+    assert slots.assign(np.arange(5)).tolist() == [0, 1, 2, 3, 4]
+    slots.release(np.array([3, 1]))
+    assert slots.free_count() == 3
+    assert slots.assign(np.array([10, 11, 12])).tolist() == [1, 3, 5]
+    assert not slots.contains(1) and slots.lookup(np.array([12, 0])).tolist() == [5, 0]
+    with pytest.raises(KeyError, match="not in this pool"):
+        slots.lookup(np.array([3]))
+
+
+def test_contiguous_runs_split_at_gaps_and_block_edges():
+    slots = np.array([4, 5, 6, 7, 9, 10])
+    blocks = np.array([0, 0, 1, 1, 1, 1])
+    assert contiguous_runs(slots, blocks) == [(0, 2), (2, 4), (4, 6)]
+
+
+def test_host_pool_round_trips_spans_across_blocks(monkeypatch):
+    monkeypatch.setattr("kvtier.tiers.host.FIRST_BLOCK_BYTES", 3 * SPAN_BYTES)
+    pool = HostPool(SPAN_SHAPE, torch.float32, capacity=None, pinned=False)
+    spans = torch.randn(20, *SPAN_SHAPE)
+    pool.put(np.arange(20), spans)
+    assert len(pool.blocks) > 2  # the blocks double: 3, 6, 12 spans
+    out = torch.full((5, *SPAN_SHAPE), float("nan"))
+    chosen = np.array([19, 2, 3, 8, 0])
+    pool.get_into(chosen, out)
+    assert torch.equal(out, spans[torch.from_numpy(chosen)])
+    assert pool.nbytes == sum(block.numel() * 4 for block in pool.blocks)
+
+
+def test_lmdb_store_reads_back_only_committed_spans(tmp_path):
+    store = LmdbStore.spill(tmp_path, SPAN_SHAPE, torch.float32, budget=None)
+    spans = torch.randn(6, *SPAN_SHAPE)
+    store.put(np.arange(6), spans.clone())
+    committed = store.wait_any()
+    assert sorted(committed.tolist()) == list(range(6)) and all(store.contains(u) for u in range(6))
+    out = torch.empty(3, *SPAN_SHAPE)
+    store.get_into(np.array([5, 0, 2]), out)
+    assert torch.equal(out, spans[[5, 0, 2]])
+    store.close()
+    assert list(tmp_path.iterdir()) == []
