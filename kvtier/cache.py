@@ -15,7 +15,7 @@ from kvtier.layer import ReAttentionLayer
 from kvtier.persist import fingerprint, load_cache, save_cache
 from kvtier.policies import build_policy
 from kvtier.rotary import ScopeRotary
-from kvtier.tiers.placement import Placement
+from kvtier.tiers.placement import Placement, SharedPlacement
 
 
 class ReAttentionCache(Cache):
@@ -41,22 +41,17 @@ class ReAttentionCache(Cache):
         self.spec = spec
         self.model_fingerprint = fingerprint(model)  # checked against the model a saved cache is loaded into
         self._rotary: dict[torch.device, ScopeRotary] = {}
-        self.placement: Placement | None = None  # created with the first layer's K/V (it needs their shape)
+        self._placement = SharedPlacement(self.config)  # made on the first layer's K/V (it needs their shape)
         self._tokens: GrowableTensor | None = None  # [B, T] the token ids fed, while they are known
         self._tokens_known = True
         super().__init__(
-            layers=[ReAttentionLayer(self.config, self.policy, self._placement_for) for _ in range(spec.num_layers)]
+            layers=[ReAttentionLayer(self.config, self.policy, self._placement) for _ in range(spec.num_layers)]
         )
 
-    def _placement_for(self, span_shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, step_spans: int):
-        if self.placement is None:
-            self.placement = Placement(self.config, span_shape, dtype, device, step_spans)
-        elif (self.placement.span_shape, self.placement.dtype) != (tuple(span_shape), dtype):
-            raise ValueError(
-                f"every layer must hold K/V of one shape and dtype; got {span_shape} {dtype} after "
-                f"{self.placement.span_shape} {self.placement.dtype}"
-            )
-        return self.placement
+    @property
+    def placement(self) -> Placement | None:
+        """Where the spans of every layer live (None until the first forward)."""
+        return self._placement.placement
 
     def record_tokens(self, input_ids: torch.Tensor | None) -> None:
         """Called by the decoder hook with each forward's input ids [B, q] (None when embeddings were passed)."""

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import lmdb
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -20,13 +21,13 @@ import kvtier
 from kvtier import records
 from kvtier.config import PLACEMENT_FIELDS, ReAttentionConfig
 from kvtier.errors import CacheFileNotFoundError, CacheWriteError, CorruptCacheError, IncompatibleCacheError
-from kvtier.tiers.disk import LmdbStore, put_records, span_key
+from kvtier.tiers.disk import LmdbStore, batch_key, put_records, spans_per_record
 
 FORMAT = "kvtier-cache"
 VERSION = 1
-_BATCH_BYTES = 64 * 2**20  # spans per write transaction
 _PAGE = 4096
-_META_KEYS = {"config", "fingerprint", "dtype", "batch", "tokens", "token_ids", "span_shape", "spans", "layers"}
+_META_KEYS = {"config", "fingerprint", "dtype", "batch", "tokens", "token_ids", "span_shape", "spans",
+              "spans_per_record", "layers"}
 _LAYER_TENSORS = ("global_keys", "global_values", "local_keys", "local_values", "summaries")
 
 
@@ -86,8 +87,8 @@ def _write(cache, partial: Path) -> None:
     if len(layers) != len(cache.layers):
         raise ValueError("some layers of this cache never saw a token; save after a complete forward")
     span_count = sum(layer.table.uids_host.view().numel() for layer in layers)
-    span_record = placement.span_bytes + 256
-    estimate = (span_count * _record_pages(span_record) + 64) * _PAGE
+    per_record = spans_per_record(placement.span_bytes)
+    estimate = (_record_pages(per_record * (placement.span_bytes + 16)) * (-(-span_count // per_record)) + 64) * _PAGE
     estimate += sum(_record_pages(t.numel() * t.element_size()) * _PAGE for t in _layer_tensors(layers[0]).values()) * len(layers)
     partial.unlink(missing_ok=True)
     env = lmdb.open(str(partial), subdir=False, map_size=int(estimate * 1.25) + 2**24, lock=False, sync=False,
@@ -115,18 +116,15 @@ def _layer_tensors(layer) -> dict[str, torch.Tensor]:
 
 
 def _write_spans(placement, layers, env, span_count: int, lock) -> None:
-    """Every span, in the order (layer, row, span): saved uid 0, 1, 2, ... - the uids a load gives them back."""
-    per_batch = max(1, _BATCH_BYTES // placement.span_bytes)
-    saved_uid = 0
+    """Every span, in the order (layer, row, span): saved uid 0, 1, 2, ... - the uids a load gives them back -
+    `spans_per_record` to a record, whatever layer they come from."""
+    per_record = spans_per_record(placement.span_bytes)
+    uids = np.concatenate([layer.table.uids_host.view().flatten().numpy() for layer in layers])
     with tqdm(total=span_count, unit="span", desc="saving spans", disable=span_count < 50_000) as progress:
-        for layer in layers:
-            uids = layer.table.uids_host.view().flatten().numpy()
-            for start in range(0, len(uids), per_batch):
-                batch = uids[start : start + per_batch]
-                spans = placement.read_spans(batch)  # [N, 2, Hkv, S, D] on the host
-                put_records(env, [(span_key(saved_uid + i), records.encode_tensor(span)) for i, span in enumerate(spans)], lock)
-                saved_uid += len(batch)
-                progress.update(len(batch))
+        for record, start in enumerate(range(0, span_count, per_record)):
+            spans = placement.read_spans(uids[start : start + per_record])  # [N, 2, Hkv, S, D] on the host
+            put_records(env, [(batch_key(record), records.encode_spans(spans))], lock)
+            progress.update(spans.shape[0])
 
 
 def _meta(cache, layers, span_count: int, has_tokens: bool) -> dict[str, Any]:
@@ -143,6 +141,7 @@ def _meta(cache, layers, span_count: int, has_tokens: bool) -> dict[str, Any]:
         "token_ids": has_tokens,
         "span_shape": list(cache.placement.span_shape),
         "spans": span_count,
+        "spans_per_record": spans_per_record(cache.placement.span_bytes),
         "layers": [
             {"seen": layer.seen, "largest_scope": layer.largest_scope, "spans": len(layer.table)} for layer in layers
         ],
@@ -212,7 +211,7 @@ def _read_meta(env: lmdb.Environment, path: Path) -> dict[str, Any]:
     missing = sorted(_META_KEYS - set(meta))
     if missing:
         raise CorruptCacheError(f"{str(path)!r}: the metadata lacks {missing}")
-    expected = meta["spans"] + len(meta["layers"]) * len(_LAYER_TENSORS) + 1 + bool(meta["token_ids"])
+    expected = -(-meta["spans"] // meta["spans_per_record"]) + len(meta["layers"]) * len(_LAYER_TENSORS) + 1 + bool(meta["token_ids"])
     if env.stat()["entries"] != expected:
         raise CorruptCacheError(f"{str(path)!r} holds {env.stat()['entries']} records, its metadata says {expected}")
     return meta
@@ -250,4 +249,5 @@ def _restore(cache, env: lmdb.Environment, meta: dict[str, Any], path: Path, mod
             cache.record_tokens(tensor(b"tokens"))
     span_shape = tuple(meta["span_shape"])
     dtype = records.DTYPES[meta["dtype"]]
-    cache.placement.attach_archive(LmdbStore.archive(env, path, span_shape, dtype, meta["spans"]), meta["spans"])
+    store = LmdbStore.archive(env, path, span_shape, dtype, meta["spans"], meta["spans_per_record"])
+    cache.placement.attach_archive(store, meta["spans"])

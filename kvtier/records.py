@@ -1,6 +1,7 @@
 """The on-disk record format: tensors as raw bytes with dtype and shape, metadata as JSON, each record checksummed.
 No pickle: a record is `MAGIC | u32 header length | u32 header crc32 | header JSON | payload`, and the header holds
-the payload's length and crc32. Decoding checks every field and raises CorruptCacheError naming the record."""
+the payload's length and crc32 (a record of spans: one crc32 per span, so one span is read and verified alone).
+Decoding checks every field and raises CorruptCacheError naming the record."""
 from __future__ import annotations
 
 import json
@@ -24,26 +25,42 @@ def tensor_payload(tensor: torch.Tensor) -> memoryview:
     return memoryview(flat.numpy())
 
 
-def encode(header: dict[str, Any], payload: bytes | memoryview = b"") -> bytes:
-    header = dict(header, length=len(payload), crc32=zlib.crc32(payload))
-    head = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
+def _pack(header: dict[str, Any], payload: bytes | memoryview) -> bytes:
+    head = json.dumps(dict(header, length=len(payload)), separators=(",", ":"), sort_keys=True).encode()
     return b"".join((_PREFIX.pack(MAGIC, len(head), zlib.crc32(head)), head, payload))
+
+
+def encode(header: dict[str, Any], payload: bytes | memoryview = b"") -> bytes:
+    return _pack(dict(header, crc32=zlib.crc32(payload)), payload)
 
 
 def encode_tensor(tensor: torch.Tensor) -> bytes:
     """A CPU tensor -> record bytes."""
-    name = str(tensor.dtype).removeprefix("torch.")
-    if name not in DTYPES:
-        raise ValueError(f"cannot store a {tensor.dtype} tensor; kvtier records hold {sorted(DTYPES)}")
-    return encode({"kind": "tensor", "dtype": name, "shape": list(tensor.shape)}, tensor_payload(tensor.cpu()))
+    return encode({"kind": "tensor", "dtype": _dtype_name(tensor), "shape": list(tensor.shape)}, tensor_payload(tensor.cpu()))
+
+
+def encode_spans(spans: torch.Tensor) -> bytes:
+    """Spans [N, 2, Hkv, S, D] on the host -> one record with a checksum per span, so that one span can be read and
+    verified without touching the others."""
+    payload = tensor_payload(spans)
+    step = len(payload) // max(spans.shape[0], 1)
+    crcs = [zlib.crc32(payload[row * step : (row + 1) * step]) for row in range(spans.shape[0])]
+    return _pack({"kind": "spans", "dtype": _dtype_name(spans), "shape": list(spans.shape), "crc32s": crcs}, payload)
 
 
 def encode_json(data: Any) -> bytes:
     return encode({"kind": "json"}, json.dumps(data, sort_keys=True).encode())
 
 
-def decode(record: bytes | memoryview, name: str) -> tuple[dict[str, Any], memoryview]:
-    """-> (header, payload view), every length and checksum verified."""
+def _dtype_name(tensor: torch.Tensor) -> str:
+    name = str(tensor.dtype).removeprefix("torch.")
+    if name not in DTYPES:
+        raise ValueError(f"cannot store a {tensor.dtype} tensor; kvtier records hold {sorted(DTYPES)}")
+    return name
+
+
+def unpack(record: bytes | memoryview, name: str) -> tuple[dict[str, Any], memoryview]:
+    """-> (header, payload view) with the header's checksum and the payload's length verified."""
     view = memoryview(record)
     if len(view) < _PREFIX.size:
         raise CorruptCacheError(f"record {name!r} is truncated ({len(view)} bytes)")
@@ -58,9 +75,31 @@ def decode(record: bytes | memoryview, name: str) -> tuple[dict[str, Any], memor
     except ValueError:
         raise CorruptCacheError(f"record {name!r}: header is not JSON") from None
     payload = view[_PREFIX.size + head_len :]
-    if len(payload) != header.get("length") or zlib.crc32(payload) != header.get("crc32"):
+    if not isinstance(header, dict) or len(payload) != header.get("length"):
+        raise CorruptCacheError(f"record {name!r}: the payload's length does not match its header (the file is damaged)")
+    return header, payload
+
+
+def decode(record: bytes | memoryview, name: str) -> tuple[dict[str, Any], memoryview]:
+    """-> (header, payload view), every length and checksum verified."""
+    header, payload = unpack(record, name)
+    if zlib.crc32(payload) != header.get("crc32"):
         raise CorruptCacheError(f"record {name!r}: payload checksum mismatch (the file is damaged)")
     return header, payload
+
+
+def read_span(header: dict[str, Any], payload: memoryview, row: int, out: torch.Tensor, name: str) -> None:
+    """Copy span `row` of an unpacked spans record into out [2, Hkv, S, D] (contiguous, on the host), verified."""
+    shape, crcs = header.get("shape"), header.get("crc32s")
+    if header.get("kind") != "spans" or not isinstance(shape, list) or not isinstance(crcs, list) or len(crcs) != shape[0]:
+        raise CorruptCacheError(f"record {name!r} does not describe spans")
+    if list(out.shape) != shape[1:] or header.get("dtype") != _dtype_name(out):
+        raise CorruptCacheError(f"record {name!r} holds spans {shape[1:]} {header.get('dtype')}, expected {list(out.shape)} {out.dtype}")
+    step = len(payload) // shape[0]
+    part = payload[row * step : (row + 1) * step]
+    if zlib.crc32(part) != crcs[row]:
+        raise CorruptCacheError(f"record {name!r}: span {row} checksum mismatch (the file is damaged)")
+    decode_into(part, out)
 
 
 def decode_tensor(record: bytes | memoryview, name: str) -> torch.Tensor:

@@ -1,5 +1,6 @@
-"""The disk tier: spans as checksummed records in an LMDB file. Writes run on a background thread; a span counts as
-on disk only once the transaction holding it has committed. The same store reads a saved cache (read-only)."""
+"""The disk tier: spans in an LMDB file, a batch of spans per record (one checksum per span). Writes run on a
+background thread; a span counts as on disk only once the transaction holding it has committed. The same store
+reads a saved cache's spans (read-only)."""
 from __future__ import annotations
 
 import os
@@ -19,10 +20,11 @@ from kvtier.errors import CacheWriteError, CorruptCacheError, TierFullError
 
 INITIAL_MAP_BYTES = 64 * 2**20
 MAX_PENDING_BYTES = 512 * 2**20  # spans handed to the writer and not yet committed, before put() waits
+RECORD_BYTES = 64 * 2**20  # at most this many bytes of spans per record
 
 
-def span_key(uid: int) -> bytes:
-    return b"S" + int(uid).to_bytes(8, "big")
+def batch_key(batch: int) -> bytes:
+    return b"B" + int(batch).to_bytes(8, "big")
 
 
 def grow_map(env: lmdb.Environment, needed: int = 0) -> None:
@@ -45,16 +47,26 @@ def put_records(env: lmdb.Environment, items: list[tuple[bytes, bytes]], resize_
                 grow_map(env, sum(len(v) for _, v in items))
 
 
+def spans_per_record(span_bytes: int) -> int:
+    return max(1, RECORD_BYTES // span_bytes)
+
+
 class LmdbStore:
-    """Spans by uid in one LMDB file. `spill(directory)` makes a scratch file removed on close; `archive(path)` opens a
-    saved cache read-only."""
+    """Spans by uid in one LMDB file: uid -> (record, row). `spill(directory)` makes a scratch file removed on close;
+    `archive(env, ...)` reads a saved cache, whose span u sits at row u % n of record u // n."""
 
     def __init__(self, env: lmdb.Environment, path: Path, span_shape, dtype, budget: int | None, scratch: bool):
         self.env, self.path, self.scratch = env, path, scratch
         self.span_shape, self.dtype = tuple(span_shape), dtype
+        self.span_bytes = int(np.prod(span_shape)) * dtype.itemsize
         self.budget = budget
-        self.record_bytes = 0  # bytes of records written or queued
+        self.record_bytes = 0  # bytes of live spans written or queued
+        self.record_of = GrowableArray(np.int64, -1)  # per uid: its record (batch) ...
+        self.row_of = GrowableArray(np.int64, -1)  # ... and its row there
         self.committed = GrowableArray(np.bool_, False)  # per uid: its record is committed
+        self._live: dict[int, int] = {}  # spill record -> spans in it not evicted
+        self._headers: dict[int, dict] = {}  # parsed record headers (checksums), read once
+        self._records = 0
         self._env_lock = threading.Lock()  # readers vs. map resizes
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvtier-disk") if scratch else None
         self._inflight: list[tuple[Future, np.ndarray, int]] = []
@@ -74,10 +86,12 @@ class LmdbStore:
         return cls(env, Path(name), span_shape, dtype, budget, scratch=True)
 
     @classmethod
-    def archive(cls, env: lmdb.Environment, path: Path, span_shape, dtype, uids: int) -> "LmdbStore":
-        """A saved cache's spans (uids 0..uids-1), read-only."""
+    def archive(cls, env: lmdb.Environment, path: Path, span_shape, dtype, uids: int, per_record: int) -> "LmdbStore":
+        """A saved cache's spans 0..uids-1, `per_record` to a record, read-only."""
         store = cls(env, path, span_shape, dtype, None, scratch=False)
-        store.committed.ensure(uids)
+        for array in (store.record_of, store.row_of, store.committed):
+            array.ensure(uids)
+        store.record_of.data[:uids], store.row_of.data[:uids] = np.divmod(np.arange(uids), per_record)
         store.committed.data[:uids] = True
         return store
 
@@ -86,7 +100,7 @@ class LmdbStore:
         """Queue spans [N, 2, Hkv, S, D] (a CPU tensor the store now owns) for writing; returns at once."""
         if not self.scratch:
             raise CacheWriteError(f"{self.path} is a saved cache, opened read-only")
-        size = spans.numel() * spans.element_size()
+        size = len(uids) * self.span_bytes
         if self.budget is not None and self.record_bytes + size > self.budget:
             raise TierFullError(
                 f"the disk tier is full: disk_budget={self.budget} bytes already holds {self.record_bytes} bytes of "
@@ -95,13 +109,20 @@ class LmdbStore:
         self.record_bytes += size
         while sum(pending for _, _, pending in self._inflight) > MAX_PENDING_BYTES:
             self._wait_oldest()
-        future = self._writer.submit(self._write, uids.copy(), spans)
-        self._inflight.append((future, uids.copy(), size))
+        per_record = spans_per_record(self.span_bytes)
+        for start in range(0, len(uids), per_record):
+            part = uids[start : start + per_record].copy()
+            for array in (self.record_of, self.row_of, self.committed):
+                array.ensure(int(part.max()) + 1)
+            self.record_of.data[part], self.row_of.data[part] = self._records, np.arange(len(part))
+            self._live[self._records] = len(part)
+            future = self._writer.submit(self._write, self._records, spans[start : start + per_record])
+            self._inflight.append((future, part, len(part) * self.span_bytes))
+            self._records += 1
 
-    def _write(self, uids: np.ndarray, spans: torch.Tensor) -> None:
-        items = [(span_key(uid), records.encode_tensor(span)) for uid, span in zip(uids.tolist(), spans)]
+    def _write(self, record: int, spans: torch.Tensor) -> None:
         try:
-            put_records(self.env, items, self._env_lock)
+            put_records(self.env, [(batch_key(record), records.encode_spans(spans))], self._env_lock)
         except lmdb.Error as err:
             raise CacheWriteError(f"writing spilled spans to {self.path} failed ({err}); free disk space or move disk_path") from None
 
@@ -110,20 +131,16 @@ class LmdbStore:
         start = time.perf_counter()
         future.result()  # re-raises the writer's CacheWriteError here, on the caller's thread
         self.wait_s += time.perf_counter() - start
-        self._mark(uids)
-
-    def _mark(self, uids: np.ndarray) -> None:
-        if not len(uids):
-            return
-        self.committed.ensure(int(uids.max()) + 1)
-        self.committed.data[uids] = True
-        self._done.append(uids)
+        if len(uids):
+            self.committed.data[uids] = True
+            self._done.append(uids)
 
     def poll(self) -> np.ndarray:
         """uids whose records committed since the last poll."""
         while self._inflight and self._inflight[0][0].done():
             self._wait_oldest()
-        return self._drain()
+        done, self._done = self._done, []
+        return np.concatenate(done) if done else np.empty(0, dtype=np.int64)
 
     def wait_any(self) -> np.ndarray:
         """Block until the oldest queued write committed -> uids committed since the last poll."""
@@ -131,41 +148,45 @@ class LmdbStore:
             self._wait_oldest()
         return self.poll()
 
-    def _drain(self) -> np.ndarray:
-        done, self._done = self._done, []
-        return np.concatenate(done) if done else np.empty(0, dtype=np.int64)
-
     def pending(self) -> int:
         return len(self._inflight)
 
     # ---- reading -------------------------------------------------------------------------------------------------
     def get_into(self, uids: np.ndarray, out: torch.Tensor) -> None:
-        """Read committed spans into out [N, 2, Hkv, S, D] (a CPU tensor), verifying each record."""
+        """Read committed spans into out [N, 2, Hkv, S, D] (a contiguous CPU tensor), verifying each span."""
         start = time.perf_counter()
+        record_of, row_of = self.record_of.data[uids], self.row_of.data[uids]
         with self._env_lock, self.env.begin(buffers=True) as txn:
-            for row, uid in enumerate(uids.tolist()):
-                value = txn.get(span_key(uid))
+            for record in np.unique(record_of).tolist():
+                value = txn.get(batch_key(record))
+                name = f"{self.path.name}: spans record {record}"
                 if value is None:
-                    raise CorruptCacheError(f"{self.path}: span {uid} is missing")
-                header, payload = records.decode(value, f"span {uid}")
-                if header.get("shape") != list(self.span_shape) or header.get("dtype") != str(self.dtype).removeprefix("torch."):
-                    raise CorruptCacheError(f"{self.path}: span {uid} has shape {header.get('shape')} {header.get('dtype')}, expected {list(self.span_shape)} {self.dtype}")
-                records.decode_into(payload, out[row])
+                    raise CorruptCacheError(f"{name} is missing")
+                header, payload = records.unpack(value, name)
+                header = self._headers.setdefault(record, header)
+                for position in np.flatnonzero(record_of == record).tolist():
+                    records.read_span(header, payload, int(row_of[position]), out[position], name)
         self.wait_s += time.perf_counter() - start
 
     def contains(self, uid: int) -> bool:
         return uid < len(self.committed.data) and bool(self.committed.data[uid])
 
     def evict(self, uids: np.ndarray) -> None:
-        """Delete committed spans (their copy above is kept); the writer thread deletes them in order with its writes."""
+        """Forget committed spans (their copy above is kept); a record whose spans are all forgotten is deleted by
+        the writer thread, in order with its writes."""
         self.committed.data[uids] = False
-        self.record_bytes -= len(uids) * int(np.prod(self.span_shape)) * self.dtype.itemsize
-        self._inflight.append((self._writer.submit(self._delete, uids.copy()), np.empty(0, dtype=np.int64), 0))
+        self.record_bytes -= len(uids) * self.span_bytes
+        for record, count in zip(*np.unique(self.record_of.data[uids], return_counts=True)):
+            self._live[int(record)] -= int(count)
+            if not self._live[int(record)]:
+                del self._live[int(record)]
+                self._headers.pop(int(record), None)
+                future = self._writer.submit(self._delete, int(record))
+                self._inflight.append((future, np.empty(0, dtype=np.int64), 0))
 
-    def _delete(self, uids: np.ndarray) -> None:
+    def _delete(self, record: int) -> None:
         with self.env.begin(write=True) as txn:
-            for uid in uids.tolist():
-                txn.delete(span_key(uid))
+            txn.delete(batch_key(record))
 
     @property
     def nbytes(self) -> int:

@@ -360,3 +360,22 @@ class Placement:
         for store in (self.disk, self.archive):
             if store is not None:
                 store.close()
+
+
+class SharedPlacement:
+    """Makes a cache's Placement from its first layer's K/V and hands the same one to every layer. Layers hold this
+    object rather than the cache, so a cache dropped by its user is freed at once (no reference cycle)."""
+
+    def __init__(self, config: ReAttentionConfig):
+        self.config = config
+        self.placement: Placement | None = None
+
+    def __call__(self, span_shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, step_spans: int) -> Placement:
+        if self.placement is None:
+            self.placement = Placement(self.config, span_shape, dtype, device, step_spans)
+        elif (self.placement.span_shape, self.placement.dtype) != (tuple(span_shape), dtype):
+            raise ValueError(
+                f"every layer must hold K/V of one shape and dtype; got {span_shape} {dtype} after "
+                f"{self.placement.span_shape} {self.placement.dtype}"
+            )
+        return self.placement
