@@ -6,13 +6,20 @@ import numpy as np
 import torch
 
 
+def buffer(shape, dtype: torch.dtype, device: torch.device | str = "cpu", pin_memory: bool = False) -> torch.Tensor:
+    """An empty tensor the cache keeps across calls. Never an inference tensor, even when made under
+    torch.inference_mode, so later calls may update it in place whichever mode their caller runs in."""
+    with torch.inference_mode(False):
+        return torch.empty(shape, dtype=dtype, device=device, pin_memory=pin_memory)
+
+
 class GrowableTensor:
     def __init__(self, shape: tuple[int, ...], dim: int, dtype: torch.dtype, device: torch.device, capacity: int = 16):
         self.dim = dim
         self.length = 0
         shape = list(shape)
         shape[dim] = capacity
-        self.data = torch.empty(shape, dtype=dtype, device=device)
+        self.data = buffer(shape, dtype, device)
 
     def append(self, rows: torch.Tensor) -> None:
         """rows: same shape as the buffer except along `dim`."""
@@ -26,7 +33,7 @@ class GrowableTensor:
             return
         shape = list(self.data.shape)
         shape[self.dim] = max(capacity, 2 * shape[self.dim])
-        grown = torch.empty(shape, dtype=self.data.dtype, device=self.data.device)
+        grown = buffer(shape, self.data.dtype, self.data.device)
         grown.narrow(self.dim, 0, self.length).copy_(self.view())
         self.data = grown
 

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import torch
 
-from kvtier.buffers import GrowableTensor
+from kvtier.buffers import GrowableTensor, buffer
 
 
 class GlobalRegion:
     """The first G tokens of every row; always in scope, never evicted."""
 
     def __init__(self, batch: int, kv_heads: int, size: int, head_dim: int, dtype: torch.dtype, device: torch.device):
-        self.keys = torch.empty(batch, kv_heads, size, head_dim, dtype=dtype, device=device)  # [B, Hkv, G, D]
-        self.values = torch.empty_like(self.keys)
+        self.keys = buffer((batch, kv_heads, size, head_dim), dtype, device)  # [B, Hkv, G, D]
+        self.values = buffer(self.keys.shape, dtype, device)
         self.length = 0
 
     def absorb(self, keys: torch.Tensor, values: torch.Tensor) -> int:
@@ -35,8 +35,8 @@ class LocalWindow:
         self, batch: int, kv_heads: int, window: int, chunk: int, head_dim: int, dtype: torch.dtype, device: torch.device
     ):
         capacity = 2 * window + chunk
-        self.keys = torch.empty(batch, kv_heads, capacity, head_dim, dtype=dtype, device=device)  # [B, Hkv, cap, D]
-        self.values = torch.empty_like(self.keys)
+        self.keys = buffer((batch, kv_heads, capacity, head_dim), dtype, device)  # [B, Hkv, cap, D]
+        self.values = buffer(self.keys.shape, dtype, device)
         self.start = 0
         self.length = 0
 

@@ -179,3 +179,20 @@ def test_lmdb_store_reads_back_only_committed_spans(tmp_path):
     assert torch.equal(out, spans[[5, 0, 2]])
     store.close()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_cache_filled_under_inference_mode_keeps_working_outside_it(tmp_path):
+    """The cache's buffers are never inference tensors: a prefill under torch.inference_mode followed by generate
+    (which runs under no_grad) updates them in place without error, in every tier, with the same tokens."""
+    model = tiny_model("llama")
+    ids = random_ids(200, seed=9)
+    outputs = []
+    for tier in ("gpu", "disk"):
+        cache = ReAttentionCache(model, **TINY, **_budgets(tmp_path, tier))
+        with torch.inference_mode():
+            model(ids[:, :-1], past_key_values=cache)
+        with torch.no_grad():
+            out = model.generate(ids, past_key_values=cache, max_new_tokens=16, min_new_tokens=16, do_sample=False)
+        outputs.append(out[:, ids.shape[1] :])
+        cache.close()
+    assert torch.equal(outputs[0], outputs[1])

@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from kvtier.buffers import buffer
 from kvtier.tiers.base import SlotMap
 
 
@@ -14,7 +15,8 @@ class DevicePool:
     def __init__(self, span_shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, capacity: int | None):
         self.map = SlotMap(capacity)
         self.capacity = capacity
-        self.data = torch.empty((16 if capacity is None else min(16, capacity), *span_shape), dtype=dtype, device=device)  # [slots, 2, Hkv, S, D]
+        first = 16 if capacity is None else min(16, capacity)
+        self.data = buffer((first, *span_shape), dtype, device)  # [slots, 2, Hkv, S, D]
 
     def put(self, uids: np.ndarray, spans: torch.Tensor) -> np.ndarray:
         """spans [N, 2, Hkv, S, D] on the device -> the slots [N] they now occupy."""
@@ -28,7 +30,7 @@ class DevicePool:
         if rows <= have:
             return
         target = max(rows, 2 * have) if self.capacity is None else min(max(rows, 2 * have), self.capacity)
-        grown = self.data.new_empty((target, *self.data.shape[1:]))
+        grown = buffer((target, *self.data.shape[1:]), self.data.dtype, self.data.device)
         grown[:have] = self.data
         self.data = grown
 

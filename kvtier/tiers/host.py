@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from kvtier.buffers import buffer
 from kvtier.tiers.base import SlotMap
 
 FIRST_BLOCK_BYTES = 4 * 2**20  # blocks double from this size ...
@@ -35,7 +36,7 @@ class HostPool:
             rows = max(1, min(MAX_BLOCK_BYTES, FIRST_BLOCK_BYTES << len(self.blocks)) // self.span_bytes)
             if self.map.capacity is not None:
                 rows = min(rows, self.map.capacity - int(self.block_starts[-1]))
-            self.blocks.append(torch.empty((rows, *self.span_shape), dtype=self.dtype, pin_memory=self.pinned))
+            self.blocks.append(buffer((rows, *self.span_shape), self.dtype, pin_memory=self.pinned))
             self.block_starts = np.append(self.block_starts, self.block_starts[-1] + rows)
 
     def locate(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -15,7 +15,7 @@ import weakref
 import numpy as np
 import torch
 
-from kvtier.buffers import GrowableArray
+from kvtier.buffers import GrowableArray, buffer
 from kvtier.config import ReAttentionConfig
 from kvtier.errors import TierFullError
 from kvtier.metrics import DIRECTIONS, TierCounters
@@ -156,7 +156,7 @@ class Placement:
             self._staging_free.synchronize()  # the previous copy out of the staging buffer has finished
         if self._staging is None or self._staging.shape[0] < count:
             size = max(count, 2 * (0 if self._staging is None else self._staging.shape[0]))
-            self._staging = torch.empty((size, *self.span_shape), dtype=self.dtype, pin_memory=self._stream is not None)
+            self._staging = buffer((size, *self.span_shape), self.dtype, pin_memory=self._stream is not None)
         return self._staging[:count]
 
     def _promote(self, uids: np.ndarray, spans: torch.Tensor) -> None:
