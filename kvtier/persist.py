@@ -21,7 +21,7 @@ import kvtier
 from kvtier import records
 from kvtier.config import PLACEMENT_FIELDS, ReAttentionConfig
 from kvtier.errors import CacheFileNotFoundError, CacheWriteError, CorruptCacheError, IncompatibleCacheError
-from kvtier.tiers.disk import LmdbStore, batch_key, put_records, spans_per_record
+from kvtier.tiers.disk import LmdbStore, batch_key, open_saved, put_records, release_saved, spans_per_record
 
 FORMAT = "kvtier-cache"
 VERSION = 1
@@ -66,6 +66,11 @@ def save_cache(cache, path: Path) -> None:
     if not path.parent.is_dir():
         raise CacheWriteError(f"cannot save to {str(path)!r}: the folder {str(path.parent)!r} does not exist")
     partial = path.with_name(path.name + ".partial")
+    if partial.is_dir():
+        raise CacheWriteError(
+            f"cannot save to {str(path)!r}: {str(partial)!r} (where a save is written first) is a directory; "
+            "remove it. The file at that path is unchanged"
+        )
     try:
         _write(cache, partial)
         os.replace(partial, path)
@@ -179,7 +184,7 @@ def load_cache(cls, path: Path, model, placement: dict[str, Any]):
         cache = cls(model, config)
         _restore(cache, env, meta, path, model)
     except BaseException:
-        env.close()
+        release_saved(env)
         raise
     return cache
 
@@ -190,7 +195,7 @@ def _open(path: Path) -> lmdb.Environment:
     if path.is_dir():
         raise CorruptCacheError(f"{str(path)!r} is a directory, not a kvtier cache file")
     try:
-        return lmdb.open(str(path), subdir=False, readonly=True, lock=False, readahead=False)
+        return open_saved(path)
     except lmdb.Error as err:
         raise CorruptCacheError(f"{str(path)!r} is not a kvtier cache (LMDB cannot open it: {err})") from None
 

@@ -47,6 +47,39 @@ def put_records(env: lmdb.Environment, items: list[tuple[bytes, bytes]], resize_
                 grow_map(env, sum(len(v) for _, v in items))
 
 
+_SAVED: dict[tuple[int, int], list] = {}  # (device, inode) of a saved cache file -> [read-only env, users]
+_SAVED_LOCK = threading.Lock()
+
+
+def open_saved(path: Path) -> lmdb.Environment:
+    """A read-only environment on a saved cache file, shared by every cache of this process that reads it (LMDB
+    refuses to open one file twice in a process); give it back with release_saved. A file shorter than LMDB's own
+    header says (a truncated copy) is refused here: reading past its end would kill the process with SIGBUS."""
+    status = path.stat()
+    key = (status.st_dev, status.st_ino)
+    with _SAVED_LOCK:
+        if key in _SAVED:
+            _SAVED[key][1] += 1
+            return _SAVED[key][0]
+        env = lmdb.open(str(path), subdir=False, readonly=True, lock=False, readahead=False)
+        needed = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+        if needed > status.st_size:
+            env.close()
+            raise CorruptCacheError(f"{str(path)!r} is truncated: {status.st_size} bytes where LMDB expects {needed}")
+        _SAVED[key] = [env, 1]
+        return env
+
+
+def release_saved(env: lmdb.Environment) -> None:
+    with _SAVED_LOCK:
+        for key, entry in list(_SAVED.items()):
+            if entry[0] is env:
+                entry[1] -= 1
+                if not entry[1]:
+                    del _SAVED[key]
+                    env.close()
+
+
 def spans_per_record(span_bytes: int) -> int:
     return max(1, RECORD_BYTES // span_bytes)
 
@@ -197,7 +230,9 @@ class LmdbStore:
             self._writer.shutdown(wait=True)
             self._writer = None
         self._inflight.clear()
+        if not self.scratch:
+            release_saved(self.env)
+            return
         self.env.close()
-        if self.scratch:
-            for path in (self.path, Path(str(self.path) + "-lock")):
-                path.unlink(missing_ok=True)
+        for path in (self.path, Path(str(self.path) + "-lock")):
+            path.unlink(missing_ok=True)
