@@ -154,6 +154,7 @@ class ReAttentionLayer(CacheLayerMixin):
         distinct selected spans up in one batch."""
         kv_heads = self.shape[1]
         if self.placement.unbounded:
+            self.placement.counters["gpu"].hits += ids.shape[0] * ids.shape[2] * (kv_heads if self.config.per_kv_head else 1)
             table = self.table.uids.view()[:, None, :].expand(-1, kv_heads, -1)  # [B, Hkv, n]
             return self.placement.gpu.gather_heads(table.gather(2, ids))
         rows = torch.arange(ids.shape[0])[:, None, None]

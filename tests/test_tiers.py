@@ -56,6 +56,7 @@ def test_placement_does_not_change_generated_tokens(tmp_path, policy):
     assert torch.equal(outputs["disk"], outputs["gpu"])
     assert stats["gpu"]["moved"] == dict.fromkeys(stats["gpu"]["moved"], 0)
     assert stats["gpu"]["spans"]["host"] == stats["gpu"]["spans"]["disk"] == 0
+    assert stats["gpu"]["tiers"]["gpu"]["hits"] > 0 and stats["gpu"]["tiers"]["gpu"]["misses"] == 0
     host = stats["host"]
     assert host["moved"]["gpu->host"] > 0 and host["moved"]["host->gpu"] > 0 and host["spans"]["host"] > 0
     assert host["tiers"]["host"]["hits"] > 0 and host["tiers"]["gpu"]["evictions"] > 0
