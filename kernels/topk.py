@@ -1,0 +1,174 @@
+"""Top-k spans: the k best of each row of (primary, secondary) [B, H, n] fp32 under kvtier.policies.base._rank's
+order (primary desc, then secondary desc, then id asc), returned as ids [B, Hsel, k] int64 ascending, optionally
+after merging the heads (primary summed or maxed over H, secondary maxed) into one row per sequence.
+
+Each span gets one int64 rank key, primary's order-preserving bits over secondary's, so ties left are exact ties,
+which go to the lower id. `_block_keys_kernel` (one program per block of a row) writes the keys and its block's
+K_PAD largest; `_select_kernel` (one program per row) sorts those candidates to find the k-th largest key T, then
+keeps every key > T and the lowest ids of those == T, writing them in id order.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .scoring import triton_device
+
+MERGES = (None, "sum", "max")
+BLOCK = 2048  # spans per _block_keys_kernel program (at least K_PAD)
+MAX_CANDIDATES = 16384  # keys _select_kernel sorts at once; rows with more spans get larger blocks
+SELECT_CHUNK = 4096  # keys per step of _select_kernel's pass over the row
+_NO_KEY = tl.constexpr(-(2**63))  # below every rank key
+
+
+@triton.jit
+def _ordered_bits(x):
+    """fp32 -> int32 in the same signed order (-0.0 and 0.0 equal, as torch's sort compares them)."""
+    bits = tl.where(x == 0.0, 0.0, x).to(tl.int32, bitcast=True)
+    return tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+
+
+@triton.jit
+def _block_keys_kernel(
+    primary, secondary, keys, candidates,
+    in_heads, n_spans, n_blocks,
+    MERGE: tl.constexpr, BLOCK_N: tl.constexpr, K_PAD: tl.constexpr,
+):
+    """Program (block of BLOCK_N spans, output row). Reads primary/secondary [B, H, n] (contiguous), of the row's
+    H = in_heads heads when MERGE, else of its own head; writes keys [rows, n] int64 and its block's K_PAD largest
+    keys, descending, into candidates [rows, n_blocks, K_PAD]."""
+    block = tl.program_id(0)
+    row = tl.program_id(1).to(tl.int64)
+    n = block * BLOCK_N + tl.arange(0, BLOCK_N)
+    valid = n < n_spans
+    if MERGE is None:
+        rank = tl.load(primary + row * n_spans + n, mask=valid)
+        tiebreak = tl.load(secondary + row * n_spans + n, mask=valid)
+    else:
+        rank = tl.load(primary + row * in_heads * n_spans + n, mask=valid)
+        tiebreak = tl.load(secondary + row * in_heads * n_spans + n, mask=valid)
+        for head in range(1, in_heads):
+            at = (row * in_heads + head) * n_spans + n
+            if MERGE == "sum":
+                rank += tl.load(primary + at, mask=valid)
+            else:
+                rank = tl.maximum(rank, tl.load(primary + at, mask=valid))
+            tiebreak = tl.maximum(tiebreak, tl.load(secondary + at, mask=valid))
+    key = _ordered_bits(rank).to(tl.int64) * 4294967296 + (_ordered_bits(tiebreak).to(tl.int64) + 2147483648)
+    key = tl.where(valid, key, _NO_KEY)
+    tl.store(keys + row * n_spans + n, key, mask=valid)
+    best = tl.sort(key, descending=True)
+    first = tl.arange(0, BLOCK_N)
+    tl.store(candidates + (row * n_blocks + block) * K_PAD + first, best, mask=first < K_PAD)
+
+
+@triton.jit
+def _select_kernel(
+    keys, candidates, out, n_spans, k, n_candidates,
+    CANDIDATES_PAD: tl.constexpr, CHUNK: tl.constexpr,
+):
+    """Program = one row: candidates [n_candidates] -> the k-th largest key T; then one pass over keys [n] keeps
+    keys > T and the first (k - #(> T)) keys == T, storing their ids in ascending order into out [rows, k] int64.
+    Every key > T is among the candidates: a block holding one outside its top K_PAD would hold > k keys > T."""
+    row = tl.program_id(0).to(tl.int64)
+    c = tl.arange(0, CANDIDATES_PAD)
+    ranked = tl.sort(
+        tl.load(candidates + row * n_candidates + c, mask=c < n_candidates, other=_NO_KEY), descending=True
+    )
+    threshold = tl.max(tl.where(c == k - 1, ranked, _NO_KEY), axis=0)
+    ties_wanted = k - tl.sum((ranked > threshold).to(tl.int32), axis=0)
+    taken = 0
+    ties_seen = 0
+    n = tl.arange(0, CHUNK)
+    for start in range(0, n_spans, CHUNK):
+        key = tl.load(keys + row * n_spans + start + n, mask=start + n < n_spans, other=_NO_KEY)
+        tie = (key == threshold).to(tl.int32)
+        keep = (key > threshold) | ((tie == 1) & (ties_seen + tl.cumsum(tie, axis=0) <= ties_wanted))
+        kept = keep.to(tl.int32)
+        at = taken + tl.cumsum(kept, axis=0) - 1
+        tl.store(out + row * k + at, (start + n).to(tl.int64), mask=keep)
+        taken += tl.sum(kept, axis=0)
+        ties_seen += tl.sum(tie, axis=0)
+
+
+def top_k_spans(
+    primary: torch.Tensor,
+    secondary: torch.Tensor,
+    k: int,
+    merge_heads: str | None = None,
+    *,
+    out: torch.Tensor | None = None,
+    block_spans: int | None = None,
+) -> torch.Tensor:
+    """primary, secondary [B, H, n] fp32 -> ids [B, Hsel, k'] int64 ascending, k' = min(k, n); Hsel = H, or 1 when
+    merge_heads is "sum" / "max" (how primary merges over heads; secondary always by max). Written into `out` when
+    given. block_spans: spans per first-stage program (default BLOCK, grown so the candidates stay sortable)."""
+    _validate(primary, secondary, k, merge_heads, out)
+    batch, heads, n_spans = primary.shape
+    rows = batch * (heads if merge_heads is None else 1)
+    k = min(k, n_spans)
+    if out is None:
+        out = torch.empty(batch, rows // batch, k, dtype=torch.int64, device=primary.device)  # [B, Hsel, k]
+    if k == 0:
+        return out
+    k_pad = triton.next_power_of_2(k)
+    block_n = max(k_pad, min(triton.next_power_of_2(block_spans or BLOCK), triton.next_power_of_2(n_spans)))
+    while block_n < n_spans and triton.cdiv(n_spans, block_n) * k_pad > MAX_CANDIDATES:
+        block_n *= 2
+    n_blocks = triton.cdiv(n_spans, block_n)
+    keys = torch.empty(rows, n_spans, dtype=torch.int64, device=primary.device)  # one rank key per span
+    candidates = torch.empty(rows, n_blocks, k_pad, dtype=torch.int64, device=primary.device)  # each block's best
+    _block_keys_kernel[(n_blocks, rows)](
+        primary, secondary, keys, candidates, heads, n_spans, n_blocks,
+        MERGE=merge_heads, BLOCK_N=block_n, K_PAD=k_pad, num_warps=8,
+    )
+    _select_kernel[(rows,)](
+        keys, candidates, out, n_spans, k, n_blocks * k_pad,
+        CANDIDATES_PAD=triton.next_power_of_2(n_blocks * k_pad),
+        CHUNK=min(SELECT_CHUNK, triton.next_power_of_2(n_spans)), num_warps=8,
+    )
+    return out
+
+
+def top_k_spans_reference(
+    primary: torch.Tensor,
+    secondary: torch.Tensor,
+    k: int,
+    merge_heads: str | None = None,
+    *,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """top_k_spans through Policy.select's PyTorch steps (kvtier.policies.base._rank)."""
+    from kvtier.policies.base import _rank  # here, not at the top: the policies import this module
+
+    _validate(primary, secondary, k, merge_heads, out, need_triton_device=False)
+    if merge_heads is not None:
+        primary = primary.sum(1, keepdim=True) if merge_heads == "sum" else primary.amax(1, keepdim=True)
+        secondary = secondary.amax(1, keepdim=True)
+    ids = _rank(primary, secondary)[..., :k].sort(dim=-1).values
+    if out is None:
+        return ids
+    return out.copy_(ids)
+
+
+def _validate(primary, secondary, k, merge_heads, out, need_triton_device=True) -> None:
+    if merge_heads not in MERGES:
+        raise ValueError(f"merge_heads must be one of {MERGES}, got {merge_heads!r}")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        raise ValueError(f"k must be a non-negative integer, got {k!r}")
+    for name, tensor in (("primary", primary), ("secondary", secondary)):
+        if tensor.dim() != 3 or tensor.dtype != torch.float32 or not tensor.is_contiguous():
+            raise ValueError(f"{name} must be a contiguous float32 [B, H, n] tensor, got {tuple(tensor.shape)} "
+                             f"{tensor.dtype}{'' if tensor.is_contiguous() else ' (not contiguous)'}")
+    if secondary.shape != primary.shape or secondary.device != primary.device:
+        raise ValueError(f"primary {tuple(primary.shape)} on {primary.device} and secondary {tuple(secondary.shape)} "
+                         f"on {secondary.device} must match")
+    if need_triton_device and not triton_device(primary):
+        raise ValueError(f"the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1), got {primary.device}")
+    if out is not None:
+        batch, heads, n_spans = primary.shape
+        shape = (batch, heads if merge_heads is None else 1, min(k, n_spans))
+        if out.shape != shape or out.dtype != torch.int64 or not out.is_contiguous() or out.device != primary.device:
+            raise ValueError(f"out must be a contiguous int64 {list(shape)} tensor on {primary.device}, got "
+                             f"{tuple(out.shape)} {out.dtype} on {out.device}")
