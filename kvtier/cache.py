@@ -60,6 +60,11 @@ class ReAttentionCache(Cache):
             return
         if self._tokens is None:
             self._tokens = GrowableTensor((input_ids.shape[0], 0), 1, torch.long, torch.device("cpu"))
+        elif input_ids.shape[0] != self._tokens.data.shape[0]:
+            raise ValueError(
+                f"this ReAttentionCache holds {self._tokens.data.shape[0]} sequences but got a batch of "
+                f"{input_ids.shape[0]}; use a new cache for a new batch"
+            )
         self._tokens.append(input_ids.detach().to("cpu", torch.long))
 
     @property

@@ -81,9 +81,9 @@ def _decoder_pre_hook(module, args, kwargs):
 
     cache = _cache_of(kwargs)
     ours = isinstance(cache, ReAttentionCache)
+    module._kvtier_tokens.append(_ACTIVE_CACHE.set(cache if ours else None))  # the post-hook resets it, always
     if ours:
         cache.record_tokens(kwargs.get("input_ids"))
-    module._kvtier_tokens.append(_ACTIVE_CACHE.set(cache if ours else None))
 
 
 def _decoder_post_hook(module, args, kwargs, output):
