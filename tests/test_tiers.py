@@ -157,11 +157,11 @@ def test_contiguous_runs_split_at_gaps_and_block_edges():
 
 
 def test_host_pool_round_trips_spans_across_blocks(monkeypatch):
-    monkeypatch.setattr("kvtier.tiers.host.FIRST_BLOCK_BYTES", 3 * SPAN_BYTES)
+    monkeypatch.setattr("kvtier.tiers.host.BLOCK_BYTES", 3 * SPAN_BYTES)
     pool = HostPool(SPAN_SHAPE, torch.float32, capacity=None, pinned=False)
     spans = torch.randn(20, *SPAN_SHAPE)
     pool.put(np.arange(20), spans)
-    assert len(pool.blocks) > 2  # the blocks double: 3, 6, 12 spans
+    assert len(pool.blocks) == 7  # blocks of 3 spans
     out = torch.full((5, *SPAN_SHAPE), float("nan"))
     chosen = np.array([19, 2, 3, 8, 0])
     pool.get_into(chosen, out)

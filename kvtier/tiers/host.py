@@ -1,6 +1,7 @@
-"""The host pool: spans in page-locked (pinned) memory when CUDA is present, plain memory otherwise. It grows block by
-block (pinning one huge buffer up front would stall for seconds), and a block is never moved once allocated, so
-its address stays valid for the GPU to read directly."""
+"""The host pool: spans in page-locked (pinned) memory when CUDA is present, plain memory otherwise. It grows in
+equal blocks (pinning one huge buffer up front would stall for seconds), and a block never moves once allocated,
+so its address stays valid for the GPU to read directly: host slot h is row h % block_slots of block
+h // block_slots (the layout kvtier.kernels.gather reads)."""
 from __future__ import annotations
 
 import numpy as np
@@ -9,8 +10,7 @@ import torch
 from kvtier.buffers import buffer
 from kvtier.tiers.base import SlotMap
 
-FIRST_BLOCK_BYTES = 4 * 2**20  # blocks double from this size ...
-MAX_BLOCK_BYTES = 256 * 2**20  # ... up to this one
+BLOCK_BYTES = 256 * 2**20
 
 
 def contiguous_runs(slots: np.ndarray, blocks: np.ndarray) -> list[tuple[int, int]]:
@@ -27,22 +27,19 @@ class HostPool:
     def __init__(self, span_shape: tuple[int, ...], dtype: torch.dtype, capacity: int | None, pinned: bool):
         self.map = SlotMap(capacity)
         self.span_shape, self.dtype, self.pinned = span_shape, dtype, pinned
-        self.span_bytes = int(np.prod(span_shape)) * dtype.itemsize
-        self.blocks: list[torch.Tensor] = []  # block i: [rows_i, 2, Hkv, S, D], rows doubling up to MAX_BLOCK_BYTES
-        self.block_starts = np.zeros(1, dtype=np.int64)  # first slot of each block, then the end of the last
+        span_bytes = int(np.prod(span_shape)) * dtype.itemsize
+        self.block_slots = max(1, BLOCK_BYTES // span_bytes)
+        if capacity is not None:
+            self.block_slots = min(self.block_slots, capacity)
+        self.blocks: list[torch.Tensor] = []  # each [block_slots, 2, Hkv, S, D]
 
     def _grow_to(self, slots: int) -> None:
-        while self.block_starts[-1] < slots:
-            rows = max(1, min(MAX_BLOCK_BYTES, FIRST_BLOCK_BYTES << len(self.blocks)) // self.span_bytes)
-            if self.map.capacity is not None:
-                rows = min(rows, self.map.capacity - int(self.block_starts[-1]))
-            self.blocks.append(buffer((rows, *self.span_shape), self.dtype, pin_memory=self.pinned))
-            self.block_starts = np.append(self.block_starts, self.block_starts[-1] + rows)
+        while len(self.blocks) * self.block_slots < slots:
+            self.blocks.append(buffer((self.block_slots, *self.span_shape), self.dtype, pin_memory=self.pinned))
 
     def locate(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """slots [N] -> (block index [N], row in the block [N])."""
-        blocks = np.searchsorted(self.block_starts, slots, side="right") - 1
-        return blocks, slots - self.block_starts[blocks]
+        return np.divmod(slots, self.block_slots)
 
     def put(self, uids: np.ndarray, spans: torch.Tensor) -> None:
         """spans [N, 2, Hkv, S, D] from the device or the host; from CUDA the copy is asynchronous on the current
