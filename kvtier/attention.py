@@ -24,9 +24,8 @@ def scope_attention(
         end = min(start + chunk, n_queries)
         layer.ingest(keys[:, :, start:end], values[:, :, start:end])
         chunk_queries = query[:, :, start:end]  # [B, Hq, c, D]
-        scope_keys, scope_values = layer.gather_scope(layer.select(chunk_queries))  # [B, Hkv, L, D]
-        length = scope_keys.shape[2]
-        rotated_keys = rotary.rotate(scope_keys, 0)
+        rotated_keys, scope_values = layer.gather_scope(layer.select(chunk_queries), rotary)  # [B, Hkv, L, D]
+        length = rotated_keys.shape[2]
         rotated_queries = rotary.rotate(chunk_queries, length - (end - start))
         out[:, start:end] = _attend(rotated_queries, rotated_keys, scope_values, scaling).transpose(1, 2)
     return out

@@ -19,7 +19,7 @@ _MAX_LOCAL = 8192
 
 _SIZE_FIELDS = ("global_size", "local_size", "span_size", "top_k", "chunk_size")
 PLACEMENT_FIELDS = ("gpu_budget", "host_budget", "disk_path", "disk_budget")
-KERNEL_CHOICES = ("auto", "reference")
+KERNEL_CHOICES = ("auto", "reference", "triton")
 _BYTE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
                "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
@@ -45,7 +45,9 @@ class ReAttentionConfig:
     host_budget: int | str | None = None
     disk_path: str | None = None
     disk_budget: int | str | None = None
-    kernels: str = "auto"  # "auto": Triton on CUDA, PyTorch references elsewhere; "reference": always the references
+    # "auto": Triton kernels on CUDA, PyTorch references elsewhere; "reference" / "triton": always that one ("triton"
+    # on a CPU needs TRITON_INTERPRET=1, slow: for tests)
+    kernels: str = "auto"
 
     # ---- construction -------------------------------------------------------------------------------------------
     @classmethod

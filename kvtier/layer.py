@@ -8,9 +8,11 @@ import numpy as np
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
+from kvtier import backends
 from kvtier.config import ReAttentionConfig
 from kvtier.policies import Policy
 from kvtier.regions import GlobalRegion, LocalWindow, SpanTable
+from kvtier.rotary import ScopeRotary
 from kvtier.tiers.placement import Placement
 
 # (span shape (2, Hkv, S, D), dtype, device, spans one step may need) -> the cache's placement, shared by its layers
@@ -43,6 +45,7 @@ class ReAttentionLayer(CacheLayerMixin):
         selected = cfg.top_k * (kv_heads if cfg.per_kv_head else 1)
         step_spans = batch * (selected + -(-cfg.chunk_size // cfg.span_size))
         self.placement = self.placement_source((2, kv_heads, cfg.span_size, head_dim), dtype, device, step_spans)
+        self.use_kernels = backends.kernels_enabled(cfg, device)
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -118,7 +121,7 @@ class ReAttentionLayer(CacheLayerMixin):
         keys = keys.reshape(batch, kv_heads, count, span, head_dim).transpose(1, 2)  # [B, count, Hkv, S, D]
         values = values.reshape(batch, kv_heads, count, span, head_dim).transpose(1, 2)
         spans = torch.stack((keys, values), dim=2).flatten(0, 1)  # [B*count, 2, Hkv, S, D], span-major
-        summaries = self.policy.summarise(spans[:, 0])  # [B*count, Hkv, c, D]
+        summaries = backends.summarise(self.policy, spans[:, 0], self.use_kernels)  # [B*count, Hkv, c, D]
         summaries = summaries.view(batch, count, *summaries.shape[1:]).transpose(1, 2)  # [B, Hkv, count, c, D]
         uids = torch.from_numpy(self.placement.add(spans)).view(batch, count)
         self.table.append(uids, summaries)
@@ -126,27 +129,53 @@ class ReAttentionLayer(CacheLayerMixin):
     def select(self, queries: torch.Tensor) -> torch.Tensor:
         """queries [B, Hq, c, D] pre-RoPE -> span ids [B, Hkv, k] ascending (the same ids for every head unless
         per_kv_head)."""
-        ids = self.policy.select(queries, self.table.summaries.view(), self.config.top_k, self.config.per_kv_head)
+        ids = backends.select(self.policy, queries, self.table.summaries.view(), self.config, self.use_kernels)
         return ids.expand(-1, self.shape[1], -1)
 
-    def gather_scope(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """ids [B, Hkv, k] -> scope keys, values [B, Hkv, L, D] in original token order:
-        `[global | selected spans | local window]`, L = g + k*S + local."""
+    def gather_scope(self, ids: torch.Tensor, rotary: ScopeRotary) -> tuple[torch.Tensor, torch.Tensor]:
+        """ids [B, Hkv, k] -> scope keys (rotated at positions 0..L-1), values [B, Hkv, L, D] in original token
+        order: `[global | selected spans | local window]`, L = g + k*S + local."""
         batch, kv_heads, head_dim = self.shape
-        global_keys, global_values = self.global_region.view()
-        local_keys, local_values = self.local.view()
-        n_global, n_local, n_sel = global_keys.shape[2], local_keys.shape[2], ids.shape[-1] * self.config.span_size
+        global_kv, local_kv = self.global_region.view(), self.local.view()
+        n_global, n_local, n_sel = global_kv[0].shape[2], local_kv[0].shape[2], ids.shape[-1] * self.config.span_size
         length = n_global + n_sel + n_local
+        self.largest_scope = max(self.largest_scope, length)
         keys = torch.empty(batch, kv_heads, length, head_dim, dtype=self.dtype, device=self.device)  # [B, Hkv, L, D]
         values = torch.empty_like(keys)
-        keys[:, :, :n_global], values[:, :, :n_global] = global_keys, global_values
+        if self.use_kernels:
+            from kvtier.kernels.gather import scope_gather
+
+            placement = self.placement
+            scope_gather(global_kv, local_kv, placement.gpu.data, placement.host.blocks, self._locate(ids),
+                         rotary.cos, rotary.sin, keys, values)
+            placement.host_reads_launched()
+            return keys, values
+        keys[:, :, :n_global], values[:, :, :n_global] = global_kv
         if n_sel:
             spans = self._fetch(ids)  # [B, Hkv, k, 2, S, D]
             keys[:, :, n_global : n_global + n_sel] = spans[:, :, :, 0].flatten(2, 3)
             values[:, :, n_global : n_global + n_sel] = spans[:, :, :, 1].flatten(2, 3)
-        keys[:, :, n_global + n_sel :], values[:, :, n_global + n_sel :] = local_keys, local_values
-        self.largest_scope = max(self.largest_scope, length)
-        return keys, values
+        keys[:, :, n_global + n_sel :], values[:, :, n_global + n_sel :] = local_kv
+        return rotary.rotate(keys, 0), values
+
+    def _selected_uids(self, ids: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """ids [B, Hkv, k] -> (the distinct uids selected [U], the index of each id's uid in them [B, Hkv, k])."""
+        rows = torch.arange(ids.shape[0])[:, None, None]
+        uids = self.table.uids_host.view()[rows, ids.cpu()].numpy()  # [B, Hkv, k]
+        distinct, inverse = np.unique(uids, return_inverse=True)
+        return distinct, inverse.reshape(uids.shape)
+
+    def _locate(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [B, Hkv, k] -> loc [B, Hkv, k] on the device for the gather kernel (GPU slot, or -1 - host slot)."""
+        if self.placement.unbounded:
+            self._count_gpu_hits(ids)
+            return self.table.uids.view()[:, None, :].expand(-1, self.shape[1], -1).gather(2, ids)
+        distinct, inverse = self._selected_uids(ids)
+        return torch.from_numpy(self.placement.locate(distinct)[inverse]).to(self.device)
+
+    def _count_gpu_hits(self, ids: torch.Tensor) -> None:
+        per_row = ids.shape[2] * (self.shape[1] if self.config.per_kv_head else 1)
+        self.placement.counters["gpu"].hits += ids.shape[0] * per_row
 
     def _fetch(self, ids: torch.Tensor) -> torch.Tensor:
         """ids [B, Hkv, k] -> the spans [B, Hkv, k, 2, S, D], each row and KV head reading its own head. With every
@@ -154,15 +183,13 @@ class ReAttentionLayer(CacheLayerMixin):
         distinct selected spans up in one batch."""
         kv_heads = self.shape[1]
         if self.placement.unbounded:
-            self.placement.counters["gpu"].hits += ids.shape[0] * ids.shape[2] * (kv_heads if self.config.per_kv_head else 1)
+            self._count_gpu_hits(ids)
             table = self.table.uids.view()[:, None, :].expand(-1, kv_heads, -1)  # [B, Hkv, n]
             return self.placement.gpu.gather_heads(table.gather(2, ids))
-        rows = torch.arange(ids.shape[0])[:, None, None]
-        uids = self.table.uids_host.view()[rows, ids.cpu()].numpy()  # [B, Hkv, k]
-        distinct, inverse = np.unique(uids, return_inverse=True)
+        distinct, inverse = self._selected_uids(ids)
         spans = self.placement.fetch(distinct).to(self.device)  # [U, 2, Hkv, S, D]
         heads = torch.arange(kv_heads, device=self.device)[None, :, None]
-        return spans[torch.from_numpy(inverse.reshape(uids.shape)).to(self.device), :, heads]
+        return spans[torch.from_numpy(inverse).to(self.device), :, heads]
 
     # ---- accounting ---------------------------------------------------------------------------------------------
     def resident_bytes(self) -> int:

@@ -26,6 +26,9 @@ class Policy:
     query_block: int = 64  # queries scored at once: bounds the [B, Hkv, g, q, n, m] score tensor
 
     name: ClassVar[str] = ""
+    # What the Triton kernels (kvtier.kernels) need to run this policy; None keeps it on the PyTorch path.
+    kernel_scoring: ClassVar[str | None] = None  # "dot" (best candidate's dot product) or "bound" (min/max bound)
+    kernel_summary: ClassVar[str | None] = None  # "mean", "minmax" or "representatives"
 
     def __post_init__(self) -> None:
         if self.aggregation not in AGGREGATIONS:

@@ -16,6 +16,8 @@ class InfLLMPolicy(Policy):
     representatives: int = 4
 
     name = "infllm"
+    kernel_scoring = "dot"
+    kernel_summary = "representatives"
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -13,6 +13,8 @@ class MeanPolicy(Policy):
     aggregation: str = "max"
 
     name = "mean"
+    kernel_scoring = "dot"
+    kernel_summary = "mean"
 
     def summary_size(self, span_size: int) -> int:
         return 1

@@ -14,6 +14,8 @@ class QuestPolicy(Policy):
     aggregation: str = "vote"
 
     name = "quest"
+    kernel_scoring = "bound"
+    kernel_summary = "minmax"
 
     def summary_size(self, span_size: int) -> int:
         return 2

@@ -16,6 +16,7 @@ class ReAttentionPolicy(Policy):
     votes: int = 4
 
     name = "reattention"
+    kernel_scoring = "dot"
 
     def summary_size(self, span_size: int) -> int:
         return span_size

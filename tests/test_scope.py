@@ -18,8 +18,8 @@ def test_positions_stay_below_the_bound_over_a_long_generation():
     scopes = []
     original = cache.layers[0].gather_scope
 
-    def recording(ids):
-        keys, values = original(ids)
+    def recording(ids, rotary):
+        keys, values = original(ids, rotary)
         scopes.append(keys.shape[2])
         return keys, values
 

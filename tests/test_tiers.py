@@ -197,3 +197,20 @@ def test_a_cache_filled_under_inference_mode_keeps_working_outside_it(tmp_path):
         outputs.append(out[:, ids.shape[1] :])
         cache.close()
     assert torch.equal(outputs[0], outputs[1])
+
+
+def test_the_kernel_path_generates_what_the_reference_path_generates(tmp_path):
+    """kernels="triton" (Triton's interpreter on this CPU, the real kernels on CUDA) through every tier: summaries,
+    selection and the scope gather with host spans read in place give the reference path's tokens."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = tiny_model("llama").to(device)
+    ids = random_ids(90, seed=4).to(device)
+    budgets = {"gpu_budget": 8 * SPAN_BYTES, "host_budget": 8 * SPAN_BYTES, "disk_path": str(tmp_path)}
+    outputs, stats = [], []
+    for kernels in ("reference", "triton"):
+        cache = ReAttentionCache(model, **TINY, **budgets, kernels=kernels)
+        outputs.append(greedy(model, ids, cache, new_tokens=4))
+        stats.append(cache.stats())
+        cache.close()
+    assert torch.equal(outputs[0], outputs[1])
+    assert stats[1]["tiers"]["host"]["hits"] > 0 and stats[1]["tiers"]["disk"]["hits"] > 0

@@ -72,6 +72,7 @@ class Placement:
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._staging: torch.Tensor | None = None  # pinned [n, 2, Hkv, S, D] for host -> GPU copies
         self._staging_free: torch.cuda.Event | None = None
+        self._host_reads: torch.cuda.Event | None = None  # after the last kernel that read host slots in place
 
     @property
     def unbounded(self) -> bool:
@@ -105,8 +106,8 @@ class Placement:
         self.clock += 1
         return uids
 
-    def fetch(self, uids: np.ndarray) -> torch.Tensor:
-        """Distinct uids [M] selected by one attention call -> their spans [M, 2, Hkv, S, D] on the device."""
+    def _selected(self, uids: np.ndarray) -> None:
+        """Distinct uids [M] selected by one attention call: count them, and bring those on disk up to the host."""
         self.poll()
         self.clock += 1
         self.last_used.data[uids] = self.clock
@@ -115,6 +116,10 @@ class Placement:
         from_disk = uids[self.tier.data[uids] == DISK]
         if len(from_disk):
             self._load_from_disk(from_disk)
+
+    def fetch(self, uids: np.ndarray) -> torch.Tensor:
+        """Distinct uids [M] selected by one attention call -> their spans [M, 2, Hkv, S, D] on the device."""
+        self._selected(uids)
         tier = self.tier.data[uids]
         out = torch.empty((len(uids), *self.span_shape), dtype=self.dtype, device=self.device)  # [M, 2, Hkv, S, D]
         on_gpu, on_host = np.flatnonzero(tier == GPU), np.flatnonzero(tier == HOST)
@@ -126,6 +131,28 @@ class Placement:
             if len(hot):
                 self._promote(uids[hot], out[self._index(hot)])
         return out
+
+    def locate(self, uids: np.ndarray) -> np.ndarray:
+        """Distinct uids [M] selected by one attention call -> where the gather kernel reads each, loc [M] int64: a
+        GPU pool slot (>= 0) or -1 - a host slot (read in place through UVA). Host spans selected repeatedly are
+        promoted to the GPU first. Call `host_reads_launched` once the kernel reading them is queued."""
+        self._selected(uids)
+        tier = self.tier.data[uids]
+        hot = uids[(tier == HOST) & (self.selected.data[uids] >= PROMOTE_AFTER)]
+        if len(hot):
+            self._promote(hot, self._host_to_device(hot))
+        on_gpu = self.tier.data[uids] == GPU
+        loc = np.empty(len(uids), dtype=np.int64)
+        loc[on_gpu] = self.gpu.map.lookup(uids[on_gpu])
+        loc[~on_gpu] = -1 - self.host.map.lookup(uids[~on_gpu])
+        self.moved["host->gpu"] += int((~on_gpu).sum()) * self.span_bytes
+        return loc
+
+    def host_reads_launched(self) -> None:
+        """A kernel reading host slots is queued: host slots are not rewritten from the CPU before it has run."""
+        if self._stream is not None:
+            self._host_reads = torch.cuda.Event()
+            self._host_reads.record()
 
     def _count_hits(self, tier: np.ndarray) -> None:
         counts = np.bincount(tier, minlength=3)
@@ -172,6 +199,8 @@ class Placement:
         self._make_room_on_host(len(uids))
         staging = torch.empty((len(uids), *self.span_shape), dtype=self.dtype, pin_memory=self._stream is not None)
         self._read_disk(uids, staging)
+        if self._host_reads is not None:
+            self._host_reads.synchronize()  # a queued gather may still read the host slots about to be rewritten
         self.host.put(uids, staging)
         self.tier.data[uids] = HOST
         self.selected.data[uids] = 1
