@@ -80,10 +80,13 @@ def assert_gathers_like_reference(scope: Scope) -> None:
     keys, values, expected_keys = scope.out_keys.cpu(), scope.out_values.cpu(), expected_keys.cpu()
     assert not keys.isnan().any() and not values.isnan().any(), "an output element was not written"
     assert torch.equal(values, expected_values.cpu())
-    # keys: the same fp32 math; 1 ulp for the final rounding (the interpreter truncates fp32 -> bf16)
+    # keys: the same fp32 math; 1 ulp for the final rounding (the interpreter truncates fp32 -> bf16). On CUDA
+    # PyTorch's addcmul_ may round x2*sin before adding where the kernel fuses it: a few fp32 ulps apart.
+    # Where x*cos and x2*sin nearly cancel, those fp32 ulps exceed one ulp of the small result: allow 2e-6 more.
     up = torch.nextafter(expected_keys, torch.full_like(expected_keys, float("inf"))) - expected_keys
     down = expected_keys - torch.nextafter(expected_keys, torch.full_like(expected_keys, float("-inf")))
-    assert ((keys - expected_keys).abs() <= torch.maximum(up, down)).all()
+    slack = 2e-6 if DEVICE.type == "cuda" else 0.0
+    assert ((keys - expected_keys).abs().float() <= torch.maximum(up, down).float() + slack).all()
 
 
 CASES = [  # batch, heads, head_dim, span, k, global, local, dtype, host blocks
