@@ -333,7 +333,9 @@ GPU_SELECT_CASES = [  # Llama-3.1-8B at 1M tokens (n = 32768 spans of 32), decod
     ("quest", "vote", True, 32, 8, 128, 32, 32768, 1, torch.bfloat16, 127),
     ("infllm", "sum", False, 32, 8, 128, 32, 32768, 1, torch.bfloat16, 127),
     ("reattention", "vote", False, 32, 8, 128, 32, 8192, 1, torch.bfloat16, 127),
-    ("quest", "vote", False, 32, 8, 128, 32, 4096, 512, torch.bfloat16, 127),
+    # a prefill chunk: 512 queries x 32 heads x 4 votes leave vote counts tied at the cutoff in nearly every draw
+    # (measured: 0 of 6 clear), so the exact comparison uses max here; vote with many queries is in SELECT_CASES
+    ("quest", "max", False, 32, 8, 128, 32, 4096, 512, torch.bfloat16, 127),
     ("mean", "sum", True, 9, 3, 64, 32, 4096, 512, torch.float32, 63),
 ]
 
