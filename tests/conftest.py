@@ -62,3 +62,12 @@ def greedy(model, ids, cache=None, new_tokens: int = 24, **kwargs) -> torch.Tens
 @pytest.fixture(params=FAMILIES)
 def family(request) -> str:
     return request.param
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """For modules of tiny tensors: on a 2-core runner the thread pool makes each small bmm ~40x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -30,13 +30,7 @@ def _cpu_cases_run_interpreted(request):
         pytest.skip("a CPU-tensor case for Triton's interpreter; the gpu-marked cases run on this CUDA machine")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: on a 2-core runner MKL's thread pool only adds overhead."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture

@@ -17,13 +17,7 @@ SCORED = [name for name in policy_names() if name != "streaming"]
 POLICY_AGGREGATIONS = [(name, agg) for name in SCORED for agg in AGGREGATIONS] + [("streaming", None)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: on a 2-core runner MKL's thread pool makes each bmm ~40x slower than one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _policy(name: str, aggregation: str | None = None, **options) -> Policy:

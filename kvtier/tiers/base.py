@@ -77,3 +77,18 @@ class SlotMap:
 
     def contains(self, uid: int) -> bool:
         return uid < len(self.slot_of.data) and bool(self.slot_of.data[uid] >= 0)
+
+
+class SlotPool:
+    """What the GPU and host pools share: a SlotMap `map` deciding where each uid's span sits in the pool."""
+
+    map: SlotMap
+
+    def contains(self, uid: int) -> bool:
+        return self.map.contains(uid)
+
+    def evict(self, uids: np.ndarray) -> None:
+        self.map.release(uids)
+
+    def __len__(self) -> int:
+        return self.map.used

@@ -5,10 +5,10 @@ import numpy as np
 import torch
 
 from kvtier.buffers import buffer
-from kvtier.tiers.base import SlotMap
+from kvtier.tiers.base import SlotMap, SlotPool
 
 
-class DevicePool:
+class DevicePool(SlotPool):
     """Spans on the model's device, at most `capacity` of them (None: no limit); the allocation grows by doubling up
     to the capacity, so a budget is never exceeded and a small context does not reserve it all."""
 
@@ -45,15 +45,6 @@ class DevicePool:
         """slots [B, Hkv, k] on the device -> [B, Hkv, k, 2, S, D], reading only the KV head each row asks for."""
         heads = torch.arange(slots.shape[1], device=slots.device)[None, :, None]
         return self.data[slots, :, heads]
-
-    def contains(self, uid: int) -> bool:
-        return self.map.contains(uid)
-
-    def evict(self, uids: np.ndarray) -> None:
-        self.map.release(uids)
-
-    def __len__(self) -> int:
-        return self.map.used
 
     @property
     def nbytes(self) -> int:

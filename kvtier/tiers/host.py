@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from kvtier.buffers import buffer
-from kvtier.tiers.base import SlotMap
+from kvtier.tiers.base import SlotMap, SlotPool
 
 BLOCK_BYTES = 256 * 2**20
 
@@ -23,7 +23,7 @@ def contiguous_runs(slots: np.ndarray, blocks: np.ndarray) -> list[tuple[int, in
     return list(zip(edges[:-1].tolist(), edges[1:].tolist()))
 
 
-class HostPool:
+class HostPool(SlotPool):
     def __init__(self, span_shape: tuple[int, ...], dtype: torch.dtype, capacity: int | None, pinned: bool):
         self.map = SlotMap(capacity)
         self.span_shape, self.dtype, self.pinned = span_shape, dtype, pinned
@@ -58,15 +58,6 @@ class HostPool:
         for block in np.unique(blocks):
             where = np.flatnonzero(blocks == block)
             out[torch.from_numpy(where)] = self.blocks[block][torch.from_numpy(rows[where])]
-
-    def contains(self, uid: int) -> bool:
-        return self.map.contains(uid)
-
-    def evict(self, uids: np.ndarray) -> None:
-        self.map.release(uids)
-
-    def __len__(self) -> int:
-        return self.map.used
 
     @property
     def nbytes(self) -> int:
