@@ -23,10 +23,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from kvtier import ReAttentionCache
 from kvtier.config import parse_bytes
+from kvtier.longctx import decode, fill, record_kv, sync
 
 GiB = 2**30
 
@@ -55,52 +55,6 @@ def load_model(quick: bool, device: str):
     return model, torch.tensor([sample.ids], device=device)
 
 
-def record_kv(model, ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Prefill `ids` once -> per layer the pre-RoPE (keys, values) [1, Hkv, T, D] the cache received."""
-    cache = ReAttentionCache(model)
-    seen: dict[int, list] = {}
-    update = cache.update
-
-    def recording(keys, values, layer_idx, *args, **kwargs):
-        seen.setdefault(layer_idx, []).append((keys.clone(), values.clone()))
-        return update(keys, values, layer_idx, *args, **kwargs)
-
-    cache.update = recording
-    with torch.inference_mode():
-        for start in range(0, ids.shape[1], 1024):
-            model(input_ids=ids[:, start : start + 1024], past_key_values=cache, logits_to_keep=1)
-    return [tuple(torch.cat(parts, dim=2) for parts in zip(*seen[i])) for i in sorted(seen)]
-
-
-def fill(cache: ReAttentionCache, kv, context: int) -> float:
-    """Feed the recorded K/V, tiled, into every layer until the cache holds `context` tokens -> seconds taken."""
-    length = kv[0][0].shape[2]
-    chunk = cache.config.chunk_size
-    began = time.perf_counter()
-    with torch.inference_mode():
-        for start in tqdm(range(0, context, chunk), desc="fill", unit="chunk", leave=False):
-            positions = torch.arange(start, min(start + chunk, context), device=kv[0][0].device) % length
-            for layer, (keys, values) in zip(cache.layers, kv):
-                layer.update(keys[:, :, positions], values[:, :, positions])
-                layer.ingest(*layer.take_pending())
-    _sync()
-    return time.perf_counter() - began
-
-
-def decode(model, cache, token: torch.Tensor, steps: int, warmup: int) -> list[float]:
-    """Greedy steps from `token` [1, 1] -> milliseconds of each measured step."""
-    times = []
-    with torch.inference_mode():
-        for step in range(warmup + steps):
-            began = time.perf_counter()
-            logits = model(input_ids=token, past_key_values=cache).logits
-            token = logits[:, -1:].argmax(-1)
-            _sync()
-            if step >= warmup:
-                times.append((time.perf_counter() - began) * 1e3)
-    return times
-
-
 def pinned_h2d_ceiling() -> float | None:
     """GB/s of one bulk 1 GiB pinned host -> GPU copy (median of 5)."""
     if not torch.cuda.is_available():
@@ -127,17 +81,12 @@ def fetch_bandwidth(cache, tier_code: int, spans: int) -> float | None:
     if len(uids) < spans:
         return None
     chosen = np.sort(np.random.default_rng(0).choice(uids, spans, replace=False))
-    _sync()
+    sync()
     began = time.perf_counter()
     with torch.inference_mode():
         placement.fetch(chosen)
-    _sync()
+    sync()
     return spans * placement.span_bytes / (time.perf_counter() - began) / 1e9
-
-
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 def _peak_gib() -> float | None:
