@@ -74,6 +74,9 @@ def _parser() -> argparse.ArgumentParser:
     niah.add_argument("--depths", type=_fractions, default=[0.1, 0.3, 0.5, 0.7, 0.9],
                       help="comma list of needle depths in [0, 1] (default 0.1,0.3,0.5,0.7,0.9)")
     niah.add_argument("--keys", type=_positive, default=1, help="prompts (passkeys) per length x depth (default 1)")
+    niah.add_argument("--distractors", type=int, default=0,
+                      help="the harder variant: labelled keys (boxes), the asked-for one at each depth plus this many "
+                           "other boxes' keys spread through the haystack (0-11; default 0, the classic passkey)")
     niah.add_argument("--policy", default=None,
                       help="comma list of methods: 'stock' (transformers' DynamicCache), a kvtier policy "
                            f"({', '.join(policy_names())}), or 'all' for every policy (default: the config's "
@@ -129,12 +132,15 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 def _run_niah(args: argparse.Namespace) -> int:
     names, base = _method_names(args.policy), _base_config(args)  # fail on a typo before the model loads
+    if not 0 <= args.distractors <= 11:
+        raise _ConfigError(f"--distractors must be between 0 and 11 (one box per label), got {args.distractors}")
     sizes = {name: getattr(args, name) for name in ("global_size", "local_size", "span_size", "top_k", "chunk_size")}
     model, tokenizer = _load(args)
     methods = [Method() if name == STOCK else _kvtier_method(model, base, policy=name, **sizes) for name in names]
     out = args.out or Path("runs") / f"niah-{datetime.now():%Y%m%d-%H%M%S}"
     runs = run_comparison(model, tokenizer, methods, args.lengths, args.depths, keys=args.keys, seed=args.seed,
-                          max_new_tokens=args.max_new_tokens, prefill_chunk=args.prefill_chunk)
+                          max_new_tokens=args.max_new_tokens, prefill_chunk=args.prefill_chunk,
+                          distractors=args.distractors)
     meta = {"command": ["kvtier", *args.argv], "model": GGUF_NAME, "device": str(model.device),
             "dtype": str(model.dtype), "torch_threads": torch.get_num_threads(), "versions": _versions(),
             "finished": datetime.now().isoformat(timespec="seconds")}

@@ -12,6 +12,10 @@ INSTRUCTION = ("There is an important info hidden inside a lot of irrelevant tex
 FILLER = ("The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.", "There and back again.")
 NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = "What is the pass key? The pass key is"
+# The harder variant: several labelled keys in the haystack, one asked for (the others are distractors).
+LABELLED_NEEDLE = "The pass key of the {label} box is {key}. Remember it. {key} is the pass key of the {label} box."
+LABELLED_QUESTION = "What is the pass key of the {label} box? The pass key of the {label} box is"
+LABELS = ("blue", "red", "green", "yellow", "orange", "purple", "black", "white", "brown", "pink", "gray", "golden")
 
 
 @dataclass(frozen=True)
@@ -23,6 +27,7 @@ class PasskeySample:
     depth: float          # requested: the fraction of the filler that comes before the needle
     length: int           # len(ids), within a few tokens of the requested length
     needle_start: int     # index in ids of the needle's first token
+    distractor_keys: tuple[str, ...] = ()  # the other boxes' keys, when the prompt has distractors
 
 
 def draw_key(seed: int, *labels: object) -> str:
@@ -31,28 +36,64 @@ def draw_key(seed: int, *labels: object) -> str:
     return str(random.Random(f"{seed}:{':'.join(map(str, labels))}").randint(10000, 99999))
 
 
-def build_sample(tokenizer, length: int, depth: float, key: str) -> PasskeySample:
+def build_sample(tokenizer, length: int, depth: float, key: str, distractors: int = 0) -> PasskeySample:
     """INSTRUCTION, filler with the needle at `depth`, QUESTION: `length` tokens, give or take half a sentence.
+
+    With `distractors` > 0 the keys are labelled boxes: the asked-for box's needle at `depth`, and that many other
+    boxes' needles (other keys) spread evenly through the filler; the question names the box.
 
     Pieces are tokenized separately, each after a space, which gives the same ids as tokenizing the whole text
     (the tokenizer splits before a space), so the token count is known without re-tokenizing 1M-token prompts."""
     if not 0.0 <= depth <= 1.0:
         raise ValueError(f"depth must be a fraction between 0 and 1, got {depth}")
+    if not 0 <= distractors < len(LABELS):
+        raise ValueError(f"distractors must be between 0 and {len(LABELS) - 1}, got {distractors}")
     encode = _encoder(tokenizer)
-    head, needle, tail = encode(INSTRUCTION), encode(" " + NEEDLE.format(key=key)), encode(" " + QUESTION)
+    labels = random.Random(f"labels:{key}").sample(LABELS, distractors + 1) if distractors else [None]
+    keys = [key] + _distractor_keys(key, distractors)
+    needles = [encode(" " + _needle(label, k)) for label, k in zip(labels, keys)]
+    question = QUESTION if not distractors else LABELLED_QUESTION.format(label=labels[0])
+    head, tail = encode(INSTRUCTION), encode(" " + question)
     sentences = [encode(" " + sentence) for sentence in FILLER]
-    budget = length - len(head) - len(needle) - len(tail)
+    budget = length - len(head) - sum(map(len, needles)) - len(tail)
     if budget < 0:
         raise ValueError(f"a passkey prompt needs at least {length - budget} tokens, asked for {length}")
     filler = _fill(sentences, budget)
+    depths = [depth] + [(index + 0.5) / distractors for index in range(distractors)]
+    cuts = [_cut(filler, at) for at in depths]  # the filler sentence each needle goes before
+    ids, needle_start = list(head), 0
+    for position, sentence in enumerate(filler + [[]]):
+        for which in sorted((w for w, cut in enumerate(cuts) if cut == position), key=lambda w: depths[w]):
+            needle_start = len(ids) if which == 0 else needle_start
+            ids += needles[which]
+        ids += sentence
+    ids += tail
+    return PasskeySample(ids=ids, key=key, depth=depth, length=len(ids), needle_start=needle_start,
+                         distractor_keys=tuple(keys[1:]))
+
+
+def _needle(label: str | None, key: str) -> str:
+    return NEEDLE.format(key=key) if label is None else LABELLED_NEEDLE.format(label=label, key=key)
+
+
+def _distractor_keys(key: str, count: int) -> list[str]:
+    """`count` keys unlike `key` and each other, the same for the same key in every run."""
+    keys: list[str] = []
+    attempt = 0
+    while len(keys) < count:
+        candidate = draw_key(0, "distractor", key, attempt)
+        attempt += 1
+        if candidate != key and candidate not in keys:
+            keys.append(candidate)
+    return keys
+
+
+def _cut(filler: list[list[int]], depth: float) -> int:
+    """The filler sentence boundary closest to `depth` of the filler's tokens."""
     boundaries = [0]
     for sentence in filler:
         boundaries.append(boundaries[-1] + len(sentence))
-    cut = min(range(len(boundaries)), key=lambda i: abs(boundaries[i] - depth * boundaries[-1]))
-    before = [token for sentence in filler[:cut] for token in sentence]
-    after = [token for sentence in filler[cut:] for token in sentence]
-    ids = head + before + needle + after + tail
-    return PasskeySample(ids=ids, key=key, depth=depth, length=len(ids), needle_start=len(head) + len(before))
+    return min(range(len(boundaries)), key=lambda i: abs(boundaries[i] - depth * boundaries[-1]))
 
 
 def passkey_found(answer: str, key: str) -> bool:

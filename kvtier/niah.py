@@ -76,8 +76,10 @@ def answer(model, ids: list[int], cache, max_new_tokens: int, prefill_chunk: int
 
 
 def run_niah(model, tokenizer, method: Method, lengths: Iterable[int], depths: Iterable[float], keys: int = 1,
-             seed: int = 0, max_new_tokens: int = 10, prefill_chunk: int = PREFILL_CHUNK) -> dict[str, Any]:
-    """Passkey accuracy of `method` on every (length, depth) cell, `keys` prompts per cell, greedy decoding.
+             seed: int = 0, max_new_tokens: int = 10, prefill_chunk: int = PREFILL_CHUNK,
+             distractors: int = 0) -> dict[str, Any]:
+    """Passkey accuracy of `method` on every (length, depth) cell, `keys` prompts per cell, greedy decoding; with
+    `distractors`, each prompt also holds that many other labelled keys (kvtier.haystack.build_sample).
 
     Returns a JSON-ready dict: the method's label and config, the grid, and one record per sample."""
     lengths, depths = list(lengths), list(depths)
@@ -85,7 +87,7 @@ def run_niah(model, tokenizer, method: Method, lengths: Iterable[int], depths: I
     samples, hits = [], 0
     bar = tqdm(cells, desc=method.label, unit="prompt")
     for length, depth, index in bar:
-        sample = build_sample(tokenizer, length, depth, draw_key(seed, length, depth, index))
+        sample = build_sample(tokenizer, length, depth, draw_key(seed, length, depth, index), distractors)
         cache = method.new_cache(model)
         result = answer(model, sample.ids, cache, max_new_tokens, prefill_chunk)
         text = tokenizer.decode(result.tokens, skip_special_tokens=True)
@@ -93,6 +95,9 @@ def run_niah(model, tokenizer, method: Method, lengths: Iterable[int], depths: I
         hits += hit
         record = {"length": length, "tokens": sample.length, "depth": depth, "key": sample.key, "hit": hit,
                   "answer": text, "prefill_s": round(result.prefill_s, 3), "decode_s": round(result.decode_s, 3)}
+        if distractors:
+            record["distractor_keys"] = list(sample.distractor_keys)
+            record["took_distractor"] = any(passkey_found(text, key) for key in sample.distractor_keys)
         if method.config is not None:
             record["stats"] = cache.stats()
         samples.append(record)
@@ -103,6 +108,7 @@ def run_niah(model, tokenizer, method: Method, lengths: Iterable[int], depths: I
         "lengths": lengths,
         "depths": depths,
         "keys": keys,
+        "distractors": distractors,
         "seed": seed,
         "max_new_tokens": max_new_tokens,
         "samples": samples,

@@ -71,7 +71,8 @@ def plot_heatmap(run: dict[str, Any], path: str | Path) -> Path:
     ax.set_xlabel("context length (tokens)")
     ax.set_ylabel("needle depth")
     hits, count = _total([cell for row in by_depth for cell in row])
-    ax.set_title(f"passkey retrieval, {hits}/{count} found\n{run['label']}", fontsize=9)
+    task = f"passkey among {run['distractors']} distractors" if run.get("distractors") else "passkey retrieval"
+    ax.set_title(f"{task}, {hits}/{count} found\n{run['label']}", fontsize=9)
     fig.colorbar(image, ax=ax, label="accuracy")
     fig.tight_layout()
     path = Path(path)

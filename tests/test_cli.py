@@ -10,7 +10,10 @@ import torch
 
 from kvtier import haystack
 from kvtier.cli import _parser, main
-from kvtier.haystack import FILLER, INSTRUCTION, NEEDLE, QUESTION, build_sample, draw_key, passkey_found
+from kvtier.haystack import (
+    FILLER, INSTRUCTION, LABELLED_NEEDLE, LABELLED_QUESTION, LABELS, NEEDLE, QUESTION, build_sample, draw_key,
+    passkey_found,
+)
 from kvtier.model import INSTALL_HINT, MODEL_DIR_ENV, ModelNotInstalledError, find_gguf, load_smollm2
 from kvtier.niah import Method, answer, run_niah
 from kvtier.niah_report import accuracy_grid, format_comparison, format_table, write_report
@@ -66,6 +69,24 @@ def test_prompt_ends_with_the_question():
     assert tokenizer.decode(sample.ids).endswith(QUESTION)
 
 
+@pytest.mark.parametrize("depth", [0.0, 0.5, 1.0])
+def test_distractor_prompt_holds_every_box_and_asks_for_the_target(depth):
+    tokenizer = WordTokenizer()
+    sample = build_sample(tokenizer, 3000, depth, "24681", distractors=4)
+    text = tokenizer.decode(sample.ids)
+    assert len(set(sample.distractor_keys)) == 4 and "24681" not in sample.distractor_keys
+    labels = [word for word in LABELS if f"pass key of the {word} box is" in text]
+    assert len(labels) == 5
+    target = [label for label in labels if f"the {label} box is 24681." in text]
+    assert len(target) == 1 and text.endswith(LABELLED_QUESTION.format(label=target[0]))
+    for key in sample.distractor_keys:
+        assert text.count(f" is {key}.") == 1 and text.count(f"{key} is the pass key") == 1
+    needle = _encode(tokenizer, " " + LABELLED_NEEDLE.format(label=target[0], key="24681"))
+    assert sample.ids[sample.needle_start:sample.needle_start + len(needle)] == needle
+    assert abs(sample.length - 3000) <= _longest_sentence(tokenizer) // 2 + 1
+    assert build_sample(tokenizer, 3000, depth, "24681", distractors=4) == sample  # the same in every run
+
+
 def test_too_short_a_length_is_refused_with_the_minimum():
     with pytest.raises(ValueError, match="needs at least"):
         build_sample(WordTokenizer(), 20, 0.5, "12345")
@@ -109,6 +130,19 @@ def test_stock_sweep_records_every_cell():
                                                                    for _ in range(2)]
     assert all(re.fullmatch(r"\d{5}", s["key"]) and isinstance(s["hit"], bool) for s in run["samples"])
     json.dumps(run)
+
+
+def test_distractor_sweep_records_the_other_keys_and_whether_one_was_answered(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("kvtier.cli.load_smollm2", lambda **_: (tiny_model(window=4096), WordTokenizer()))
+    argv = ["niah", "--lengths", "400", "--depths", "0.5", "--policy", "stock", "--max-new-tokens", "1",
+            "--distractors", "3", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    run = json.loads((tmp_path / "results.json").read_text())["runs"][0]
+    assert run["distractors"] == 3
+    sample = run["samples"][0]
+    assert len(sample["distractor_keys"]) == 3 and isinstance(sample["took_distractor"], bool)
+    assert main(["niah", "--distractors", "12"]) == 2
+    assert "--distractors must be between 0 and 11" in capsys.readouterr().err
 
 
 # ---- reports --------------------------------------------------------------------------------------------------------
