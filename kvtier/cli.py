@@ -15,6 +15,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
+from kvtier.bench import add_bench_parser
 from kvtier.config import ReAttentionConfig
 
 from kvtier.haystack import build_sample, draw_key, passkey_found
@@ -95,6 +96,7 @@ def _parser() -> argparse.ArgumentParser:
                       help=f"prompt tokens per prefill forward (default {PREFILL_CHUNK})")
     _add_runtime_options(niah)
     niah.set_defaults(run=_run_niah)
+    add_bench_parser(commands)
     return parser
 
 

