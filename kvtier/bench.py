@@ -31,7 +31,7 @@ from kvtier.errors import TierFullError
 from kvtier.longctx import fill, record_kv, sync
 from kvtier.metrics import DIRECTIONS
 from kvtier.model import load_smollm2, preferred_dtype
-from kvtier.niah import _cache_kwarg
+from kvtier.hf import cache_keyword
 
 MODELS = ("llama8b", "smollm2")
 GiB = 1 << 30
@@ -326,7 +326,7 @@ def measure_ceilings(device: torch.device) -> dict[str, float] | None:
 class Bench:
     def __init__(self, model, plan: Plan):
         self.model, self.plan = model, plan
-        self.cache_kwarg = _cache_kwarg(model)
+        self.cache_kwarg = cache_keyword(model)
         config = model.config
         self.layers, self.kv_heads = config.num_hidden_layers, config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads

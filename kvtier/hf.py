@@ -10,6 +10,7 @@ How kvtier rides inside an unmodified model (see docs/architecture.md):
 from __future__ import annotations
 
 import contextvars
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,6 +69,12 @@ def _register_interfaces() -> None:
         AttentionInterface.register(ATTENTION_NAME, reattention_attention)
     if AttentionMaskInterface._global_mapping.get(ATTENTION_NAME) is not reattention_mask:
         AttentionMaskInterface.register(ATTENTION_NAME, reattention_mask)
+
+
+def cache_keyword(model) -> str:
+    """The name of `model.forward`'s cache argument: transformers 5.24 renamed `past_key_values` to `cache` (the old
+    name warns until 5.40); 5.17 has only the old one."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def _cache_of(kwargs: dict) -> Any:

@@ -11,6 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from kvtier.cache import ReAttentionCache
+from kvtier.hf import cache_keyword
 
 
 def record_kv(model, ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -26,7 +27,7 @@ def record_kv(model, ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor
     cache.update = recording
     with torch.inference_mode():
         for start in range(0, ids.shape[1], 1024):
-            model(input_ids=ids[:, start : start + 1024], past_key_values=cache, logits_to_keep=1)
+            model(input_ids=ids[:, start : start + 1024], logits_to_keep=1, **{cache_keyword(model): cache})
     return [tuple(torch.cat(parts, dim=2) for parts in zip(*seen[i])) for i in sorted(seen)]
 
 
@@ -51,7 +52,7 @@ def decode(model, cache, token: torch.Tensor, steps: int, warmup: int) -> list[f
     with torch.inference_mode():
         for step in range(warmup + steps):
             began = time.perf_counter()
-            logits = model(input_ids=token, past_key_values=cache).logits
+            logits = model(input_ids=token, logits_to_keep=1, **{cache_keyword(model): cache}).logits
             token = logits[:, -1:].argmax(-1)
             sync()
             if step >= warmup:

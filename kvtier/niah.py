@@ -1,7 +1,6 @@
 """Needle-in-a-haystack sweeps: passkey retrieval over lengths x depths, with the stock cache or a kvtier config."""
 from __future__ import annotations
 
-import inspect
 import time
 from dataclasses import dataclass
 from typing import Any, Iterable
@@ -11,6 +10,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from kvtier.cache import ReAttentionCache
+from kvtier.hf import cache_keyword
 from kvtier.config import ReAttentionConfig
 from kvtier.haystack import build_sample, draw_key, passkey_found
 from kvtier.model import window_of
@@ -59,7 +59,7 @@ def answer(model, ids: list[int], cache, max_new_tokens: int, prefill_chunk: int
     """Greedy answer to the prompt `ids`: a chunked prefill into `cache` (a bar per chunk if `progress`), then
     `model.generate` continues from the filled cache."""
     prompt = torch.tensor([ids], device=model.device)
-    cache_kwarg = _cache_kwarg(model)
+    cache_kwarg = cache_keyword(model)
     starts = range(0, prompt.shape[1] - 1, prefill_chunk)
     with torch.inference_mode():
         began = time.perf_counter()
@@ -120,8 +120,3 @@ def run_comparison(model, tokenizer, methods: Iterable[Method], lengths: Iterabl
     """run_niah for each method on the same prompts (same seed, so the same keys)."""
     lengths, depths = list(lengths), list(depths)
     return [run_niah(model, tokenizer, method, lengths, depths, **sweep) for method in methods]
-
-
-def _cache_kwarg(model) -> str:
-    # transformers 5.24 renamed `past_key_values` to `cache` (the old name warns until 5.40); 5.17 has only the old.
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
