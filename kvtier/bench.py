@@ -30,7 +30,7 @@ from kvtier.config import ReAttentionConfig, parse_bytes
 from kvtier.errors import TierFullError
 from kvtier.longctx import fill, record_kv, sync
 from kvtier.metrics import DIRECTIONS
-from kvtier.model import load_smollm2, preferred_dtype
+from kvtier.model import load_smollm2, preferred_dtype, random_llama
 from kvtier.hf import cache_keyword
 
 MODELS = ("llama8b", "smollm2")
@@ -262,39 +262,14 @@ def _cell_line(cell: dict) -> str:
 
 
 # ---- the model ------------------------------------------------------------------------------------------------------
-def llama8b_config():
-    """Llama-3.1-8B's architecture (no weights)."""
-    from transformers import LlamaConfig
-
-    return LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                       num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
-                       rms_norm_eps=1e-5, tie_word_embeddings=False,
-                       rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
-                                        "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                        "original_max_position_embeddings": 8192})
-
-
-def tiny_config():
-    from transformers import LlamaConfig
-
-    return LlamaConfig(vocab_size=256, hidden_size=96, intermediate_size=128, num_hidden_layers=2,
-                       num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=2048,
-                       tie_word_embeddings=False)
-
-
 def build_model(plan: Plan):
     """-> (model in eval mode on plan.device, its label). Random-weight models are built on the device directly."""
     if plan.model == "smollm2":
         model, _ = load_smollm2(dtype=plan.dtype, device=plan.device)
         return model, "SmolLM2-135M-Instruct"
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(plan.seed)
-    config = llama8b_config() if plan.model == "llama8b" else tiny_config()
-    with torch.device(plan.device):  # 8B in bf16 never exists on the host
-        model = AutoModelForCausalLM.from_config(config, dtype=plan.dtype)
+    model = random_llama("llama8b" if plan.model == "llama8b" else "tiny", plan.device, plan.dtype, plan.seed)
     label = "Llama-3.1-8B shape, random weights" if plan.model == "llama8b" else "tiny Llama, random weights (--quick)"
-    return model.eval(), label
+    return model, label
 
 
 # ---- ceilings -------------------------------------------------------------------------------------------------------

