@@ -99,6 +99,9 @@ def add_profile_parser(commands) -> argparse.ArgumentParser:
     profile.add_argument("--stock-limit", type=_length, default=128 << 10,
                          help="largest context stock prefills (default 128k: its prefill is quadratic, 512k is "
                               "estimated at ~6 min on an H200); beyond it the table shows '-' and the JSON the KV it would need")
+    profile.add_argument("--config", type=Path, default=None,
+                         help="a ReAttentionConfig (.yaml/.json) for the kvtier configurations (default: derived from "
+                              "the model's window; for the 8B shape see benchmarks/configs/scope-8k.yaml)")
     profile.add_argument("--out", type=Path, default=None, help="output folder (default runs/profile-<timestamp>)")
     profile.add_argument("--quick", action="store_true",
                          help="a tiny random Llama on the CPU, contexts 1k,4k: under a minute (CI)")
@@ -134,6 +137,7 @@ class Settings:
     stock_limit: int
     sample_tokens: int
     out: Path
+    config: ReAttentionConfig  # the kvtier configurations' sizes and policy (budgets come from the options)
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -153,8 +157,17 @@ def _settings(args: argparse.Namespace) -> Settings:
                     gpu_budget=value["gpu_budget"], host_budget=value["host_budget"], disk_path=args.disk_path,
                     decode_steps=value["decode_steps"], interval_s=value["interval"] / 1e3,
                     prefill_chunk=args.prefill_chunk, stock_limit=args.stock_limit,
-                    sample_tokens=value["sample_tokens"],
+                    sample_tokens=value["sample_tokens"], config=_read_config(args.config),
                     out=args.out or Path("runs") / f"profile-{datetime.now():%Y%m%d-%H%M%S}")
+
+
+def _read_config(path: Path | None) -> ReAttentionConfig:
+    if path is None:
+        return ReAttentionConfig()
+    try:
+        return ReAttentionConfig.from_file(path)
+    except ValueError as err:
+        raise ProfileError(str(err)) from None
 
 
 def _configs(text: str) -> list[str]:
@@ -302,7 +315,7 @@ def _measure(settings: Settings, command: list[str]) -> tuple[dict[str, Any], li
         generator = torch.Generator().manual_seed(0)
         ids = torch.randint(0, model.config.vocab_size, (1, settings.sample_tokens), generator=generator)  # [1, T]
         sample = [(k.cpu(), v.cpu()) for k, v in record_kv(model, ids.to(model.device))]
-        run = Run(model, settings, spill, sample, ReAttentionConfig().resolve(window_of(model)), attention)
+        run = Run(model, settings, spill, sample, settings.config.resolve(window_of(model)), attention)
         _check_budgets(run)
         print(f"{settings.model} on {settings.device} ready in {time.perf_counter() - began:.1f} s", file=sys.stderr)
         doc = {"meta": _meta(run, command, idle, started), "cells": [], "timelines": []}

@@ -264,3 +264,18 @@ def test_options_that_cannot_run_exit_2_with_the_reason(argv, message, tmp_path,
 def test_the_8b_shape_asks_for_a_gpu(tmp_path, capsys):
     assert run_profile(_parse(["--out", str(tmp_path)])) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_a_config_file_sets_the_kvtier_sizes_and_a_bad_one_is_a_message(tmp_path, capsys):
+    from kvtier.cli import main
+
+    config = tmp_path / "kv.yaml"
+    config.write_text("global_size: 8\nspan_size: 16\ntop_k: 4\nlocal_size: 256\nchunk_size: 128\n")
+    out = tmp_path / "out"
+    assert main(["profile", "--quick", "--configs", "kvtier-gpu", "--contexts", "1k", "--config", str(config),
+                 "--out", str(out)]) == 0
+    meta = json.loads((out / "profile.json").read_text())["meta"]
+    assert meta["kvtier_config"]["top_k"] == 4 and meta["kvtier_config"]["span_size"] == 16
+    (tmp_path / "bad.yaml").write_text("top_kk: 3\n")
+    assert main(["profile", "--quick", "--config", str(tmp_path / "bad.yaml"), "--out", str(out)]) == 2
+    assert "unknown kvtier config field" in capsys.readouterr().err
