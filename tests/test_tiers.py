@@ -13,7 +13,7 @@ from kvtier.errors import TierFullError
 from kvtier.tiers.base import SlotMap
 from kvtier.tiers.disk import LmdbStore
 from kvtier.tiers.host import HostPool, contiguous_runs
-from kvtier.tiers.placement import DISK, GPU, HOST, Placement
+from kvtier.tiers.placement import DISK, GPU, HOST, Placement, shortfall
 from tests.conftest import greedy, random_ids, tiny_model
 
 TINY = dict(global_size=4, local_size=24, span_size=4, top_k=3, chunk_size=12)
@@ -135,7 +135,8 @@ def test_a_span_leaves_the_host_only_after_its_disk_write_committed(tmp_path):
     placement.poll()
     on_disk = np.flatnonzero(placement.tier.data[:12] == DISK)
     assert len(on_disk) and all(placement.disk.contains(uid) and not placement.host.contains(uid) for uid in on_disk.tolist())
-    assert torch.equal(placement.fetch(on_disk), spans[torch.from_numpy(on_disk)])
+    chosen = on_disk[:2]  # one step's worth (step_spans=2)
+    assert torch.equal(placement.fetch(chosen), spans[torch.from_numpy(chosen)])
     placement.close()
 
 
@@ -214,3 +215,9 @@ def test_the_kernel_path_generates_what_the_reference_path_generates(tmp_path):
         cache.close()
     assert torch.equal(outputs[0], outputs[1])
     assert stats[1]["tiers"]["host"]["hits"] > 0 and stats[1]["tiers"]["disk"]["hits"] > 0
+
+
+def test_pools_move_spans_down_in_large_rare_batches():
+    assert shortfall(count=16, capacity=1600, available=1000) == 0  # 1/16 of the pool stays free: nothing moves
+    assert shortfall(count=16, capacity=1600, available=110) == 16 + 200 - 110  # below it: free 2/16 at once
+    assert shortfall(count=5, capacity=8, available=4) == 5 + 2 - 4  # tiny pools keep at least one slot spare

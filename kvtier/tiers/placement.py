@@ -26,7 +26,15 @@ from kvtier.tiers.host import HostPool
 
 GPU, HOST, DISK = 0, 1, 2
 PROMOTE_AFTER = 2  # a host span selected this many times since it moved down goes back up to the GPU
-HEADROOM = 16  # a pool starts moving spans down when less than 1/HEADROOM of it is free
+HEADROOM = 16  # a pool starts moving spans down when less than 1/HEADROOM of it is free, then frees 2/HEADROOM
+
+
+def shortfall(count: int, capacity: int, available: int) -> int:
+    """Spans a pool of `capacity` should move down before taking `count` more, `available` being its free slots plus
+    those on their way out: none while 1/HEADROOM stays free, else enough to free 2/HEADROOM - so spans move in
+    large, rare batches (each batch costs one scan for the least recently used)."""
+    headroom = max(capacity // HEADROOM, 1)
+    return 0 if available - count >= headroom else count + 2 * headroom - available
 
 
 def capacity_of(budget: int | None, span_bytes: int, name: str, needed: int) -> int | None:
@@ -66,6 +74,7 @@ class Placement:
         self.selected = GrowableArray(np.int32, 0)  # selections since the span last moved down
         self.moving = GrowableArray(np.bool_, False)  # GPU -> host copy in flight
         self.writing = GrowableArray(np.bool_, False)  # host -> disk write queued, not committed
+        self._writing = 0  # how many
         self.counters = {name: TierCounters() for name in TIERS}
         self.moved = dict.fromkeys(DIRECTIONS, 0)  # bytes
         self._copies: list[tuple[torch.cuda.Event | None, np.ndarray]] = []  # GPU -> host, oldest first
@@ -223,7 +232,7 @@ class Placement:
         if capacity is None:
             return
         in_flight = sum(len(uids) for _, uids in self._copies)
-        short = max(count, capacity // HEADROOM) - (self.gpu.map.free_count() + in_flight)
+        short = shortfall(count, capacity, self.gpu.map.free_count() + in_flight)
         if self.host.map.capacity is not None:
             short = min(short, self.host.map.capacity // 2)
         if short > 0:
@@ -273,8 +282,7 @@ class Placement:
         capacity = self.host.map.capacity
         if capacity is None:
             return
-        in_flight = int(self.writing.data[: self.uids].sum())
-        short = max(count, capacity // HEADROOM) - (self.host.map.free_count() + in_flight)
+        short = shortfall(count, capacity, self.host.map.free_count() + self._writing)
         if short > 0:
             victims = self._least_recent(HOST, short, self.writing)
             on_disk = self._has_disk_copy(victims)
@@ -289,7 +297,8 @@ class Placement:
         in_archive = uids < self.archived
         if self.disk is None:
             return in_archive
-        return in_archive | np.array([self.disk.contains(uid) for uid in uids.tolist()], dtype=bool)
+        self.disk.committed.ensure(self.uids)
+        return in_archive | self.disk.committed.data[uids]
 
     def _write_to_disk(self, uids: np.ndarray) -> None:
         if not len(uids):
@@ -301,6 +310,7 @@ class Placement:
         self.host.get_into(uids, copy)
         self.disk.put(uids, copy)
         self.writing.data[uids] = True
+        self._writing += len(uids)
         self.counters["host"].evictions += len(uids)
         self.moved["host->disk"] += len(uids) * self.span_bytes
 
@@ -319,6 +329,7 @@ class Placement:
         if not len(uids):
             return
         self.writing.data[uids] = False
+        self._writing -= len(uids)
         still_host = uids[(self.tier.data[uids] == HOST) & (self.last_used.data[uids] < self.clock)]
         self._drop_from_host(still_host)
 
