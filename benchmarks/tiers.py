@@ -93,7 +93,7 @@ def _peak_gib() -> float | None:
     return torch.cuda.max_memory_allocated() / GiB if torch.cuda.is_available() else None
 
 
-def run_config(name: str, model, kv, context: int, budgets: dict, steps: int) -> dict:
+def run_config(name: str, model, kv, context: int, budgets: dict, steps: int, warmup: int) -> dict:
     gc.collect()
     cache = ReAttentionCache(model, **budgets)
     if torch.cuda.is_available():
@@ -105,9 +105,9 @@ def run_config(name: str, model, kv, context: int, budgets: dict, steps: int) ->
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     token = torch.zeros(1, 1, dtype=torch.long, device=model.device)
-    times = decode(model, cache, token, steps, warmup=4)
+    times = decode(model, cache, token, steps, warmup)
     after = cache.stats()
-    decoded = steps + 4
+    decoded = steps + warmup
     moved = {direction: (after["moved"][direction] - before["moved"][direction]) / decoded for direction in after["moved"]}
     row = {
         "config": name,
@@ -175,7 +175,10 @@ def plot(rows: list[dict], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--context", default="1M", help="tokens of context per cache (default 1M)")
-    parser.add_argument("--steps", type=int, default=32, help="decode steps measured (after 4 warm-up steps)")
+    parser.add_argument("--steps", type=int, default=32, help="decode steps measured (default 32)")
+    parser.add_argument("--warmup", type=int, default=4,
+                        help="decode steps before measuring (default 4; the scope length cycles through span_size "
+                             "values, so span_size warm-up steps reach every attention shape once)")
     parser.add_argument("--gpu-budget", default="1GiB", help="GPU budget of the spilling runs")
     parser.add_argument("--host-budget", default="4GiB", help="host budget of the run that spills to LMDB")
     parser.add_argument("--disk-path", default=None, help="folder for the LMDB spill file (default: next to --out)")
@@ -207,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name in order:
         budgets = dict(known[name], kernels=args.kernels)
-        rows.append(run_config(name, model, kv, context, budgets, 8 if args.quick else args.steps))
+        rows.append(run_config(name, model, kv, context, budgets, 8 if args.quick else args.steps, args.warmup))
         print(f"{name}: {rows[-1]['decode_ms_median']:.1f} ms/token", file=sys.stderr)
     shutil.rmtree(spill, ignore_errors=True)
     meta = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
