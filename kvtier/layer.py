@@ -168,10 +168,14 @@ class ReAttentionLayer(CacheLayerMixin):
     def _locate(self, ids: torch.Tensor) -> torch.Tensor:
         """ids [B, Hkv, k] -> loc [B, Hkv, k] on the device for the gather kernel (GPU slot, or -1 - host slot)."""
         if self.placement.unbounded:
-            self._count_gpu_hits(ids)
-            return self.table.uids.view()[:, None, :].expand(-1, self.shape[1], -1).gather(2, ids)
+            return self._pool_slots(ids)
         distinct, inverse = self._selected_uids(ids)
         return torch.from_numpy(self.placement.locate(distinct)[inverse]).to(self.device)
+
+    def _pool_slots(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [B, Hkv, k] -> their GPU pool slots [B, Hkv, k], on the device (every span in the pool, slot == uid)."""
+        self._count_gpu_hits(ids)
+        return self.table.uids.view()[:, None, :].expand(-1, self.shape[1], -1).gather(2, ids)
 
     def _count_gpu_hits(self, ids: torch.Tensor) -> None:
         per_row = ids.shape[2] * (self.shape[1] if self.config.per_kv_head else 1)
@@ -181,14 +185,11 @@ class ReAttentionLayer(CacheLayerMixin):
         """ids [B, Hkv, k] -> the spans [B, Hkv, k, 2, S, D], each row and KV head reading its own head. With every
         span in the GPU pool at slot == uid this is one indexing op on the device; otherwise the placement brings the
         distinct selected spans up in one batch."""
-        kv_heads = self.shape[1]
         if self.placement.unbounded:
-            self._count_gpu_hits(ids)
-            table = self.table.uids.view()[:, None, :].expand(-1, kv_heads, -1)  # [B, Hkv, n]
-            return self.placement.gpu.gather_heads(table.gather(2, ids))
+            return self.placement.gpu.gather_heads(self._pool_slots(ids))
         distinct, inverse = self._selected_uids(ids)
         spans = self.placement.fetch(distinct).to(self.device)  # [U, 2, Hkv, S, D]
-        heads = torch.arange(kv_heads, device=self.device)[None, :, None]
+        heads = torch.arange(self.shape[1], device=self.device)[None, :, None]
         return spans[torch.from_numpy(inverse).to(self.device), :, heads]
 
     # ---- accounting ---------------------------------------------------------------------------------------------
