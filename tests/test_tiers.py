@@ -221,3 +221,29 @@ def test_pools_move_spans_down_in_large_rare_batches():
     assert shortfall(count=16, capacity=1600, available=1000) == 0  # 1/16 of the pool stays free: nothing moves
     assert shortfall(count=16, capacity=1600, available=110) == 16 + 200 - 110  # below it: free 2/16 at once
     assert shortfall(count=5, capacity=8, available=4) == 5 + 2 - 4  # tiny pools keep at least one slot spare
+
+
+@pytest.mark.parametrize("store_kind", ["gpu", "host", "disk"])
+def test_every_store_keeps_the_span_store_protocol(tmp_path, store_kind):
+    """put / get_into / contains / evict / nbytes behave the same for the three stores the placement composes."""
+    from kvtier.tiers.gpu import DevicePool
+
+    stores = {
+        "gpu": lambda: DevicePool(SPAN_SHAPE, torch.float32, torch.device("cpu"), capacity=8),
+        "host": lambda: HostPool(SPAN_SHAPE, torch.float32, capacity=8, pinned=False),
+        "disk": lambda: LmdbStore.spill(tmp_path, SPAN_SHAPE, torch.float32, budget=None),
+    }
+    store = stores[store_kind]()
+    spans = torch.randn(5, *SPAN_SHAPE)
+    store.put(np.arange(10, 15), spans.clone())
+    if store_kind == "disk":
+        store.wait_any()
+    assert all(store.contains(uid) for uid in range(10, 15)) and not store.contains(3)
+    out = torch.full((2, *SPAN_SHAPE), float("nan"))
+    store.get_into(np.array([14, 11]), out)
+    assert torch.equal(out, spans[[4, 1]])
+    assert store.nbytes >= 5 * SPAN_BYTES
+    store.evict(np.array([11]))
+    assert not store.contains(11) and store.contains(12)
+    if store_kind == "disk":
+        store.close()
