@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from kvtier import ReAttentionCache
+from kvtier.bench import measure_ceilings
 from kvtier.config import parse_bytes
 from kvtier.longctx import decode, fill, record_kv, sync
 
@@ -53,23 +54,6 @@ def load_model(quick: bool, device: str):
     model, tokenizer = load_smollm2(preferred_dtype(device), device)
     sample = build_sample(tokenizer, 4096, 0.5, draw_key(0, "tiers"))
     return model, torch.tensor([sample.ids], device=device)
-
-
-def pinned_h2d_ceiling() -> float | None:
-    """GB/s of one bulk 1 GiB pinned host -> GPU copy (median of 5)."""
-    if not torch.cuda.is_available():
-        return None
-    host = torch.empty(GiB, dtype=torch.uint8, pin_memory=True)
-    device = torch.empty(GiB, dtype=torch.uint8, device="cuda")
-    runs = []
-    for _ in range(6):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        device.copy_(host, non_blocking=True)
-        end.record()
-        end.synchronize()
-        runs.append(GiB / (start.elapsed_time(end) / 1e3) / 1e9)
-    return statistics.median(runs[1:])
 
 
 def fetch_bandwidth(cache, tier_code: int, spans: int) -> float | None:
@@ -206,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     order = args.order.split(",")
     if not order or set(order) - set(known):
         parser.error(f"--order takes a comma list of {', '.join(known)}; got {args.order!r}")
-    ceiling = pinned_h2d_ceiling()
+    ceilings = measure_ceilings(torch.device(device))
+    ceiling = ceilings["pinned_h2d_gbps"] if ceilings else None
     rows = []
     for name in order:
         budgets = dict(known[name], kernels=args.kernels)

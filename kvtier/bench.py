@@ -58,7 +58,7 @@ class BenchError(Exception):
 # ---- command line ---------------------------------------------------------------------------------------------------
 def add_bench_parser(commands) -> argparse.ArgumentParser:
     """Add `bench` to the `kvtier` subcommands (argparse's subparsers object)."""
-    from kvtier.cli import _length, _lengths, _positive  # here: kvtier.cli imports this module
+    from kvtier.cli import _add_device_options, _length, _lengths, _positive  # here: kvtier.cli imports this module
 
     bench = commands.add_parser(
         "bench", help="prefill tok/s and decode ms/token vs context (8K..1M): stock, HF offloaded, kvtier tiers",
@@ -115,12 +115,7 @@ def add_bench_parser(commands) -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true",
                        help="a tiny random Llama (2 layers), contexts 1k,4k, 4 decode steps: the CI smoke run")
     bench.add_argument("--seed", type=int, default=0, help="seeds the random weights and token ids (default 0)")
-    bench.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                       help="auto = cuda when available, else cpu (--quick: cpu)")
-    bench.add_argument("--dtype", choices=("auto", "bfloat16", "float32"), default="auto",
-                       help="auto = bfloat16 on cuda and on CPUs with native bfloat16, else float32 "
-                            "(--quick: float32)")
-    bench.add_argument("--threads", type=_positive, default=None, help="CPU threads for torch (default: torch's)")
+    _add_device_options(bench)  # --quick overrides them: the CPU, float32
     bench.set_defaults(run=run_bench)
     return bench
 

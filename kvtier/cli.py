@@ -105,6 +105,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def _add_runtime_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=_positive, default=10, help="answer length (default 10)")
+    _add_device_options(parser)
+
+
+def _add_device_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="auto = cuda when available, else cpu")
     parser.add_argument("--dtype", choices=("auto", "bfloat16", "float32"), default="auto",
