@@ -18,17 +18,25 @@ def scope_attention(
     """
     keys, values = layer.take_pending()  # [B, Hkv, q, D]
     batch, q_heads, n_queries, head_dim = query.shape
-    out = query.new_empty(batch, n_queries, q_heads, head_dim)  # [B, q, Hq, D], the layout the model reshapes
     chunk = layer.config.chunk_size
+    if n_queries <= chunk:  # decode steps and short prompts: one chunk, no output buffer to fill
+        return _chunk_attention(layer, rotary, query, keys, values, scaling)
+    out = query.new_empty(batch, n_queries, q_heads, head_dim)  # [B, q, Hq, D], the layout the model reshapes
     for start in range(0, n_queries, chunk):
         end = min(start + chunk, n_queries)
-        layer.ingest(keys[:, :, start:end], values[:, :, start:end])
-        chunk_queries = query[:, :, start:end]  # [B, Hq, c, D]
-        rotated_keys, scope_values = layer.gather_scope(layer.select(chunk_queries), rotary)  # [B, Hkv, L, D]
-        length = rotated_keys.shape[2]
-        rotated_queries = rotary.rotate(chunk_queries, length - (end - start))
-        out[:, start:end] = _attend(rotated_queries, rotated_keys, scope_values, scaling).transpose(1, 2)
+        chunk_kv = keys[:, :, start:end], values[:, :, start:end]
+        out[:, start:end] = _chunk_attention(layer, rotary, query[:, :, start:end], *chunk_kv, scaling)
     return out
+
+
+def _chunk_attention(layer: ReAttentionLayer, rotary: ScopeRotary, query: torch.Tensor, keys: torch.Tensor,
+                     values: torch.Tensor, scaling: float | None) -> torch.Tensor:
+    """One query chunk [B, Hq, c, D] with its new K/V [B, Hkv, c, D]: ingest, select its spans, attend to
+    `[global | spans | local ending with the chunk]` -> [B, c, Hq, D]."""
+    layer.ingest(keys, values)
+    rotated_keys, scope_values = layer.gather_scope(layer.select(query), rotary)  # [B, Hkv, L, D]
+    rotated_queries = rotary.rotate(query, rotated_keys.shape[2] - query.shape[2])
+    return _attend(rotated_queries, rotated_keys, scope_values, scaling).transpose(1, 2)
 
 
 def _attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float | None) -> torch.Tensor:

@@ -18,6 +18,8 @@ class GlobalRegion:
     def absorb(self, keys: torch.Tensor, values: torch.Tensor) -> int:
         """Take as many of keys/values [B, Hkv, q, D] as still fit; return how many were taken."""
         taken = min(self.keys.shape[2] - self.length, keys.shape[2])
+        if taken == 0:
+            return 0
         self.keys[:, :, self.length : self.length + taken] = keys[:, :, :taken]
         self.values[:, :, self.length : self.length + taken] = values[:, :, :taken]
         self.length += taken
