@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kvtier.layer import ReAttentionLayer
 from kvtier.rotary import ScopeRotary
+
+BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def scope_attention(
@@ -40,13 +43,19 @@ def _chunk_attention(layer: ReAttentionLayer, rotary: ScopeRotary, query: torch.
 
 
 def _attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float | None) -> torch.Tensor:
-    """SDPA with the queries aligned to the end of the keys (bottom-right causal) -> [B, Hq, c, D]."""
-    n_queries, length = query.shape[2], keys.shape[2]
+    """SDPA with the queries aligned to the end of the keys (bottom-right causal) -> [B, Hq, c, D].
+
+    The g query heads sharing a KV head become g*c query rows of that head (a view), so no backend needs GQA support;
+    cuDNN's attention is left out: it builds a plan per key length, and the scope's length changes every step."""
+    batch, q_heads, n_queries, head_dim = query.shape
+    kv_heads, length = keys.shape[1], keys.shape[2]
+    group = q_heads // kv_heads
+    rows = query.reshape(batch, kv_heads, group * n_queries, head_dim)  # [B, Hkv, g*c, D]
     mask = None
     if n_queries > 1:
         key_pos = torch.arange(length, device=query.device)
         query_pos = torch.arange(length - n_queries, length, device=query.device)
-        mask = key_pos[None, :] <= query_pos[:, None]  # [c, L]
-    return F.scaled_dot_product_attention(
-        query, keys, values, attn_mask=mask, scale=scaling, enable_gqa=query.shape[1] != keys.shape[1]
-    )
+        mask = (key_pos[None, :] <= query_pos[:, None]).repeat(group, 1)  # [g*c, L]
+    with sdpa_kernel(BACKENDS):
+        out = F.scaled_dot_product_attention(rows, keys, values, attn_mask=mask, scale=scaling)  # [B, Hkv, g*c, D]
+    return out.view(batch, q_heads, n_queries, head_dim)
