@@ -16,6 +16,7 @@ import triton.language as tl
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 TILE_ELEMENTS = 4096  # tokens x head_dim moved per program (K and V each)
+COPY_BLOCK = 8192  # elements of a span copy_host_spans moves per program
 ADDRESS_ALIGNMENT = tl.constexpr(16)  # bytes: host blocks start on this, so loads from them vectorise
 TABLES_KEPT = 256  # address tables cached (a layer's block list that grew is a new entry)
 _tables: OrderedDict[tuple, torch.Tensor] = OrderedDict()
@@ -140,6 +141,56 @@ def scope_gather(
         BLOCK_T=block_tokens, BLOCK_HALF=triton.next_power_of_2(head_dim // 2),
         enable_fp_fusion=False,  # only the explicit fma: x*cos stays rounded on its own, as in PyTorch
     )
+
+
+@triton.jit
+def _copy_host_spans_kernel(pool, host_table, block_slots, slots, n_spans, SLOT: tl.constexpr, BLOCK: tl.constexpr):
+    """Program (span i, part): elements [part*BLOCK, +BLOCK) of host slot slots[1, i] -> pool slot slots[0, i]."""
+    span = tl.program_id(0)
+    offsets = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < SLOT
+    pool_slot = tl.load(slots + span)
+    host_slot = tl.load(slots + n_spans + span)
+    block_address = tl.load(host_table + host_slot // block_slots)
+    block = tl.multiple_of(block_address.to(tl.pointer_type(pool.dtype.element_ty)), ADDRESS_ALIGNMENT)
+    rows = tl.load(block + host_slot % block_slots * SLOT + offsets, mask=mask)
+    tl.store(pool + pool_slot * SLOT + offsets, rows, mask=mask)
+
+
+def copy_host_spans(gpu_pool: torch.Tensor, host_blocks: Sequence[torch.Tensor], slots: torch.Tensor) -> None:
+    """For each column i of slots [2, N] int64 (on the pool's device): gpu_pool[slots[0, i]] = host slot slots[1, i]
+    (row h % block_slots of block h // block_slots), read in place from the pinned blocks through UVA - one launch,
+    no staging copy on the CPU. The caller keeps those host slots unchanged until the launch has run."""
+    _validate_copy(gpu_pool, host_blocks, slots)
+    if not slots.shape[1]:
+        return
+    table = host_block_table(host_blocks, gpu_pool)
+    slot_elements = gpu_pool[0].numel()
+    block = min(COPY_BLOCK, triton.next_power_of_2(slot_elements))
+    _copy_host_spans_kernel[(slots.shape[1], triton.cdiv(slot_elements, block))](
+        gpu_pool, table, host_blocks[0].shape[0], slots, slots.shape[1], SLOT=slot_elements, BLOCK=block,
+    )
+
+
+def copy_host_spans_reference(gpu_pool: torch.Tensor, host_blocks: Sequence[torch.Tensor], slots: torch.Tensor) -> None:
+    """copy_host_spans in PyTorch: index the concatenated host blocks, copy to the device, index_copy into the pool."""
+    _validate_copy(gpu_pool, host_blocks, slots)
+    if slots.shape[1]:
+        rows = torch.cat(list(host_blocks))[slots[1].cpu()].to(gpu_pool.device)  # [N, 2, Hkv, S, D]
+        gpu_pool.index_copy_(0, slots[0], rows)
+
+
+def _validate_copy(gpu_pool, host_blocks, slots) -> None:
+    if gpu_pool.dim() != 5 or not gpu_pool.is_contiguous() or gpu_pool.dtype not in DTYPES:
+        raise ValueError(f"gpu_pool must be a contiguous [P, 2, Hkv, S, D] tensor of {DTYPES}, got "
+                         f"{tuple(gpu_pool.shape)} {gpu_pool.dtype}")
+    if slots.dim() != 2 or slots.shape[0] != 2 or slots.dtype is not torch.int64 or slots.device != gpu_pool.device:
+        raise ValueError(f"slots must be [2, N] int64 (pool slots, host slots) on {gpu_pool.device}, got "
+                         f"{tuple(slots.shape)} {slots.dtype} on {slots.device}")
+    if not slots.is_contiguous():
+        raise ValueError("slots must be contiguous")
+    if slots.shape[1] and not host_blocks:
+        raise ValueError("slots name host slots, but there are no host blocks")
 
 
 def host_block_table(host_blocks: Sequence[torch.Tensor], gpu_pool: torch.Tensor) -> torch.Tensor:

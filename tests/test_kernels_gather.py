@@ -8,7 +8,14 @@ import zlib
 import pytest
 import torch
 
-from kvtier.kernels.gather import host_block_table, rotate_reference, scope_gather, scope_gather_reference
+from kvtier.kernels.gather import (
+    copy_host_spans,
+    copy_host_spans_reference,
+    host_block_table,
+    rotate_reference,
+    scope_gather,
+    scope_gather_reference,
+)
 from kvtier.rotary import ScopeRotary
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -204,3 +211,66 @@ def test_full_size_matches_reference(batch, heads, head_dim, span, k, n_global, 
     )
     assert all(block.is_pinned() for block in scope.host_blocks)
     assert_gathers_like_reference(scope)
+
+
+# ---- copy_host_spans: promotion of host spans into the pool ------------------------------------------------------
+def make_copy(heads: int, head_dim: int, span: int, dtype: torch.dtype, count: int, pool_slots: int = 9,
+              n_blocks: int = 3, block_slots: int = 4, seed: int = 0):
+    """(pool, host blocks, slots [2, count]): distinct pool slots, distinct host slots spread over the blocks."""
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((heads, head_dim, span, dtype, count, seed)).encode()))
+    pool = torch.randn(pool_slots, 2, heads, span, head_dim, generator=gen).to(dtype).to(DEVICE)
+    blocks = [torch.randn(block_slots, 2, heads, span, head_dim, generator=gen).to(dtype) for _ in range(n_blocks)]
+    if DEVICE.type == "cuda":
+        blocks = [block.pin_memory() for block in blocks]
+    pool_ids = torch.randperm(pool_slots, generator=gen)[:count]
+    host_ids = torch.randperm(n_blocks * block_slots, generator=gen)[:count]
+    return pool, blocks, torch.stack((pool_ids, host_ids)).to(DEVICE)
+
+
+@pytest.mark.parametrize("heads,head_dim,span,dtype,count", [
+    (3, 64, 16, torch.bfloat16, 5),  # SmolLM2's 3 KV heads
+    (2, 128, 32, torch.float32, 1),
+    (8, 128, 64, torch.bfloat16, 9),  # every pool slot rewritten
+    (3, 64, 16, torch.float16, 0),
+])
+def test_copy_host_spans_matches_reference(heads, head_dim, span, dtype, count):
+    pool, blocks, slots = make_copy(heads, head_dim, span, dtype, count)
+    before = pool.clone()
+    expected = pool.clone()
+    copy_host_spans_reference(expected, blocks, slots)
+    copy_host_spans(pool, blocks, slots)
+    assert torch.equal(pool.cpu(), expected.cpu())
+    host = torch.cat(blocks)
+    for pool_slot, host_slot in slots.cpu().T.tolist():
+        assert torch.equal(pool[pool_slot].cpu(), host[host_slot])
+    untouched = torch.ones(pool.shape[0], dtype=torch.bool)
+    untouched[slots[0].cpu()] = False
+    assert torch.equal(pool[untouched.to(DEVICE)].cpu(), before[untouched.to(DEVICE)].cpu())
+
+
+@pytest.mark.parametrize("slots,message", [
+    (torch.zeros(3, dtype=torch.int64), "slots must be \\[2, N\\]"),
+    (torch.zeros(2, 3, dtype=torch.int32), "slots must be \\[2, N\\] int64"),
+    (torch.zeros(3, 2, dtype=torch.int64).T, "slots must be contiguous"),
+])
+def test_copy_host_spans_bad_slots_raise(slots, message):
+    pool, blocks, _ = make_copy(3, 64, 16, torch.bfloat16, 2)
+    with pytest.raises(ValueError, match=message):
+        copy_host_spans(pool, blocks, slots.to(DEVICE))
+
+
+def test_copy_host_spans_without_blocks_raises():
+    pool, _, slots = make_copy(3, 64, 16, torch.bfloat16, 2)
+    with pytest.raises(ValueError, match="no host blocks"):
+        copy_host_spans(pool, [], slots)
+
+
+@needs_cuda
+@pytest.mark.gpu
+def test_copy_host_spans_full_size():
+    pool, blocks, slots = make_copy(8, 128, 32, torch.bfloat16, 200, pool_slots=512, n_blocks=8, block_slots=64)
+    assert all(block.is_pinned() for block in blocks)
+    expected = pool.clone()
+    copy_host_spans_reference(expected, blocks, slots)
+    copy_host_spans(pool, blocks, slots)
+    assert torch.equal(pool, expected)

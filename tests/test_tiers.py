@@ -215,6 +215,7 @@ def test_the_kernel_path_generates_what_the_reference_path_generates(tmp_path):
         cache.close()
     assert torch.equal(outputs[0], outputs[1])
     assert stats[1]["tiers"]["host"]["hits"] > 0 and stats[1]["tiers"]["disk"]["hits"] > 0
+    assert stats[1]["tiers"]["gpu"]["promotions"] > 0  # host spans copied into the pool by kernels.copy_host_spans
 
 
 def test_pools_move_spans_down_in_large_rare_batches():

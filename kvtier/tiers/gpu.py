@@ -20,9 +20,14 @@ class DevicePool(SlotPool):
 
     def put(self, uids: np.ndarray, spans: torch.Tensor) -> np.ndarray:
         """spans [N, 2, Hkv, S, D] on the device -> the slots [N] they now occupy."""
+        slots = self.reserve(uids)
+        self.data.index_copy_(0, torch.from_numpy(slots).to(self.data.device), spans)
+        return slots
+
+    def reserve(self, uids: np.ndarray) -> np.ndarray:
+        """Slots [N] for uids [N], allocated but not written: the caller fills them (see Placement._promote)."""
         slots = self.map.assign(uids)
         self._grow_to(self.map.created)
-        self.data.index_copy_(0, torch.from_numpy(slots).to(self.data.device), spans)
         return slots
 
     def _grow_to(self, rows: int) -> None:

@@ -149,7 +149,7 @@ class Placement:
         tier = self.tier.data[uids]
         hot = uids[(tier == HOST) & (self.selected.data[uids] >= PROMOTE_AFTER)]
         if len(hot):
-            self._promote(hot, self._host_to_device(hot))
+            self._promote(hot)
         on_gpu = self.tier.data[uids] == GPU
         loc = np.empty(len(uids), dtype=np.int64)
         loc[on_gpu] = self.gpu.map.lookup(uids[on_gpu])
@@ -195,10 +195,19 @@ class Placement:
             self._staging = buffer((size, *self.span_shape), self.dtype, pin_memory=self._stream is not None)
         return self._staging[:count]
 
-    def _promote(self, uids: np.ndarray, spans: torch.Tensor) -> None:
-        """Host spans selected repeatedly, already copied to the device as spans [N, ...] -> into the GPU pool."""
+    def _promote(self, uids: np.ndarray, spans: torch.Tensor | None = None) -> None:
+        """Host spans selected repeatedly -> the GPU pool: `spans` [N, ...] already copied to the device (fetch), or
+        None to copy them with one kernel reading the pinned host slots in place through UVA (locate's kernel path;
+        the host slots are rewritten only after `host_reads_launched`'s event, which follows that kernel)."""
         self._make_room_on_gpu(len(uids))
-        self.gpu.put(uids, spans)
+        if spans is None:
+            from kvtier.kernels.gather import copy_host_spans
+
+            slots = np.stack((self.gpu.reserve(uids), self.host.map.lookup(uids)))  # [2, N]: pool, host
+            copy_host_spans(self.gpu.data, self.host.blocks, torch.from_numpy(slots).to(self.device))
+            self.moved["host->gpu"] += len(uids) * self.span_bytes
+        else:
+            self.gpu.put(uids, spans)
         self.host.evict(uids)
         self.tier.data[uids] = GPU
         self.counters["gpu"].promotions += len(uids)
