@@ -31,6 +31,7 @@ from kvtier.errors import TierFullError
 from kvtier.longctx import fill, record_kv, sync
 from kvtier.metrics import DIRECTIONS
 from kvtier.model import load_smollm2, preferred_dtype, random_llama
+from kvtier.tiers.gpu import growth_target
 from kvtier.hf import cache_keyword
 
 MODELS = ("llama8b", "smollm2")
@@ -378,6 +379,7 @@ class Bench:
         fill_s = fill(cache, self.recorded(), filled) if filled else None
         prefill_s = self.prefill(cache, context - filled, f"{method} prefill")
         before = cache.stats() if isinstance(cache, ReAttentionCache) else None
+        peak_gib = _peak_gib(device, reset=True)  # prefill (and fill); then decode's own peak
         token = self.ids(1)
         times = self.decode(cache, token, f"{method} decode @ {context:,}")
         step_ms = statistics.median(times)
@@ -387,7 +389,8 @@ class Bench:
             "fill_s": None if fill_s is None else round(fill_s, 2),
             "decode": {"ms_median": round(step_ms, 3), "ms_p90": round(_quantile(times, 0.9), 3),
                        "ms_min": round(min(times), 3), "steps": len(times), "warmup": self.plan.warmup},
-            "peak_gpu_gib": round(torch.cuda.max_memory_allocated(device) / GiB, 2) if device.type == "cuda" else None,
+            "peak_gpu_gib": None if peak_gib is None else max(peak_gib, _peak_gib(device)),
+            "decode_peak_gpu_gib": _peak_gib(device),
             "transfer": self.transfer(method, cache, before, context, step_ms, ceilings),
             "tiers": None if before is None else {key: cache.stats()[key] for key in ("spans", "bytes", "tiers")},
             "launches": self.launches(cache, token) if device.type == "cuda" else None,
@@ -503,14 +506,24 @@ class Bench:
                 "host": on_host * span_bytes, "disk": (spans - on_gpu - on_host) * span_bytes}
 
 
+def _peak_gib(device: torch.device, reset: bool = False) -> float | None:
+    """Peak GiB allocated on a CUDA device since the last reset (None elsewhere); `reset` starts a new period."""
+    if device.type != "cuda":
+        return None
+    peak = round(torch.cuda.max_memory_allocated(device) / GiB, 2)
+    if reset:
+        torch.cuda.reset_peak_memory_stats(device)
+    return peak
+
+
 def _pool_peak(spans: int, capacity: int | None) -> int:
-    """Slots kvtier's GPU pool holds at its peak while growing to `spans`: like kvtier.tiers.gpu.DevicePool it
-    doubles from 16 slots up to its capacity, the old and the new allocation coexisting during the copy."""
+    """Slots kvtier's GPU pool holds at its peak while growing to `spans`: like kvtier.tiers.gpu.DevicePool it grows
+    from 16 slots by growth_target, the old and the new allocation coexisting during the copy."""
     need = spans if capacity is None else min(spans, capacity)
     have = 16 if capacity is None else min(16, capacity)
     peak = have
     while have < need:
-        grown = 2 * have if capacity is None else min(2 * have, capacity)
+        grown = growth_target(have, have + 1, capacity)
         peak, have = have + grown, grown
     return peak
 

@@ -156,7 +156,8 @@ def format_report(result: dict) -> str:
          "fill, at full depth)", lambda c: f"{_prefill_tok_s(c):,.0f} {'r' if _real(c) else 'f'}"),
     )
     if result["ceilings"]:  # measured on CUDA only
-        tables += (("peak GPU GiB", lambda c: f"{c['peak_gpu_gib']:.1f}"),
+        tables += (("peak GPU GiB (whole cell: prefill or fill, then decode)", lambda c: f"{c['peak_gpu_gib']:.1f}"),
+                   ("peak GPU GiB during decode", lambda c: f"{c['decode_peak_gpu_gib']:.1f}"),
                    ("CUDA launches per decode step (kernels + memcpy/memset)",
                     lambda c: f"{c['launches']['kernels']} + {c['launches']['copies']}"))
     for title, show in tables:

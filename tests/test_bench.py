@@ -159,7 +159,8 @@ def test_help_lists_the_options(capsys):
 def test_pool_peak_counts_the_old_and_new_allocation_while_doubling():
     assert _pool_peak(10, None) == 16  # the first allocation holds them
     assert _pool_peak(100, None) == 64 + 128
-    assert _pool_peak(100, 80) == 64 + 80  # a budget caps the last growth
+    assert _pool_peak(100, 80) == 16 + 80  # past 1/8 of a budget the pool takes all of it
+    assert _pool_peak(10**6, 8192) == 1024 + 8192  # the growth copy holds at most 1.125x the budget
     assert _pool_peak(1_040_352, None) == (1 << 19) + (1 << 20)  # 8B at 1M: 192 GiB of 128 KiB spans at the peak
 
 

@@ -218,6 +218,20 @@ def test_the_kernel_path_generates_what_the_reference_path_generates(tmp_path):
     assert stats[1]["tiers"]["gpu"]["promotions"] > 0  # host spans copied into the pool by kernels.copy_host_spans
 
 
+def test_a_budgeted_gpu_pool_grows_by_doubling_then_to_its_budget_in_one_step():
+    from kvtier.tiers.gpu import DevicePool, growth_target
+
+    assert [growth_target(have, have + 1, None) for have in (16, 32)] == [32, 64]
+    assert growth_target(16, 17, 1024) == 32 and growth_target(64, 65, 1024) == 128
+    assert growth_target(128, 129, 1024) == 1024  # 256 would pass 1/8 of the budget: all of it at once
+    pool = DevicePool(SPAN_SHAPE, torch.float32, torch.device("cpu"), capacity=200)
+    sizes = []
+    for start in range(0, 200, 10):
+        pool.put(np.arange(start, start + 10), torch.zeros(10, *SPAN_SHAPE))
+        sizes.append(pool.data.shape[0])
+    assert sorted(set(sizes)) == [16, 200]  # never above the budget; the growth copy held 16 + 200 slots
+
+
 def test_pools_move_spans_down_in_large_rare_batches():
     assert shortfall(count=16, capacity=1600, available=1000) == 0  # 1/16 of the pool stays free: nothing moves
     assert shortfall(count=16, capacity=1600, available=110) == 16 + 200 - 110  # below it: free 2/16 at once

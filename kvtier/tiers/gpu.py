@@ -8,9 +8,21 @@ from kvtier.buffers import buffer
 from kvtier.tiers.base import SlotMap, SlotPool
 
 
+FULL_AT = 8  # a budgeted pool past 1/FULL_AT of its capacity takes all of it in one step
+
+
+def growth_target(have: int, rows: int, capacity: int | None) -> int:
+    """Slots a pool of `have` slots grows to when it needs `rows`: double, or straight to a budget's capacity once
+    past 1/FULL_AT of it - so the copy that grows a pool briefly holds at most (1 + 1/FULL_AT) x the budget."""
+    target = max(rows, 2 * have)
+    if capacity is None:
+        return target
+    return capacity if target * FULL_AT > capacity else target
+
+
 class DevicePool(SlotPool):
-    """Spans on the model's device, at most `capacity` of them (None: no limit); the allocation grows by doubling up
-    to the capacity, so a budget is never exceeded and a small context does not reserve it all."""
+    """Spans on the model's device, at most `capacity` of them (None: no limit); the allocation grows by doubling
+    (see growth_target), so a budget is never exceeded and a small context does not reserve it all."""
 
     def __init__(self, span_shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, capacity: int | None):
         self.map = SlotMap(capacity)
@@ -34,7 +46,7 @@ class DevicePool(SlotPool):
         have = self.data.shape[0]
         if rows <= have:
             return
-        target = max(rows, 2 * have) if self.capacity is None else min(max(rows, 2 * have), self.capacity)
+        target = growth_target(have, rows, self.capacity)
         grown = buffer((target, *self.data.shape[1:]), self.data.dtype, self.data.device)
         grown[:have] = self.data
         self.data = grown
