@@ -108,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="timed decode steps (default 32; --quick 4)")
     parser.add_argument("--profile-steps", type=int, default=8, help="decode steps under cProfile (default 8)")
     parser.add_argument("--top", type=int, default=30, help="cProfile rows printed per configuration (default 30)")
+    parser.add_argument("--gpu-budget", default=None,
+                        help="also profile kvtier (kernels=auto) with this gpu_budget, the rest in pinned host memory")
     parser.add_argument("--quick", action="store_true", help="a tiny random Llama on the CPU")
     parser.add_argument("--out", type=Path, default=None, help="folder for decode_profile.json")
     args = parser.parse_args(argv)
@@ -137,10 +139,12 @@ def main(argv: list[str] | None = None) -> int:
         return ids[:, context:]
 
     rows = [profile_config("stock", model, lambda: DynamicCache(config=model.config), stock_prepare, args, layers)]
-    for kernels in ("auto", "reference"):
-        rows.append(profile_config(f"kvtier kernels={kernels}", model,
-                                   lambda: ReAttentionCache(model, config, kernels=kernels), kvtier_prepare, args,
-                                   layers))
+    variants = [("kvtier kernels=auto", {"kernels": "auto"}), ("kvtier kernels=reference", {"kernels": "reference"})]
+    if args.gpu_budget:
+        variants.append((f"kvtier kernels=auto gpu_budget={args.gpu_budget}", {"gpu_budget": args.gpu_budget}))
+    for name, overrides in variants:
+        rows.append(profile_config(name, model, lambda: ReAttentionCache(model, config, **overrides), kvtier_prepare,
+                                   args, layers))
     print("\n| config | decode ms/token | vs stock | kernels / copies per step |\n|---|---|---|---|")
     for row in rows:
         launch = "" if row["launches"] is None else f"{row['launches']['kernels']} / {row['launches']['copies']}"
