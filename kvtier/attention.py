@@ -39,11 +39,11 @@ def _chunk_attention(layer: ReAttentionLayer, rotary: ScopeRotary, query: torch.
     layer.ingest(keys, values)
     rotated_keys, scope_values = layer.gather_scope(layer.select(query), rotary)  # [B, Hkv, L, D]
     rotated_queries = rotary.rotate(query, rotated_keys.shape[2] - query.shape[2])
-    return _attend(rotated_queries, rotated_keys, scope_values, scaling).transpose(1, 2)
+    return _attend(rotated_queries, rotated_keys, scope_values, scaling)
 
 
 def _attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float | None) -> torch.Tensor:
-    """SDPA with the queries aligned to the end of the keys (bottom-right causal) -> [B, Hq, c, D].
+    """SDPA with the queries aligned to the end of the keys (bottom-right causal) -> [B, c, Hq, D].
 
     The g query heads sharing a KV head become g*c query rows of that head (a view), so no backend needs GQA support;
     cuDNN's attention is left out: it builds a plan per key length, and the scope's length changes every step."""
@@ -58,4 +58,6 @@ def _attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scali
         mask = (key_pos[None, :] <= query_pos[:, None]).repeat(group, 1)  # [g*c, L]
     with sdpa_kernel(BACKENDS):
         out = F.scaled_dot_product_attention(rows, keys, values, attn_mask=mask, scale=scaling)  # [B, Hkv, g*c, D]
-    return out.view(batch, q_heads, n_queries, head_dim)
+    # any strides (flash attention's output is laid out [B, g*c, Hkv, D]): at most one copy into the model's layout
+    out = out.unflatten(2, (group, n_queries)).permute(0, 3, 1, 2, 4)  # [B, c, Hkv, g, D]
+    return out.reshape(batch, n_queries, q_heads, head_dim)

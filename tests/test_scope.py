@@ -129,12 +129,31 @@ def test_queries_are_processed_in_chunks_of_chunk_size():
     assert len([1 for layer, _, _ in seen if layer == 0]) == -(-100 // 12)
 
 
-def test_sdpa_mask_is_bottom_right_causal():
+def test_sdpa_mask_is_bottom_right_causal_and_query_heads_share_their_kv_head():
     from kvtier.attention import _attend
 
-    q, k, v = torch.randn(1, 2, 3, 8), torch.randn(1, 2, 7, 8), torch.randn(1, 2, 7, 8)
-    out = _attend(q, k, v, None)
+    q, k, v = torch.randn(1, 6, 3, 8), torch.randn(1, 2, 7, 8), torch.randn(1, 2, 7, 8)  # 3 query heads per KV head
+    out = _attend(q, k, v, None)  # [B, c, Hq, D]
+    assert out.shape == (1, 3, 6, 8)
     for i in range(3):
         visible = 7 - 3 + i + 1
-        expected = F.scaled_dot_product_attention(q[:, :, i : i + 1], k[:, :, :visible], v[:, :, :visible])
-        torch.testing.assert_close(out[:, :, i : i + 1], expected)
+        expected = F.scaled_dot_product_attention(
+            q[:, :, i : i + 1], k[:, :, :visible], v[:, :, :visible], enable_gqa=True
+        )  # [B, Hq, 1, D]
+        torch.testing.assert_close(out[:, i : i + 1], expected.transpose(1, 2))
+
+
+def test_attention_takes_sdpa_outputs_of_any_layout(monkeypatch):
+    """Flash attention on CUDA returns [B, H, q, D] laid out as [B, q, H, D]; the result must not depend on it."""
+    from kvtier import attention
+
+    q, k, v = torch.randn(2, 6, 5, 8), torch.randn(2, 2, 9, 8), torch.randn(2, 2, 9, 8)
+    expected, expected_step = attention._attend(q, k, v, 0.5), attention._attend(q[:, :, :1], k, v, 0.5)
+    real = F.scaled_dot_product_attention
+
+    def flash_layout(*args, **kwargs):
+        return real(*args, **kwargs).transpose(1, 2).contiguous().transpose(1, 2)
+
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", flash_layout)
+    assert torch.equal(attention._attend(q, k, v, 0.5), expected)
+    assert torch.equal(attention._attend(q[:, :, :1], k, v, 0.5), expected_step)
