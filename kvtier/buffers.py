@@ -13,6 +13,16 @@ def buffer(shape, dtype: torch.dtype, device: torch.device | str = "cpu", pin_me
         return torch.empty(shape, dtype=dtype, device=device, pin_memory=pin_memory)
 
 
+def upload(values: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host array -> a tensor on `device`, without waiting for the device: on CUDA through pinned memory and
+    a non-blocking copy (a plain .to() from pageable memory synchronises the stream: the CPU would wait for all the
+    work queued before it)."""
+    tensor = torch.from_numpy(values) if isinstance(values, np.ndarray) else values
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 class GrowableTensor:
     def __init__(self, shape: tuple[int, ...], dim: int, dtype: torch.dtype, device: torch.device, capacity: int = 16):
         self.dim = dim
@@ -36,6 +46,11 @@ class GrowableTensor:
         grown = buffer(shape, self.data.dtype, self.data.device)
         grown.narrow(self.dim, 0, self.length).copy_(self.view())
         self.data = grown
+
+    def extend_to(self, length: int) -> None:
+        """Make the first `length` entries along `dim` live (entries beyond the old length are uninitialised)."""
+        self.reserve(length)
+        self.length = max(self.length, length)
 
     def view(self) -> torch.Tensor:
         return self.data.narrow(self.dim, 0, self.length)

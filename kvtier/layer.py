@@ -9,6 +9,7 @@ import torch
 from transformers.cache_utils import CacheLayerMixin
 
 from kvtier import backends
+from kvtier.buffers import upload
 from kvtier.config import ReAttentionConfig
 from kvtier.policies import Policy
 from kvtier.regions import GlobalRegion, LocalWindow, SpanTable
@@ -167,15 +168,24 @@ class ReAttentionLayer(CacheLayerMixin):
 
     def _locate(self, ids: torch.Tensor) -> torch.Tensor:
         """ids [B, Hkv, k] -> loc [B, Hkv, k] on the device for the gather kernel (GPU slot, or -1 - host slot)."""
-        if self.placement.unbounded:
+        placement = self.placement
+        if placement.unbounded:
             return self._pool_slots(ids)
+        if placement.located_on_device:  # no round trip to the CPU: the placement books the selection later
+            uids = self._uids_of(ids)
+            placement.note(uids if self.config.per_kv_head else uids[:, :1])
+            return placement.where.data[uids]
         distinct, inverse = self._selected_uids(ids)
-        return torch.from_numpy(self.placement.locate(distinct)[inverse]).to(self.device)
+        return upload(placement.locate(distinct)[inverse], self.device)
+
+    def _uids_of(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [B, Hkv, k] -> the uids of those spans [B, Hkv, k], on the device."""
+        return self.table.uids.view()[:, None, :].expand(-1, self.shape[1], -1).gather(2, ids)
 
     def _pool_slots(self, ids: torch.Tensor) -> torch.Tensor:
         """ids [B, Hkv, k] -> their GPU pool slots [B, Hkv, k], on the device (every span in the pool, slot == uid)."""
         self._count_gpu_hits(ids)
-        return self.table.uids.view()[:, None, :].expand(-1, self.shape[1], -1).gather(2, ids)
+        return self._uids_of(ids)
 
     def _count_gpu_hits(self, ids: torch.Tensor) -> None:
         per_row = ids.shape[2] * (self.shape[1] if self.config.per_kv_head else 1)
@@ -190,7 +200,7 @@ class ReAttentionLayer(CacheLayerMixin):
         distinct, inverse = self._selected_uids(ids)
         spans = self.placement.fetch(distinct).to(self.device)  # [U, 2, Hkv, S, D]
         heads = torch.arange(self.shape[1], device=self.device)[None, :, None]
-        return spans[torch.from_numpy(inverse).to(self.device), :, heads]
+        return spans[upload(inverse, self.device), :, heads]
 
     # ---- accounting ---------------------------------------------------------------------------------------------
     def resident_bytes(self) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from kvtier.buffers import GrowableTensor, buffer
+from kvtier.buffers import GrowableTensor, buffer, upload
 
 
 class GlobalRegion:
@@ -84,7 +84,7 @@ class SpanTable:
     def append(self, uids: torch.Tensor, summaries: torch.Tensor) -> None:
         """uids [B, m] on the CPU, summaries [B, Hkv, m, c, D] for m newly sealed spans per row."""
         self.uids_host.append(uids)
-        self.uids.append(uids.to(self.uids.data.device))
+        self.uids.append(upload(uids, self.uids.data.device))
         self.summaries.append(summaries)
 
     def __len__(self) -> int:

@@ -200,22 +200,44 @@ def test_a_cache_filled_under_inference_mode_keeps_working_outside_it(tmp_path):
     assert torch.equal(outputs[0], outputs[1])
 
 
-def test_the_kernel_path_generates_what_the_reference_path_generates(tmp_path):
+@pytest.mark.parametrize("with_disk", [True, False], ids=["gpu+host+lmdb", "gpu+host"])
+def test_the_kernel_path_generates_what_the_reference_path_generates(tmp_path, with_disk):
     """kernels="triton" (Triton's interpreter on this CPU, the real kernels on CUDA) through every tier: summaries,
-    selection and the scope gather with host spans read in place give the reference path's tokens."""
+    selection and the scope gather with host spans read in place give the reference path's tokens. Without a disk
+    tier the kernel path finds spans through the placement's device table and books selections later."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = tiny_model("llama").to(device)
     ids = random_ids(90, seed=4).to(device)
     budgets = {"gpu_budget": 8 * SPAN_BYTES, "host_budget": 8 * SPAN_BYTES, "disk_path": str(tmp_path)}
+    if not with_disk:
+        budgets = {"gpu_budget": 8 * SPAN_BYTES}
     outputs, stats = [], []
     for kernels in ("reference", "triton"):
         cache = ReAttentionCache(model, **TINY, **budgets, kernels=kernels)
         outputs.append(greedy(model, ids, cache, new_tokens=4))
         stats.append(cache.stats())
+        assert cache.placement.located_on_device == (not with_disk)
+        if not with_disk:
+            assert_device_table_matches_the_placement(cache.placement)
         cache.close()
     assert torch.equal(outputs[0], outputs[1])
-    assert stats[1]["tiers"]["host"]["hits"] > 0 and stats[1]["tiers"]["disk"]["hits"] > 0
+    assert stats[1]["tiers"]["host"]["hits"] > 0 and stats[1]["tiers"]["gpu"]["misses"] > 0
     assert stats[1]["tiers"]["gpu"]["promotions"] > 0  # host spans copied into the pool by kernels.copy_host_spans
+    if with_disk:
+        assert stats[1]["tiers"]["disk"]["hits"] > 0
+
+
+def assert_device_table_matches_the_placement(placement):
+    """Every span's entry in the device table is its GPU slot, or -1 - its host slot."""
+    from kvtier.tiers.placement import GPU, HOST
+
+    uids = np.arange(placement.uids)
+    tier = placement.tier.data[: placement.uids]
+    where = placement.where.data[: placement.uids].cpu().numpy()
+    on_gpu, on_host = uids[tier == GPU], uids[tier == HOST]
+    assert len(on_gpu) + len(on_host) == placement.uids
+    assert np.array_equal(where[on_gpu], placement.gpu.map.lookup(on_gpu))
+    assert np.array_equal(where[on_host], -1 - placement.host.map.lookup(on_host))
 
 
 def test_a_budgeted_gpu_pool_grows_by_doubling_then_to_its_budget_in_one_step():

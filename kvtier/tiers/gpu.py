@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from kvtier.buffers import buffer
+from kvtier.buffers import buffer, upload
 from kvtier.tiers.base import SlotMap, SlotPool
 
 
@@ -33,7 +33,7 @@ class DevicePool(SlotPool):
     def put(self, uids: np.ndarray, spans: torch.Tensor) -> np.ndarray:
         """spans [N, 2, Hkv, S, D] on the device -> the slots [N] they now occupy."""
         slots = self.reserve(uids)
-        self.data.index_copy_(0, torch.from_numpy(slots).to(self.data.device), spans)
+        self.data.index_copy_(0, upload(slots, self.data.device), spans)
         return slots
 
     def reserve(self, uids: np.ndarray) -> np.ndarray:
@@ -53,7 +53,7 @@ class DevicePool(SlotPool):
 
     def take(self, uids: np.ndarray) -> torch.Tensor:
         """uids [N] -> a new tensor of their spans [N, 2, Hkv, S, D] on the device."""
-        return self.data[torch.from_numpy(self.map.lookup(uids)).to(self.data.device)]
+        return self.data[upload(self.map.lookup(uids), self.data.device)]
 
     def get_into(self, uids: np.ndarray, out: torch.Tensor) -> None:
         out.copy_(self.take(uids))

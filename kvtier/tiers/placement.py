@@ -15,7 +15,7 @@ import weakref
 import numpy as np
 import torch
 
-from kvtier.buffers import GrowableArray, buffer
+from kvtier.buffers import GrowableArray, GrowableTensor, buffer, upload
 from kvtier.config import ReAttentionConfig
 from kvtier.errors import TierFullError
 from kvtier.metrics import DIRECTIONS, TierCounters
@@ -82,14 +82,27 @@ class Placement:
         self._staging: torch.Tensor | None = None  # pinned [n, 2, Hkv, S, D] for host -> GPU copies
         self._staging_free: torch.cuda.Event | None = None
         self._host_reads: torch.cuda.Event | None = None  # after the last kernel that read host slots in place
+        # With a GPU budget but no disk tier every span is on the GPU or in pinned host memory, both readable by the
+        # gather kernel: a device table says where (GPU slot, or -1 - host slot); selections are booked later (note).
+        self.where = None
+        if gpu_cap is not None and self.disk is None:
+            self.where = GrowableTensor((0,), 0, torch.long, device)  # [uids]
+        self._noted: list[tuple[torch.cuda.Event | None, torch.Tensor]] = []  # selections not yet booked
 
     @property
     def unbounded(self) -> bool:
         """Every span is in the GPU pool for good, at slot == uid: the layer may index the pool directly."""
         return self.gpu.capacity is None and self.archive is None
 
+    @property
+    def located_on_device(self) -> bool:
+        """The device table `where` locates every span (no disk tier, no saved file): the kernel path looks spans up
+        on the device and the CPU never waits for a selection."""
+        return self.where is not None
+
     def attach_archive(self, store: LmdbStore, count: int) -> None:
         """Spans 0..count-1 live in a saved cache's file."""
+        self.where = None
         self.archive, self.archived = store, count
         weakref.finalize(self, store.close)
         self._new(count, DISK)
@@ -112,8 +125,47 @@ class Placement:
         slots = self.gpu.put(uids, spans)
         if self.unbounded and not np.array_equal(slots, uids):
             raise AssertionError("an unbounded GPU pool must place span uid at slot uid")
+        self._publish(uids, slots)
         self.clock += 1
         return uids
+
+    def _publish(self, uids: np.ndarray, loc: np.ndarray) -> None:
+        """Write where uids [N] now live (loc [N]: GPU slot, or -1 - host slot) into the device table, in stream order:
+        kernels queued before still see the old place, which stays valid until then (see _finish_copies, _promote)."""
+        if self.where is None or not len(uids):
+            return
+        self.where.extend_to(self.uids)
+        pairs = upload(np.stack((uids, loc)), self.device)  # [2, N]
+        self.where.data[pairs[0]] = pairs[1]
+
+    def note(self, uids: torch.Tensor) -> None:
+        """uids (any shape, on the device) read by an attention call just queued: copied to pinned memory without
+        waiting, and booked (recency, counters, promotion of hot host spans) by a later call once the copy landed."""
+        self.catch_up()
+        if self._stream is None:
+            self._book(np.unique(uids.numpy()))
+            return
+        landed = torch.empty(uids.shape, dtype=uids.dtype, pin_memory=True)
+        landed.copy_(uids, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self._noted.append((event, landed))
+
+    def catch_up(self, wait: bool = False) -> None:
+        """Book the noted selections whose copy has landed (all of them, waiting, when `wait`)."""
+        while self._noted and (wait or self._noted[0][0].query()):
+            event, landed = self._noted.pop(0)
+            event.synchronize()
+            self._book(np.unique(landed.numpy()))
+
+    def _book(self, uids: np.ndarray) -> None:
+        """Distinct uids [M] an attention call read through `where`: count them; promote host spans selected often."""
+        self._selected(uids)
+        tier = self.tier.data[uids]
+        self.moved["host->gpu"] += int((tier == HOST).sum()) * self.span_bytes  # the gather read them in place
+        hot = uids[(tier == HOST) & (self.selected.data[uids] >= PROMOTE_AFTER)]
+        if len(hot):
+            self._promote(hot)
 
     def _selected(self, uids: np.ndarray) -> None:
         """Distinct uids [M] selected by one attention call: count them, and bring those on disk up to the host."""
@@ -172,7 +224,7 @@ class Placement:
         self.counters["disk"].hits += int(counts[DISK])
 
     def _index(self, positions: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(positions).to(self.device)
+        return upload(positions, self.device)
 
     def _host_to_device(self, uids: np.ndarray) -> torch.Tensor:
         """One batched copy: host slots -> pinned staging -> the device (asynchronous on CUDA)."""
@@ -204,10 +256,11 @@ class Placement:
             from kvtier.kernels.gather import copy_host_spans
 
             slots = np.stack((self.gpu.reserve(uids), self.host.map.lookup(uids)))  # [2, N]: pool, host
-            copy_host_spans(self.gpu.data, self.host.blocks, torch.from_numpy(slots).to(self.device))
+            copy_host_spans(self.gpu.data, self.host.blocks, upload(slots, self.device))
             self.moved["host->gpu"] += len(uids) * self.span_bytes
         else:
             self.gpu.put(uids, spans)
+        self._publish(uids, self.gpu.map.lookup(uids))
         self.host.evict(uids)
         self.tier.data[uids] = GPU
         self.counters["gpu"].promotions += len(uids)
@@ -283,6 +336,7 @@ class Placement:
                 wait = False
             self._copies.pop(0)
             self.gpu.evict(uids)
+            self._publish(uids, -1 - self.host.map.lookup(uids))
             self.tier.data[uids] = HOST
             self.moving.data[uids] = False
             self.selected.data[uids] = 0
@@ -382,6 +436,7 @@ class Placement:
         return out
 
     def stats(self) -> dict:
+        self.catch_up(wait=True)
         counts = np.bincount(self.tier.data[: self.uids].astype(np.int64) + 1, minlength=4)[1:]
         disk_bytes = (self.disk.nbytes if self.disk is not None else 0) + self.archived * self.span_bytes
         self.counters["disk"].wait_s = sum(store.wait_s for store in (self.disk, self.archive) if store is not None)
@@ -405,6 +460,7 @@ class Placement:
         }
 
     def close(self) -> None:
+        self.catch_up(wait=True)
         self._finish_copies(wait=True)
         for store in (self.disk, self.archive):
             if store is not None:
