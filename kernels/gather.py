@@ -4,6 +4,10 @@ positions 0..L-1, reading each span from the GPU slot pool or straight from pinn
 Span locations `loc` [B, Hkv, k] int64: a slot >= 0 is a row of the GPU pool [P, 2, Hkv, S, D]; a slot < 0 is host
 slot h = -slot - 1, row h % block_slots of host block h // block_slots, each block [block_slots, 2, Hkv, S, D]. The
 kernel reaches the host blocks through a device table of their base addresses (int64), cast to pointers in-kernel.
+
+The kernels take the sizes that change with the context or the step (region lengths, spans, loc's strides, the
+batch, block_slots) as runtime integers (`do_not_specialize`), so a growing context compiles no new variant; the
+K/V strides stay specialised: multiples of head_dim, fixed by the layout, their divisibility lets copies vectorise.
 """
 from __future__ import annotations
 
@@ -45,7 +49,8 @@ def _rotate_copy_tile(
     tl.store(dst_values + dst + HALF, tl.load(src_values + src + HALF, mask=mask), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["loc_stride_b", "loc_stride_h", "block_slots", "batch", "n_global", "n_spans",
+                                "n_local"])
 def _scope_gather_kernel(
     global_keys, global_values, global_stride_b, global_stride_h, global_stride_t,
     local_keys, local_values, local_stride_b, local_stride_h, local_stride_t,
@@ -143,7 +148,7 @@ def scope_gather(
     )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["block_slots", "n_spans"])
 def _copy_host_spans_kernel(pool, host_table, block_slots, slots, n_spans, SLOT: tl.constexpr, BLOCK: tl.constexpr):
     """Program (span i, part): elements [part*BLOCK, +BLOCK) of host slot slots[1, i] -> pool slot slots[0, i]."""
     span = tl.program_id(0)

@@ -10,10 +10,17 @@ Kernels: `_score_spans_kernel`, one program per (sequence, KV head, block of spa
 once and loops over the group's (head, query) rows; it writes the "max" / "sum" aggregates directly. For "vote" it
 also writes each (head, query) row's best `votes` candidates within its block; `_count_votes_kernel`, one program per
 block of rows, keeps each row's best `votes` overall and adds one vote per pick to the span holding it.
+
+Compiled variants: every block size depends on n_spans only through its power-of-two bucket (`span_bucket`), and the
+kernels take the sizes that change with the context or the step as plain runtime integers (`do_not_specialize`),
+so a growing context compiles one variant per bucket, which kvtier.kernels.warmup can do ahead. The strides stay
+specialised: every caller's are multiples of head_dim, fixed by the layout, and their divisibility lets loads
+vectorise.
 """
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -28,7 +35,7 @@ ROWS_PER_DOT = 64  # (head, query) rows scored per tl.dot
 COUNT_TILE = 8192  # vote picks (rows x entries) one _count_votes_kernel program holds
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_queries", "n_spans", "n_blocks"])
 def _score_spans_kernel(
     queries, q_stride_b, q_stride_h, q_stride_t,
     summaries, s_stride_b, s_stride_h, s_stride_n,
@@ -135,14 +142,14 @@ def _store_row_tops(scores, first_span, score_ptrs, span_ptrs, r_valid, BLOCK_M:
         scores = tl.where(m == at[:, None], float("-inf"), scores)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows", "n_spans", "n_entries", "n_votes"])
 def _count_votes_kernel(
-    block_scores, block_spans, primary, n_rows, n_spans, n_entries,
+    block_scores, block_spans, primary, n_rows, n_spans, n_entries, n_votes,
     VOTES: tl.constexpr, VOTES_PAD: tl.constexpr, BLOCK_ROWS: tl.constexpr, CHUNK: tl.constexpr,
 ):
     """Program (block of BLOCK_ROWS (head, query) rows, b * Hkv + KV head): each row's n_entries = n_blocks *
-    BLOCK_VOTES picks -> its VOTES best, each adding one vote to primary [B, Hkv, n] at the span holding it (a span
-    may get several votes from one row)."""
+    BLOCK_VOTES picks -> its VOTES best, best first; the first n_votes (<= VOTES) each add one vote to primary
+    [B, Hkv, n] at the span holding it (a span may get several votes from one row)."""
     bh = tl.program_id(1).to(tl.int64)
     r = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     r_valid = r < n_rows
@@ -173,7 +180,7 @@ def _count_votes_kernel(
             kept = tl.where(slot == at_kept, float("-inf"), kept)
         kept, kept_spans = merged, merged_spans
     votes = tl.full([BLOCK_ROWS, VOTES_PAD], 1.0, tl.float32)
-    tl.atomic_add(primary + bh * n_spans + kept_spans, votes, mask=r_valid[:, None] & (slot < VOTES))
+    tl.atomic_add(primary + bh * n_spans + kept_spans, votes, mask=r_valid[:, None] & (slot < n_votes))
 
 
 def score_spans(
@@ -201,23 +208,15 @@ def score_spans(
         best.fill_(float("-inf"))
         return primary, best
     bound = kind == "bound"
-    c_pad = 1 if bound else triton.next_power_of_2(c)  # candidates per span, padded
-    d_pad = max(16, triton.next_power_of_2(dim))
-    vectors = block_vectors or TILE_BYTES // (d_pad * summaries.element_size())
-    loaded_per_span = 2 if bound else c_pad
-    block_n = min(triton.next_power_of_2(n_spans), triton.next_power_of_2(max(1, vectors // loaded_per_span)))
-    block_n = max(block_n, max(1, 16 // c_pad))  # tl.dot needs >= 16 candidates
-    n_blocks = triton.cdiv(n_spans, block_n)
+    blocks = score_blocks(n_spans, c, dim, summaries.element_size(), bound, votes, block_vectors)
+    n_blocks = triton.cdiv(n_spans, blocks.block_n)
     group = hq // kv_heads
     upcast = _interpreting() and queries.dtype == torch.bfloat16
     fp32_dot = upcast or queries.dtype == torch.float32
-    block_votes = min(votes, block_n * c_pad)
-    queries_per_launch = n_queries
+    queries_per_launch = launch_queries(batch, hq, n_queries, n_spans, blocks, aggregation)
     if aggregation == "vote":
-        bytes_per_query = batch * hq * n_blocks * block_votes * 8
-        queries_per_launch = max(1, min(n_queries, VOTE_SCRATCH_BYTES // bytes_per_query))
         rows = group * queries_per_launch
-        picks = (batch, kv_heads, rows, n_blocks, block_votes)  # each row's best candidates in each block of spans
+        picks = (batch, kv_heads, rows, n_blocks, blocks.block_votes)  # each row's best candidates in each block
         block_scores = torch.empty(picks, dtype=torch.float32, device=queries.device)
         block_spans = torch.empty(picks, dtype=torch.int32, device=queries.device)
     else:
@@ -231,23 +230,83 @@ def score_spans(
             primary, best,
             block_scores, block_spans,
             kv_heads, group, chunk.shape[2], n_spans, n_blocks,
-            C=c, D=dim, C_PAD=c_pad, D_PAD=d_pad,
-            BLOCK_N=block_n, BLOCK_R=min(ROWS_PER_DOT, max(16, triton.next_power_of_2(rows))),
+            C=c, D=dim, C_PAD=blocks.c_pad, D_PAD=blocks.d_pad,
+            BLOCK_N=blocks.block_n, BLOCK_R=row_block(rows),
             BOUND=bound, AGGREGATION=aggregation,
-            BLOCK_VOTES=block_votes, ACCUMULATE=start > 0, UPCAST=upcast, PRECISION="ieee" if fp32_dot else "tf32",
+            BLOCK_VOTES=blocks.block_votes, ACCUMULATE=start > 0, UPCAST=upcast,
+            PRECISION="ieee" if fp32_dot else "tf32",
             num_warps=num_warps,
         )
         if aggregation == "vote":
-            n_votes = min(votes, n_spans * (1 if bound else c))
-            n_entries = n_blocks * block_votes
-            chunk_entries = min(COUNT_TILE // 2, triton.next_power_of_2(n_entries))
-            block_rows = min(triton.next_power_of_2(rows), COUNT_TILE // chunk_entries)
-            _count_votes_kernel[(triton.cdiv(rows, block_rows), batch * kv_heads)](
-                block_scores, block_spans, primary, rows, n_spans, n_entries,
-                VOTES=n_votes, VOTES_PAD=triton.next_power_of_2(n_votes), BLOCK_ROWS=block_rows, CHUNK=chunk_entries,
-                num_warps=8,
+            count = count_blocks(n_spans, blocks, rows, votes)
+            _count_votes_kernel[(triton.cdiv(rows, count.block_rows), batch * kv_heads)](
+                block_scores, block_spans, primary, rows, n_spans, n_blocks * blocks.block_votes,
+                min(votes, n_spans * blocks.candidates),
+                VOTES=count.votes, VOTES_PAD=triton.next_power_of_2(count.votes), BLOCK_ROWS=count.block_rows,
+                CHUNK=count.chunk_entries, num_warps=8,
             )
     return primary, best
+
+
+class ScoreBlocks(NamedTuple):
+    """The tile sizes of score_spans for one span bucket."""
+
+    c_pad: int  # candidates per span, padded (1 for a bound)
+    d_pad: int  # head_dim, padded
+    block_n: int  # spans per program
+    block_votes: int  # picks each (head, query) row keeps per block of spans ("vote")
+    candidates: int  # candidates per span: c, or 1 for a bound
+
+
+class CountBlocks(NamedTuple):
+    """The tile sizes of one _count_votes_kernel launch."""
+
+    votes: int  # VOTES: picks kept per row, >= the votes actually cast (n_spans may hold fewer candidates)
+    chunk_entries: int  # picks of a row loaded per step
+    block_rows: int  # rows per program
+
+
+def span_bucket(n_spans: int) -> int:
+    """The power of two at or above n_spans (>= 1). The selection launchers (here and kernels/topk.py) derive every
+    block size from it, never from n_spans itself, so all n_spans of one bucket share one compiled variant."""
+    return triton.next_power_of_2(n_spans)
+
+
+def score_blocks(n_spans: int, c: int, dim: int, element_size: int, bound: bool, votes: int,
+                 block_vectors: int | None = None) -> ScoreBlocks:
+    """Tile sizes of a score_spans call over n_spans spans of c summary vectors of dim elements each; block_vectors:
+    summary vectors per program (default: TILE_BYTES of them)."""
+    c_pad = 1 if bound else triton.next_power_of_2(c)
+    d_pad = max(16, triton.next_power_of_2(dim))
+    vectors = block_vectors or TILE_BYTES // (d_pad * element_size)
+    loaded_per_span = 2 if bound else c_pad
+    block_n = min(span_bucket(n_spans), triton.next_power_of_2(max(1, vectors // loaded_per_span)))
+    block_n = max(block_n, max(1, 16 // c_pad))  # tl.dot needs >= 16 candidates
+    return ScoreBlocks(c_pad, d_pad, block_n, min(votes, block_n * c_pad), 1 if bound else c)
+
+
+def launch_queries(batch: int, q_heads: int, n_queries: int, n_spans: int, blocks: ScoreBlocks,
+                   aggregation: str) -> int:
+    """Queries scored per launch: all of them, except that "vote" keeps its per-block picks of a launch's queries
+    within VOTE_SCRATCH_BYTES (sized for the bucket's blocks, so the split is the same across the bucket)."""
+    if aggregation != "vote":
+        return n_queries
+    bucket_blocks = triton.cdiv(span_bucket(n_spans), blocks.block_n)
+    bytes_per_query = batch * q_heads * bucket_blocks * blocks.block_votes * 8
+    return max(1, min(n_queries, VOTE_SCRATCH_BYTES // bytes_per_query))
+
+
+def row_block(rows: int) -> int:
+    """BLOCK_R: (head, query) rows of one tl.dot, for a launch over `rows` rows."""
+    return min(ROWS_PER_DOT, max(16, triton.next_power_of_2(rows)))
+
+
+def count_blocks(n_spans: int, blocks: ScoreBlocks, rows: int, votes: int) -> CountBlocks:
+    """Tile sizes of the _count_votes_kernel launch after a score launch over `rows` rows."""
+    bucket_entries = triton.cdiv(span_bucket(n_spans), blocks.block_n) * blocks.block_votes
+    chunk_entries = min(COUNT_TILE // 2, triton.next_power_of_2(bucket_entries))
+    block_rows = min(triton.next_power_of_2(rows), COUNT_TILE // chunk_entries)
+    return CountBlocks(min(votes, span_bucket(n_spans) * blocks.candidates), chunk_entries, block_rows)
 
 
 def score_spans_reference(

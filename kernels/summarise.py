@@ -4,6 +4,9 @@
   - "minmax" (c = 2): [per-channel min, per-channel max], as the `quest` policy;
   - "representatives" (c = min(r, S)): the r keys whose fp32 dot product with the span's fp32 mean key is largest
     (ties to the lower position), in position order, as the `infllm` policy.
+
+One compiled variant per model and method: the span count only sizes the grid, and the kernel's integer arguments
+are strides fixed by the layer's span layout (multiples of head_dim), so specialising on them never recompiles.
 """
 from __future__ import annotations
 

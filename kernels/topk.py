@@ -6,14 +6,19 @@ Each span gets one int64 rank key, primary's order-preserving bits over secondar
 which go to the lower id. `_block_keys_kernel` (one program per block of a row) writes the keys and its block's
 K_PAD largest; `_select_kernel` (one program per row) sorts those candidates to find the k-th largest key T, then
 keeps every key > T and the lowest ids of those == T, writing them in id order.
+
+As in kernels/scoring.py, block sizes depend on n_spans only through its bucket (`span_bucket`, see `top_k_blocks`)
+and the kernels take the sizes that change with the context as runtime integers (`do_not_specialize`).
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-from .scoring import triton_device
+from .scoring import span_bucket, triton_device
 
 MERGES = (None, "sum", "max")
 BLOCK = 2048  # spans per _block_keys_kernel program (at least K_PAD)
@@ -29,7 +34,7 @@ def _ordered_bits(x):
     return tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_spans", "n_blocks"])
 def _block_keys_kernel(
     primary, secondary, keys, candidates,
     in_heads, n_spans, n_blocks,
@@ -63,7 +68,7 @@ def _block_keys_kernel(
     tl.store(candidates + (row * n_blocks + block) * K_PAD + first, best, mask=first < K_PAD)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_spans", "k", "n_candidates"])
 def _select_kernel(
     keys, candidates, out, n_spans, k, n_candidates,
     CANDIDATES_PAD: tl.constexpr, CHUNK: tl.constexpr,
@@ -112,23 +117,40 @@ def top_k_spans(
         out = torch.empty(batch, rows // batch, k, dtype=torch.int64, device=primary.device)  # [B, Hsel, k]
     if k == 0:
         return out
-    k_pad = triton.next_power_of_2(k)
-    block_n = max(k_pad, min(triton.next_power_of_2(block_spans or BLOCK), triton.next_power_of_2(n_spans)))
-    while block_n < n_spans and triton.cdiv(n_spans, block_n) * k_pad > MAX_CANDIDATES:
-        block_n *= 2
-    n_blocks = triton.cdiv(n_spans, block_n)
+    blocks = top_k_blocks(n_spans, k, block_spans)
+    n_blocks = triton.cdiv(n_spans, blocks.block_n)
     keys = torch.empty(rows, n_spans, dtype=torch.int64, device=primary.device)  # one rank key per span
-    candidates = torch.empty(rows, n_blocks, k_pad, dtype=torch.int64, device=primary.device)  # each block's best
+    candidates = torch.empty(rows, n_blocks, blocks.k_pad, dtype=torch.int64, device=primary.device)  # blocks' best
     _block_keys_kernel[(n_blocks, rows)](
         primary, secondary, keys, candidates, heads, n_spans, n_blocks,
-        MERGE=merge_heads, BLOCK_N=block_n, K_PAD=k_pad, num_warps=8,
+        MERGE=merge_heads, BLOCK_N=blocks.block_n, K_PAD=blocks.k_pad, num_warps=8,
     )
     _select_kernel[(rows,)](
-        keys, candidates, out, n_spans, k, n_blocks * k_pad,
-        CANDIDATES_PAD=triton.next_power_of_2(n_blocks * k_pad),
-        CHUNK=min(SELECT_CHUNK, triton.next_power_of_2(n_spans)), num_warps=8,
+        keys, candidates, out, n_spans, k, n_blocks * blocks.k_pad,
+        CANDIDATES_PAD=blocks.candidates_pad, CHUNK=blocks.chunk, num_warps=8,
     )
     return out
+
+
+class TopKBlocks(NamedTuple):
+    """The tile sizes of top_k_spans for one span bucket."""
+
+    k_pad: int  # candidates each first-stage block keeps
+    block_n: int  # spans per first-stage program
+    candidates_pad: int  # all blocks' candidates, padded
+    chunk: int  # keys per step of the final pass
+
+
+def top_k_blocks(n_spans: int, k: int, block_spans: int | None = None) -> TopKBlocks:
+    """Tile sizes of a top_k_spans call taking k <= n_spans of n_spans >= 1 spans; block_spans: spans per
+    first-stage program (default BLOCK, grown so the candidates stay sortable)."""
+    bucket = span_bucket(n_spans)
+    k_pad = triton.next_power_of_2(k)  # k = min(top_k, n_spans): its power of two is fixed by the bucket
+    block_n = max(k_pad, min(triton.next_power_of_2(block_spans or BLOCK), bucket))
+    while block_n < bucket and bucket // block_n * k_pad > MAX_CANDIDATES:
+        block_n *= 2
+    candidates_pad = triton.cdiv(bucket, block_n) * k_pad  # >= the blocks' candidates of any n_spans in the bucket
+    return TopKBlocks(k_pad, block_n, candidates_pad, min(SELECT_CHUNK, bucket))
 
 
 def top_k_spans_reference(

@@ -24,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
+from kvtier.backends import kernels_enabled
 from kvtier.bench_report import KVTIER_METHODS, METHODS, format_report, goals, write_report
 from kvtier.cache import ReAttentionCache
 from kvtier.config import ReAttentionConfig, parse_bytes
@@ -31,6 +32,7 @@ from kvtier.errors import TierFullError
 from kvtier.longctx import fill, record_kv, sync
 from kvtier.metrics import DIRECTIONS
 from kvtier.model import load_smollm2, preferred_dtype, random_llama
+from kvtier.policies import build_policy
 from kvtier.tiers.gpu import growth_target
 from kvtier.hf import cache_keyword
 
@@ -229,6 +231,7 @@ def run_bench(args: argparse.Namespace) -> int:
     print(f"{label} on {plan.device} in {str(plan.dtype)[6:]}, built in {time.perf_counter() - began:.1f} s",
           file=sys.stderr, flush=True)
     bench = Bench(model, plan)
+    bench.precompile_kernels()
     result = {"meta": {"command": ["kvtier", *args.argv], "model": label, **bench.shape(),
                        "device": torch.cuda.get_device_name(plan.device) if plan.device.type == "cuda" else "cpu",
                        "dtype": str(plan.dtype)[6:], "torch_threads": torch.get_num_threads(),
@@ -320,6 +323,30 @@ class Bench:
                 "sample": p.sample, "gpu_budget": p.gpu_budget, "host_budget": p.host_budget,
                 "disk_path": str(p.disk_path), "seed": p.seed,
                 "kvtier_config": p.kvtier_config.resolve(int(self.model.config.max_position_embeddings)).to_dict()}
+
+    def precompile_kernels(self) -> None:
+        """Before the first cell, when kvtier methods run with Triton kernels on CUDA: compile every variant of the
+        selection kernels that the longest context reaches (kvtier.kernels.warmup), so that no compile is timed in a
+        cell that first reaches a larger span count; prints how long it took."""
+        window = int(self.model.config.max_position_embeddings)
+        config = self.plan.kvtier_config.resolve(window)  # the kvtier methods differ in placement only
+        policy = build_policy(config.policy, config.policy_options)
+        runs_kvtier = bool(set(self.plan.methods) & set(KVTIER_METHODS))
+        if not runs_kvtier or self.plan.device.type != "cuda" or policy.kernel_scoring is None or \
+                not kernels_enabled(config, self.plan.device):
+            return
+        from kvtier.kernels.warmup import precompile
+
+        tokens = max(self.plan.contexts) + self.plan.warmup + self.plan.decode_steps + 1  # + launches()' step
+        max_spans = -(-tokens // config.span_size)  # sealed spans per layer stay below this
+        began = time.perf_counter()
+        calls = precompile(
+            batch=1, q_heads=self.model.config.num_attention_heads, kv_heads=self.kv_heads, head_dim=self.head_dim,
+            summary_size=policy.summary_size(config.span_size), kind=policy.kernel_scoring,
+            aggregation=policy.aggregation, votes=policy.votes, top_k=config.top_k, per_kv_head=config.per_kv_head,
+            chunk_size=config.chunk_size, max_spans=max_spans, dtype=self.plan.dtype, device=self.plan.device)
+        print(f"compiled the Triton selection kernels up to {max_spans:,} spans per layer ({calls} calls) in "
+              f"{time.perf_counter() - began:.1f} s", file=sys.stderr, flush=True)
 
     def ids(self, count: int) -> torch.Tensor:
         """Fresh random token ids [1, count] on the model's device."""

@@ -112,6 +112,7 @@ SCORE_CASES = [  # hq, hkv, dim, kind, c, n_spans, n_queries, dtype, block_vecto
     (9, 3, 128, "dot", 32, 1, 5, torch.float32, None),  # span 32, a single span
     (9, 3, 64, "dot", 64, 7, 1, torch.bfloat16, None),  # span 64
     (9, 3, 64, "dot", 1, 1, 64, torch.float32, None),
+    (9, 3, 64, "bound", 2, 3, 5, torch.float32, None),  # quest, 3 spans: fewer candidates than its bucket's 4 votes
 ]
 
 
