@@ -328,12 +328,12 @@ class Bench:
         """Before the first cell, when kvtier methods run with Triton kernels on CUDA: compile every variant of the
         selection kernels that the longest context reaches (kvtier.kernels.warmup), so that no compile is timed in a
         cell that first reaches a larger span count; prints how long it took."""
+        if self.plan.device.type != "cuda" or not set(self.plan.methods) & set(KVTIER_METHODS):
+            return
         window = int(self.model.config.max_position_embeddings)
         config = self.plan.kvtier_config.resolve(window)  # the kvtier methods differ in placement only
         policy = build_policy(config.policy, config.policy_options)
-        runs_kvtier = bool(set(self.plan.methods) & set(KVTIER_METHODS))
-        if not runs_kvtier or self.plan.device.type != "cuda" or policy.kernel_scoring is None or \
-                not kernels_enabled(config, self.plan.device):
+        if policy.kernel_scoring is None or not kernels_enabled(config, self.plan.device):
             return
         from kvtier.kernels.warmup import precompile
 
