@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
 import pytest
@@ -171,6 +172,28 @@ def test_a_cell_that_would_not_fit_is_skipped_with_its_reason(monkeypatch, tmp_p
     model, _ = bench.build_model(plan)
     cell = bench.Bench(model, plan).cell("kvtier-host", 4096, None)
     assert cell["status"] == "skipped" and "GiB of device memory" in cell["reason"]
+
+
+def test_kvtier_on_cuda_precompiles_the_selection_kernels_up_to_the_longest_context(monkeypatch, tmp_path, capsys):
+    from kvtier.kernels import warmup
+
+    calls = []
+    monkeypatch.setattr(warmup, "precompile", lambda **shapes: calls.append(shapes) or 10)
+    plan = bench.make_plan(_parser().parse_args(["bench", "--quick", "--out", str(tmp_path)]))
+    model, _ = bench.build_model(plan)
+    bench.Bench(model, plan).precompile_kernels()
+    assert not calls  # the CPU: nothing is compiled
+    on_cuda = dataclasses.replace(plan, device=torch.device("cuda"))  # precompile itself is faked: no CUDA needed
+    bench.Bench(model, dataclasses.replace(on_cuda, methods=["stock"])).precompile_kernels()
+    assert not calls  # no kvtier method
+    bench.Bench(model, on_cuda).precompile_kernels()
+    (shapes,) = calls
+    config = plan.kvtier_config.resolve(model.config.max_position_embeddings)
+    tokens = 4096 + 1 + 4 + 1  # the longest context, --quick's warm-up and decode steps, the profiled step
+    assert shapes["max_spans"] == -(-tokens // config.span_size)
+    assert (shapes["kind"], shapes["aggregation"], shapes["summary_size"]) == ("bound", "vote", 2)  # quest
+    assert (shapes["top_k"], shapes["chunk_size"], shapes["q_heads"]) == (config.top_k, config.chunk_size, 6)
+    assert "compiled the Triton selection kernels" in capsys.readouterr().err
 
 
 # ---- goals from made-up cells ---------------------------------------------------------------------------------------
