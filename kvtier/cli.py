@@ -96,6 +96,12 @@ def _parser() -> argparse.ArgumentParser:
     niah.add_argument("--seed", type=int, default=0, help="picks the passkeys (default 0)")
     niah.add_argument("--prefill-chunk", type=_positive, default=PREFILL_CHUNK,
                       help=f"prompt tokens per prefill forward (default {PREFILL_CHUNK})")
+    niah.add_argument("--batch", type=_positive, default=1, metavar="N",
+                      help="prompts per forward: up to N prompts of the same token count (one length's depths and "
+                           "keys) share one cache, prefill and generate, which on a GPU costs about the time of one "
+                           "(a long prefill is bound by per-layer host overhead); prefill_s and decode_s are then the "
+                           "batch's. All N rows must fit in GPU memory at once: about 24 GiB of KV per 1M-token row "
+                           "for SmolLM2 with all spans on the GPU (default 1)")
     _add_runtime_options(niah)
     niah.set_defaults(run=_run_niah)
     add_bench_parser(commands)
@@ -149,7 +155,7 @@ def _run_niah(args: argparse.Namespace) -> int:
     out = args.out or Path("runs") / f"niah-{datetime.now():%Y%m%d-%H%M%S}"
     runs = run_comparison(model, tokenizer, methods, args.lengths, args.depths, keys=args.keys, seed=args.seed,
                           max_new_tokens=args.max_new_tokens, prefill_chunk=args.prefill_chunk,
-                          distractors=args.distractors)
+                          distractors=args.distractors, batch=args.batch)
     meta = {"command": ["kvtier", *args.argv], "model": GGUF_NAME, "device": str(model.device),
             "dtype": str(model.dtype), "torch_threads": torch.get_num_threads(), "versions": _versions(),
             "finished": datetime.now().isoformat(timespec="seconds")}

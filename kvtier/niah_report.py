@@ -38,7 +38,10 @@ def format_table(run: dict[str, Any]) -> str:
 
 
 def format_comparison(runs: list[dict[str, Any]]) -> str:
-    """One row per (method, length): passkeys found per depth, in total, and the mean prefill and decode seconds."""
+    """One row per (method, length): passkeys found per depth, in total, and the mean prefill and decode seconds.
+
+    The seconds are the samples' records: with `run_niah(batch=N)` each record holds its whole batch's seconds
+    (the rows ran in one forward), so the means are per batch, not per prompt."""
     depths = runs[0]["depths"]
     header = ["method", "length"] + [f"{depth:g}" for depth in depths] + ["all", "prefill s", "decode s"]
     rows = []

@@ -15,7 +15,7 @@ from kvtier.haystack import (
     passkey_found,
 )
 from kvtier.model import INSTALL_HINT, MODEL_DIR_ENV, ModelNotInstalledError, find_gguf, load_smollm2
-from kvtier.niah import Method, answer, run_niah
+from kvtier.niah import Method, answer, answer_batch, group_batches, kvtier_method, run_niah
 from kvtier.niah_report import accuracy_grid, format_comparison, format_table, write_report
 from tests.conftest import greedy, tiny_model
 
@@ -145,6 +145,97 @@ def test_distractor_sweep_records_the_other_keys_and_whether_one_was_answered(tm
     assert "--distractors must be between 0 and 11" in capsys.readouterr().err
 
 
+class IdWordTokenizer(WordTokenizer):
+    """A WordTokenizer that decodes ids outside its vocabulary (a random model's usual answer) as <id>, so answers
+    compare token for token."""
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        words = {index: piece for piece, index in self.vocab.items()}
+        return "".join(words.get(i, f"<{i}>") for i in ids)
+
+
+class SplitSevensTokenizer(IdWordTokenizer):
+    """Also splits words at each 7: passkeys with more 7s take more tokens, so prompts of one length get different
+    token counts."""
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict[str, list[int]]:
+        pieces = re.findall(r"\s?[^\W7]+|\s?7|\s?[^\w\s]", text)
+        return {"input_ids": [self.vocab.setdefault(piece, len(self.vocab)) for piece in pieces]}
+
+
+def _answers(run: dict) -> list[tuple]:
+    return [(s["length"], s["tokens"], s["depth"], s["key"], s["answer"], s["hit"]) for s in run["samples"]]
+
+
+def test_grouping_never_mixes_token_counts_and_keeps_cell_order():
+    counts = [10, 11, 10, 10, 11, 12, 10]
+    groups = group_batches(counts, 2)
+    assert groups == [[0, 2], [1, 4], [3, 6], [5]]
+    assert sorted(p for group in groups for p in group) == list(range(len(counts)))
+    assert all(len({counts[p] for p in group}) == 1 for group in groups)
+    assert group_batches(counts, 1) == [[p] for p in range(len(counts))]
+    assert group_batches([7] * 5, 3) == [[0, 1, 2], [3, 4]]
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="positive whole number"):
+            group_batches(counts, bad)
+
+
+def test_answer_batch_rows_match_single_answers_and_refuse_ragged_rows():
+    model, tokenizer = tiny_model(window=4096), WordTokenizer()
+    rows = [build_sample(tokenizer, 300, depth, draw_key(0, 300, depth, 0)).ids for depth in (0.2, 0.8)]
+
+    def single_and_batched():
+        single = [answer(model, ids, Method().new_cache(model), 6, prefill_chunk=128).tokens for ids in rows]
+        return single, answer_batch(model, rows, Method().new_cache(model), 6, prefill_chunk=128).tokens
+
+    single, batched = single_and_batched()
+    assert batched == single and len(batched[0]) == 6 and batched[0] != batched[1]
+    # a row that ends first: generate pads it while the other goes on; its answer stops at its end, as alone
+    stop = single[0][1]
+    assert stop not in single[0][:1] + single[1]
+    model.generation_config.eos_token_id = stop
+    single, batched = single_and_batched()
+    assert batched == single and len(batched[0]) == 2 and len(batched[1]) == 6
+    with pytest.raises(ValueError, match="one length"):
+        answer_batch(model, [rows[0], rows[1][:-1]], Method().new_cache(model), max_new_tokens=1)
+
+
+@pytest.mark.parametrize("kvtier", [False, True], ids=["stock", "kvtier"])
+def test_batched_sweep_gives_the_answers_of_one_prompt_at_a_time(kvtier):
+    model = tiny_model(window=4096)
+    method = kvtier_method(model, global_size=4, local_size=48, span_size=8, top_k=4, chunk_size=32) if kvtier \
+        else Method()
+    sweep = dict(lengths=[200, 300], depths=[0.2, 0.5, 0.8], keys=1, max_new_tokens=3, prefill_chunk=96)
+    single = run_niah(model, IdWordTokenizer(), method, batch=1, **sweep)
+    batched = run_niah(model, IdWordTokenizer(), method, batch=2, **sweep)
+    assert _answers(batched) == _answers(single) and len({s["answer"] for s in single["samples"]}) > 1
+    assert [s["batch"] for s in single["samples"]] == [1] * 6 and batched["batch"] == 2
+    assert [s["batch"] for s in batched["samples"]] == [2, 2, 1, 2, 2, 1]  # 3 depths per length: 2 + 1
+    if kvtier:  # the scope (4 + 32 + 48 tokens) is shorter than the prompts: selection ran for every row
+        assert all(s["stats"]["tokens"] > s["stats"]["scope_tokens"] for s in batched["samples"])
+    json.dumps(batched)
+
+
+def test_batches_hold_prompts_of_one_token_count(monkeypatch):
+    model, shapes = tiny_model(window=4096), []
+
+    def recording(model, ids, *args, **kwargs):
+        shapes.append([len(row) for row in ids])
+        return answer_batch(model, ids, *args, **kwargs)
+
+    monkeypatch.setattr("kvtier.niah.answer_batch", recording)
+    sweep = dict(lengths=[150], depths=[0.1, 0.3, 0.5, 0.7, 0.9], keys=2, max_new_tokens=2, prefill_chunk=64)
+    batched = run_niah(model, SplitSevensTokenizer(), Method(), batch=3, **sweep)
+    counts = [s["tokens"] for s in batched["samples"]]
+    assert len(set(counts)) > 1  # the keys' 7s made prompts of different lengths
+    assert all(len(set(rows)) == 1 and len(rows) <= 3 for rows in shapes)
+    assert sorted(length for rows in shapes for length in rows) == sorted(counts)
+    assert [(s["depth"], s["key"]) for s in batched["samples"]] == [
+        (d, draw_key(0, 150, d, i)) for d in sweep["depths"] for i in range(2)]  # cell order, whatever the batches
+    monkeypatch.undo()
+    assert _answers(batched) == _answers(run_niah(model, SplitSevensTokenizer(), Method(), **sweep))
+
+
 # ---- reports --------------------------------------------------------------------------------------------------------
 def _synthetic_run(label: str, hits: dict[tuple[int, float], list[bool]]) -> dict:
     samples = [{"length": length, "tokens": length, "depth": depth, "key": "12345", "hit": hit, "answer": "",
@@ -204,6 +295,25 @@ def test_niah_command_writes_the_report_and_prints_the_table_last(tmp_path, monk
     assert sorted(p.name for p in tmp_path.iterdir()) == ["niah-stock.png", "results.json"]
     assert json.loads((tmp_path / "results.json").read_text())["command"] == ["kvtier", *argv]
     assert capsys.readouterr().out.rstrip().splitlines()[-1].split()[0] == "all"
+
+
+def test_niah_batch_runs_prompts_together_and_must_be_positive(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("kvtier.cli.load_smollm2", lambda **_: (tiny_model(window=4096), WordTokenizer()))
+    argv = ["niah", "--lengths", "200", "--depths", "0.2,0.5,0.8", "--policy", "stock", "--max-new-tokens", "1",
+            "--batch", "2", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    run = json.loads((tmp_path / "results.json").read_text())["runs"][0]
+    assert run["batch"] == 2 and [s["batch"] for s in run["samples"]] == [2, 2, 1]
+    assert [s["depth"] for s in run["samples"]] == [0.2, 0.5, 0.8]
+    capsys.readouterr()
+    for bad in ("0", "-2", "two"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["niah", "--batch", bad])
+        assert exit_info.value.code == 2
+        assert "argument --batch:" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["niah", "--help"])
+    assert "24 GiB" in capsys.readouterr().out
 
 
 def test_unknown_policy_is_an_error_message_before_loading_the_model(capsys):
