@@ -254,6 +254,31 @@ def test_a_budgeted_gpu_pool_grows_by_doubling_then_to_its_budget_in_one_step():
     assert sorted(set(sizes)) == [16, 200]  # never above the budget; the growth copy held 16 + 200 slots
 
 
+def test_a_gpu_pool_short_of_memory_grows_in_smaller_steps_then_names_gpu_budget(monkeypatch):
+    """The device cannot hold the old and the doubled pool at once: the pool grows by less; when even the spans
+    needed do not fit, TierFullError names gpu_budget, and the pool and its slot map are left as they were."""
+    from kvtier.errors import TierFullError
+    from kvtier.tiers import gpu
+    from kvtier.tiers.gpu import DevicePool, fallback_targets
+
+    assert fallback_targets(64, 65, None) == [128, 96, 80, 65]
+    assert fallback_targets(64, 80, 90) == [90, 80]  # a budget caps every step
+    real_buffer = gpu.buffer
+
+    def device_of_40_slots(shape, *args, **kwargs):  # what is allocated now (16 slots) + the new allocation
+        if shape[0] + 16 > 40:
+            raise torch.OutOfMemoryError("CUDA out of memory (test)")
+        return real_buffer(shape, *args, **kwargs)
+
+    pool = DevicePool(SPAN_SHAPE, torch.float32, torch.device("cpu"), capacity=None)
+    monkeypatch.setattr(gpu, "buffer", device_of_40_slots)
+    pool.put(np.arange(17), torch.zeros(17, *SPAN_SHAPE))
+    assert pool.data.shape[0] == 24  # 32 did not fit beside the 16; 16 + 16 // 2 did
+    with pytest.raises(TierFullError, match="set gpu_budget"):
+        pool.put(np.arange(17, 47), torch.zeros(30, *SPAN_SHAPE))
+    assert pool.data.shape[0] == 24 and len(pool) == 17 and not pool.contains(17)
+
+
 def test_pools_move_spans_down_in_large_rare_batches():
     assert shortfall(count=16, capacity=1600, available=1000) == 0  # 1/16 of the pool stays free: nothing moves
     assert shortfall(count=16, capacity=1600, available=110) == 16 + 200 - 110  # below it: free 2/16 at once

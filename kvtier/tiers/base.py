@@ -44,6 +44,10 @@ class SlotMap:
     def free_count(self) -> int | float:
         return float("inf") if self.capacity is None else self.capacity - self.used
 
+    def created_after(self, count: int) -> int:
+        """The high-water mark once `count` more uids are assigned (released slots are reused first)."""
+        return self.created + max(0, count - len(self._free))
+
     def assign(self, uids: np.ndarray) -> np.ndarray:
         """Slots for uids (not yet present) -> slots [N]: released slots first, then new ones."""
         count = len(uids)

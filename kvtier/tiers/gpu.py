@@ -5,6 +5,7 @@ import numpy as np
 import torch
 
 from kvtier.buffers import buffer, upload
+from kvtier.errors import TierFullError
 from kvtier.tiers.base import SlotMap, SlotPool
 
 
@@ -18,6 +19,15 @@ def growth_target(have: int, rows: int, capacity: int | None) -> int:
     if capacity is None:
         return target
     return capacity if target * FULL_AT > capacity else target
+
+
+def fallback_targets(have: int, rows: int, capacity: int | None) -> list[int]:
+    """growth_target, then smaller growths (+1/2, +1/4, just `rows`) to try when the device cannot hold the old and
+    the new allocation at once: a pool near the device's size still grows, a step at a time."""
+    targets = [growth_target(have, rows, capacity), have + have // 2, have + have // 4, rows]
+    if capacity is not None:
+        targets = [min(target, capacity) for target in targets]
+    return sorted({max(target, rows) for target in targets}, reverse=True)
 
 
 class DevicePool(SlotPool):
@@ -38,16 +48,27 @@ class DevicePool(SlotPool):
 
     def reserve(self, uids: np.ndarray) -> np.ndarray:
         """Slots [N] for uids [N], allocated but not written: the caller fills them (see Placement._promote)."""
-        slots = self.map.assign(uids)
-        self._grow_to(self.map.created)
-        return slots
+        self._grow_to(self.map.created_after(len(uids)))  # first: a failed growth leaves the map as it was
+        return self.map.assign(uids)
 
     def _grow_to(self, rows: int) -> None:
         have = self.data.shape[0]
         if rows <= have:
             return
-        target = growth_target(have, rows, self.capacity)
-        grown = buffer((target, *self.data.shape[1:]), self.data.dtype, self.data.device)
+        for target in fallback_targets(have, rows, self.capacity):
+            try:
+                grown = buffer((target, *self.data.shape[1:]), self.data.dtype, self.data.device)
+                break
+            except torch.OutOfMemoryError:
+                continue
+        else:
+            span_bytes = self.data[0].numel() * self.data.element_size()
+            raise TierFullError(
+                f"the GPU span pool cannot grow from {have} to {rows} spans on {self.data.device}: growing copies the "
+                f"pool, which needs {(have + rows) * span_bytes / 2**30:.1f} GiB at once; set gpu_budget (e.g. "
+                f"gpu_budget=\"{max(1, have * span_bytes // 2**30)}GiB\") so the pool is allocated once and further "
+                "spans move to pinned host memory"
+            )
         grown[:have] = self.data
         self.data = grown
 
