@@ -47,6 +47,7 @@ class Shape:
     local_size: int
     copy_bytes: int  # size of the ceiling copies
     host_block_slots: int  # spans per pinned host block
+    chunk: int  # queries of one prefill chunk
 
     @property
     def n_spans(self) -> int:
@@ -57,8 +58,8 @@ class Shape:
         return self.global_size + self.top_k * self.span + self.local_size
 
 
-FULL = Shape(2**20, 32, 32, 8, 128, 127, 32, 4064, GiB, 256)
-QUICK = Shape(2**10, 16, 8, 2, 64, 7, 16, 64, 2**24, 16)
+FULL = Shape(2**20, 32, 32, 8, 128, 127, 32, 4064, GiB, 256, 512)
+QUICK = Shape(2**10, 16, 8, 2, 64, 7, 16, 64, 2**24, 16, 16)
 
 
 @dataclass
@@ -260,6 +261,32 @@ def bench_decode_step(shape: Shape, device: str, scope: Scope | None) -> tuple[l
     return rows, details
 
 
+# ---- (f) one prefill chunk of one layer at full depth: selection vs attention -------------------------------------
+def bench_prefill_chunk(shape: Shape, device: str) -> tuple[list[Row], dict]:
+    """A chunk of `shape.chunk` queries selecting among every span of the context (prefill at full depth), against
+    the chunk's own attention over the scope (bottom-right causal, as kvtier.attention runs it)."""
+    from kvtier.attention import _attend
+
+    queries = torch.randn(1, shape.q_heads, shape.chunk, shape.head_dim, device=device, dtype=torch.bfloat16)
+    keys, values = (torch.randn(1, shape.kv_heads, shape.scope, shape.head_dim, device=device, dtype=torch.bfloat16)
+                    for _ in range(2))  # each [1, Hkv, L, D]
+    attend_ms = measure_ms(lambda: _attend(queries, keys, values, None))
+    rows = [Row("prefill chunk", f"attention, {shape.chunk} queries, L={shape.scope} (kvtier's SDPA call)", attend_ms)]
+    details = {"attention_ms": attend_ms}
+    for label, kind, aggregation in SCORED:
+        table = summary_table(shape, kind, device)
+        candidates = table.shape[3] if kind != "bound" else 1  # dot products per (query row, span)
+        flops = 2 * shape.q_heads * shape.chunk * shape.n_spans * candidates * shape.head_dim
+        score_ms = measure_ms(lambda: score_spans(queries, table, kind, aggregation))
+        select_ms = measure_ms(
+            lambda: select_spans(queries, table, kind, aggregation, 4, shape.top_k, per_kv_head=False, use_triton=True))
+        rows.append(Row("prefill chunk", f"{label}: scoring", score_ms, f"{flops / score_ms / 1e9:.1f} TFLOP/s"))
+        rows.append(Row("prefill chunk", f"{label}: selection (scoring + top-k)", select_ms, "",
+                        f"{select_ms / attend_ms:.2f}x attention"))
+        details[label] = {"score_ms": score_ms, "select_ms": select_ms, "score_flops": flops}
+    return rows, details
+
+
 # ---- report -------------------------------------------------------------------------------------------------------
 def format_table(rows: list[Row], ceiling: dict) -> str:
     h2d = ceiling["h2d_pinned"]
@@ -301,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
         ("top-k", lambda: bench_top_k(shape, device, sweep)),
         ("gather", lambda: bench_gather(shape, ceiling, scope)),
         ("decode step", lambda: bench_decode_step(shape, device, scope)),
+        ("prefill chunk", lambda: bench_prefill_chunk(shape, device)),
     ):
         section_rows, details[section] = run()
         rows += section_rows
