@@ -209,12 +209,13 @@ def test_the_kernel_path_generates_what_the_reference_path_generates(tmp_path, w
     model = tiny_model("llama").to(device)
     ids = random_ids(90, seed=4).to(device)
     budgets = {"gpu_budget": 8 * SPAN_BYTES, "host_budget": 8 * SPAN_BYTES, "disk_path": str(tmp_path)}
-    if not with_disk:
-        budgets = {"gpu_budget": 8 * SPAN_BYTES}
+    new_tokens = 4
+    if not with_disk:  # selections are booked a call late: run long enough for spans to move down and back up
+        budgets, new_tokens = {"gpu_budget": 8 * SPAN_BYTES}, 12
     outputs, stats = [], []
     for kernels in ("reference", "triton"):
         cache = ReAttentionCache(model, **TINY, **budgets, kernels=kernels)
-        outputs.append(greedy(model, ids, cache, new_tokens=4))
+        outputs.append(greedy(model, ids, cache, new_tokens=new_tokens))
         stats.append(cache.stats())
         assert cache.placement.located_on_device == (not with_disk)
         if not with_disk:
@@ -223,6 +224,7 @@ def test_the_kernel_path_generates_what_the_reference_path_generates(tmp_path, w
     assert torch.equal(outputs[0], outputs[1])
     assert stats[1]["tiers"]["host"]["hits"] > 0 and stats[1]["tiers"]["gpu"]["misses"] > 0
     assert stats[1]["tiers"]["gpu"]["promotions"] > 0  # host spans copied into the pool by kernels.copy_host_spans
+    assert stats[1]["tiers"]["gpu"]["evictions"] > 0
     if with_disk:
         assert stats[1]["tiers"]["disk"]["hits"] > 0
 

@@ -139,23 +139,24 @@ class Placement:
         self.where.data[pairs[0]] = pairs[1]
 
     def note(self, uids: torch.Tensor) -> None:
-        """uids (any shape, on the device) read by an attention call just queued: copied to pinned memory without
-        waiting, and booked (recency, counters, promotion of hot host spans) by a later call once the copy landed."""
+        """uids (any shape, on the device) read by an attention call just queued: copied to the host without waiting
+        (pinned memory on CUDA), and booked (recency, counters, promotion of hot host spans) by a later call once the
+        copy has landed - on every device at least one call later, so the CPU runs the same late booking."""
         self.catch_up()
-        if self._stream is None:
-            self._book(np.unique(uids.numpy()))
-            return
-        landed = torch.empty(uids.shape, dtype=uids.dtype, pin_memory=True)
+        landed = torch.empty(uids.shape, dtype=uids.dtype, pin_memory=self._stream is not None)
         landed.copy_(uids, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
+        event = None
+        if self._stream is not None:
+            event = torch.cuda.Event()
+            event.record()
         self._noted.append((event, landed))
 
     def catch_up(self, wait: bool = False) -> None:
         """Book the noted selections whose copy has landed (all of them, waiting, when `wait`)."""
-        while self._noted and (wait or self._noted[0][0].query()):
+        while self._noted and (wait or self._noted[0][0] is None or self._noted[0][0].query()):
             event, landed = self._noted.pop(0)
-            event.synchronize()
+            if event is not None:
+                event.synchronize()
             self._book(np.unique(landed.numpy()))
 
     def _book(self, uids: np.ndarray) -> None:
