@@ -33,4 +33,12 @@ def test_kernels_quick_reports_every_section(tmp_path):
     out = tmp_path / "kernels.json"
     _run("kernels.py", "--out", str(out))
     sections = {row["section"] for row in json.loads(out.read_text())["rows"]}
-    assert {"scoring", "top-k", "gather", "decode step"} <= sections
+    assert {"scoring", "top-k", "gather", "decode step", "prefill chunk"} <= sections
+
+
+def test_decode_profile_quick_profiles_stock_and_every_kvtier_configuration(tmp_path):
+    _run("decode_profile.py", "--gpu-budget", "64KiB", "--top", "5", "--out", str(tmp_path))
+    rows = json.loads((tmp_path / "decode_profile.json").read_text())["rows"]
+    assert [row["config"] for row in rows] == [
+        "stock", "kvtier kernels=auto", "kvtier kernels=reference", "kvtier kernels=auto gpu_budget=64KiB"]
+    assert all(row["ms_median"] > 0 and row["ms_per_layer"] > 0 for row in rows)
