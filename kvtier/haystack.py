@@ -15,6 +15,10 @@ QUESTION = "What is the pass key? The pass key is"
 # The harder variant: several labelled keys in the haystack, one asked for (the others are distractors).
 LABELLED_NEEDLE = "The pass key of the {label} box is {key}. Remember it. {key} is the pass key of the {label} box."
 LABELLED_QUESTION = "What is the pass key of the {label} box? The pass key of the {label} box is"
+# Filler sentences always left between a needle and the question: right against it, SmolLM2-135M-Instruct repeats
+# "the pass key" instead of reading the key back, stock and inside its window (0/2 at 2K tokens with 0 or 1
+# sentences; 2/2 with ~4, i.e. depth 0.99 of 2K). So depth 1 means "the last needle position before that tail".
+TAIL_SENTENCES = 4
 LABELS = ("blue", "red", "green", "yellow", "orange", "purple", "black", "white", "brown", "pink", "gray", "golden")
 
 
@@ -38,6 +42,7 @@ def draw_key(seed: int, *labels: object) -> str:
 
 def build_sample(tokenizer, length: int, depth: float, key: str, distractors: int = 0) -> PasskeySample:
     """INSTRUCTION, filler with the needle at `depth`, QUESTION: `length` tokens, give or take half a sentence.
+    At least TAIL_SENTENCES of filler follow every needle (so depth 1 sits that far before the question).
 
     With `distractors` > 0 the keys are labelled boxes: the asked-for box's needle at `depth`, and that many other
     boxes' needles (other keys) spread evenly through the filler; the question names the box.
@@ -60,7 +65,7 @@ def build_sample(tokenizer, length: int, depth: float, key: str, distractors: in
         raise ValueError(f"a passkey prompt needs at least {length - budget} tokens, asked for {length}")
     filler = _fill(sentences, budget)
     depths = [depth] + [(index + 0.5) / distractors for index in range(distractors)]
-    cuts = [_cut(filler, at) for at in depths]  # the filler sentence each needle goes before
+    cuts = [min(_cut(filler, at), max(len(filler) - TAIL_SENTENCES, 0)) for at in depths]  # sentence each goes before
     ids, needle_start = list(head), 0
     for position, sentence in enumerate(filler + [[]]):
         for which in sorted((w for w, cut in enumerate(cuts) if cut == position), key=lambda w: depths[w]):
