@@ -9,7 +9,7 @@ import importlib.util
 import torch
 
 from kvtier.config import ReAttentionConfig
-from kvtier.policies import Policy
+from kvtier.policies import Policy, build_policy
 
 
 def kernels_enabled(config: ReAttentionConfig, device: torch.device) -> bool:
@@ -37,3 +37,24 @@ def summarise(policy: Policy, keys: torch.Tensor, use_kernels: bool) -> torch.Te
 
         return summarise_spans(keys, policy.kernel_summary, getattr(policy, "representatives", 4))
     return policy.summarise(keys)
+
+
+def precompile_selection(model_config, config: ReAttentionConfig, max_tokens: int, device: torch.device,
+                         dtype: torch.dtype, batch: int = 1) -> int | None:
+    """Compile, before a run, every variant of the selection kernels that a cache of `config` (resolved) over a
+    model of `model_config` reaches on its way to `max_tokens` tokens (kvtier.kernels.warmup), so none is compiled
+    inside a timed prefill -> the sealed-span bound it compiled for, or None when the Triton selection does not run
+    (no CUDA device, kernels="reference", or a policy without a scoring kernel)."""
+    policy = build_policy(config.policy, config.policy_options)
+    if device.type != "cuda" or policy.kernel_scoring is None or not kernels_enabled(config, device):
+        return None
+    from kvtier.kernels.warmup import precompile
+
+    max_spans = -(-max_tokens // config.span_size)  # sealed spans per layer stay below this
+    head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
+    precompile(
+        batch=batch, q_heads=model_config.num_attention_heads, kv_heads=model_config.num_key_value_heads,
+        head_dim=head_dim, summary_size=policy.summary_size(config.span_size), kind=policy.kernel_scoring,
+        aggregation=policy.aggregation, votes=policy.votes, top_k=config.top_k, per_kv_head=config.per_kv_head,
+        chunk_size=config.chunk_size, max_spans=max_spans, dtype=dtype, device=device)
+    return max_spans

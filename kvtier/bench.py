@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
-from kvtier.backends import kernels_enabled
+from kvtier.backends import precompile_selection
 from kvtier.bench_report import KVTIER_METHODS, METHODS, format_report, goals, write_report
 from kvtier.cache import ReAttentionCache
 from kvtier.config import ReAttentionConfig, parse_bytes
@@ -32,7 +32,6 @@ from kvtier.errors import TierFullError
 from kvtier.longctx import fill, record_kv, sync
 from kvtier.metrics import DIRECTIONS
 from kvtier.model import load_smollm2, preferred_dtype, random_llama
-from kvtier.policies import build_policy
 from kvtier.tiers.gpu import growth_target
 from kvtier.hf import cache_keyword
 
@@ -326,27 +325,18 @@ class Bench:
 
     def precompile_kernels(self) -> None:
         """Before the first cell, when kvtier methods run with Triton kernels on CUDA: compile every variant of the
-        selection kernels that the longest context reaches (kvtier.kernels.warmup), so that no compile is timed in a
-        cell that first reaches a larger span count; prints how long it took."""
-        if self.plan.device.type != "cuda" or not set(self.plan.methods) & set(KVTIER_METHODS):
+        selection kernels that the longest context reaches (kvtier.backends.precompile_selection), so that no
+        compile is timed in a cell that first reaches a larger span count; prints how long it took."""
+        if not set(self.plan.methods) & set(KVTIER_METHODS):
             return
         window = int(self.model.config.max_position_embeddings)
         config = self.plan.kvtier_config.resolve(window)  # the kvtier methods differ in placement only
-        policy = build_policy(config.policy, config.policy_options)
-        if policy.kernel_scoring is None or not kernels_enabled(config, self.plan.device):
-            return
-        from kvtier.kernels.warmup import precompile
-
         tokens = max(self.plan.contexts) + self.plan.warmup + self.plan.decode_steps + 1  # + launches()' step
-        max_spans = -(-tokens // config.span_size)  # sealed spans per layer stay below this
         began = time.perf_counter()
-        calls = precompile(
-            batch=1, q_heads=self.model.config.num_attention_heads, kv_heads=self.kv_heads, head_dim=self.head_dim,
-            summary_size=policy.summary_size(config.span_size), kind=policy.kernel_scoring,
-            aggregation=policy.aggregation, votes=policy.votes, top_k=config.top_k, per_kv_head=config.per_kv_head,
-            chunk_size=config.chunk_size, max_spans=max_spans, dtype=self.plan.dtype, device=self.plan.device)
-        print(f"compiled the Triton selection kernels up to {max_spans:,} spans per layer ({calls} calls) in "
-              f"{time.perf_counter() - began:.1f} s", file=sys.stderr, flush=True)
+        max_spans = precompile_selection(self.model.config, config, tokens, self.plan.device, self.plan.dtype)
+        if max_spans is not None:
+            print(f"compiled the Triton selection kernels up to {max_spans:,} spans per layer in "
+                  f"{time.perf_counter() - began:.1f} s", file=sys.stderr, flush=True)
 
     def ids(self, count: int) -> torch.Tensor:
         """Fresh random token ids [1, count] on the model's device."""

@@ -15,6 +15,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
+from kvtier.backends import precompile_selection
 from kvtier.bench import add_bench_parser
 from kvtier.profile import add_profile_parser
 from kvtier.config import ReAttentionConfig
@@ -22,7 +23,7 @@ from kvtier.config import ReAttentionConfig
 from kvtier.haystack import build_sample, draw_key, passkey_found
 from kvtier.model import GGUF_NAME, ModelNotInstalledError, load_smollm2, preferred_dtype, window_of
 from kvtier.niah import PREFILL_CHUNK, STOCK, Method, answer, kvtier_method, run_comparison
-from kvtier.niah_report import format_comparison, format_table, write_report
+from kvtier.niah_report import format_comparison, format_table, write_report, write_results
 from kvtier.policies import policy_names
 
 
@@ -153,12 +154,14 @@ def _run_niah(args: argparse.Namespace) -> int:
     model, tokenizer = _load(args)
     methods = [Method() if name == STOCK else _kvtier_method(model, base, policy=name, **sizes) for name in names]
     out = args.out or Path("runs") / f"niah-{datetime.now():%Y%m%d-%H%M%S}"
+    meta = {"command": ["kvtier", *args.argv], "model": GGUF_NAME, "device": str(model.device),
+            "dtype": str(model.dtype), "torch_threads": torch.get_num_threads(), "versions": _versions()}
+    _precompile(model, methods, max(args.lengths) + args.max_new_tokens + 1, args.batch)
     runs = run_comparison(model, tokenizer, methods, args.lengths, args.depths, keys=args.keys, seed=args.seed,
                           max_new_tokens=args.max_new_tokens, prefill_chunk=args.prefill_chunk,
-                          distractors=args.distractors, batch=args.batch)
-    meta = {"command": ["kvtier", *args.argv], "model": GGUF_NAME, "device": str(model.device),
-            "dtype": str(model.dtype), "torch_threads": torch.get_num_threads(), "versions": _versions(),
-            "finished": datetime.now().isoformat(timespec="seconds")}
+                          distractors=args.distractors, batch=args.batch,
+                          on_batch=lambda partial: write_results(partial, out, meta))
+    meta["finished"] = datetime.now().isoformat(timespec="seconds")
     for path in write_report(runs, out, meta):
         print(f"wrote {path}")
     for run in runs:
@@ -198,6 +201,20 @@ def _kvtier_method(model, base: ReAttentionConfig | None = None, **overrides: An
         return kvtier_method(model, base, **overrides)
     except ValueError as err:
         raise _ConfigError(str(err)) from None
+
+
+def _precompile(model, methods: list[Method], max_tokens: int, batch: int) -> None:
+    """On CUDA, compile the Triton selection kernels every kvtier method reaches up to max_tokens before the first
+    prompt (kvtier.backends.precompile_selection): otherwise each new span-count bucket compiles mid-sweep."""
+    for method in methods:
+        if method.config is None:
+            continue
+        began = time.perf_counter()
+        max_spans = precompile_selection(model.config, method.config, max_tokens, model.device, model.dtype,
+                                         batch=batch)
+        if max_spans is not None:
+            print(f"{method.label}: compiled the Triton selection kernels up to {max_spans:,} spans per layer in "
+                  f"{time.perf_counter() - began:.1f} s", flush=True)
 
 
 def _method_names(policy: str | None) -> list[str | None]:

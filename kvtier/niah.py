@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -131,7 +131,8 @@ def group_batches(token_counts: Sequence[int], batch: int) -> list[list[int]]:
 
 def run_niah(model, tokenizer, method: Method, lengths: Iterable[int], depths: Iterable[float], keys: int = 1,
              seed: int = 0, max_new_tokens: int = 10, prefill_chunk: int = PREFILL_CHUNK,
-             distractors: int = 0, batch: int = 1) -> dict[str, Any]:
+             distractors: int = 0, batch: int = 1,
+             on_batch: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Passkey accuracy of `method` on every (length, depth) cell, `keys` prompts per cell, greedy decoding; with
     `distractors`, each prompt also holds that many other labelled keys (kvtier.haystack.build_sample).
 
@@ -142,11 +143,17 @@ def run_niah(model, tokenizer, method: Method, lengths: Iterable[int], depths: I
     Returns a JSON-ready dict: the method's label and config, the grid, and one record per sample, in cell order
     (length, depth, key index). A record's "batch" is the size of the batch it ran in, and its "prefill_s" and
     "decode_s" are that batch's seconds (shared by its rows, not divided among them); "stats" (kvtier) are its
-    cache's, also shared."""
+    cache's, also shared.
+
+    on_batch, when given, receives the run so far (its "samples": the prompts answered, "complete": False) after
+    every batch, e.g. to save a long sweep as it goes."""
     group_batches([], batch)  # a bad batch fails before the first prompt is built
     lengths, depths = list(lengths), list(depths)
     cells = [(depth, index) for depth in depths for index in range(keys)]
     samples, hits, done = [], 0, 0
+    grid = {"label": method.label, "config": None if method.config is None else method.config.to_dict(),
+            "lengths": lengths, "depths": depths, "keys": keys, "distractors": distractors, "seed": seed,
+            "max_new_tokens": max_new_tokens, "batch": batch}
     bar = tqdm(total=len(lengths) * len(cells), desc=method.label, unit="prompt")
     for length in lengths:  # one length's prompts at a time: at 1M tokens each prompt's ids are ~8 MB of Python
         prompts = [build_sample(tokenizer, length, depth, draw_key(seed, length, depth, index), distractors)
@@ -177,24 +184,22 @@ def run_niah(model, tokenizer, method: Method, lengths: Iterable[int], depths: I
             depths_run = ",".join(f"{cells[position][0]:g}" for position in group)
             bar.set_postfix_str(f"found {hits}/{done}, last: {len(group)} x {prompts[group[0]].length} tokens, "
                                 f"depth {depths_run}")
+            if on_batch is not None:
+                answered = samples + [record for record in records if record is not None]
+                on_batch({**grid, "samples": answered, "complete": False})
         samples += records
     bar.close()
-    return {
-        "label": method.label,
-        "config": None if method.config is None else method.config.to_dict(),
-        "lengths": lengths,
-        "depths": depths,
-        "keys": keys,
-        "distractors": distractors,
-        "seed": seed,
-        "max_new_tokens": max_new_tokens,
-        "batch": batch,
-        "samples": samples,
-    }
+    return {**grid, "samples": samples, "complete": True}
 
 
 def run_comparison(model, tokenizer, methods: Iterable[Method], lengths: Iterable[int], depths: Iterable[float],
-                   batch: int = 1, **sweep: Any) -> list[dict[str, Any]]:
-    """run_niah for each method on the same prompts (same seed, so the same keys), `batch` prompts at a time."""
+                   batch: int = 1, on_batch: Callable[[list[dict[str, Any]]], None] | None = None,
+                   **sweep: Any) -> list[dict[str, Any]]:
+    """run_niah for each method on the same prompts (same seed, so the same keys), `batch` prompts at a time;
+    on_batch, when given, receives every run so far (the last one partial) after each batch."""
     lengths, depths = list(lengths), list(depths)
-    return [run_niah(model, tokenizer, method, lengths, depths, batch=batch, **sweep) for method in methods]
+    runs: list[dict[str, Any]] = []
+    for method in methods:
+        report = None if on_batch is None else (lambda partial: on_batch(runs + [partial]))
+        runs.append(run_niah(model, tokenizer, method, lengths, depths, batch=batch, on_batch=report, **sweep))
+    return runs

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -87,10 +88,19 @@ def plot_heatmap(run: dict[str, Any], path: str | Path) -> Path:
 def write_report(runs: list[dict[str, Any]], out_dir: str | Path, meta: dict[str, Any] | None = None) -> list[Path]:
     """results.json (`meta` and every run) and one heatmap PNG per run into `out_dir`; returns the paths written."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    results = out_dir / "results.json"
-    results.write_text(json.dumps({**(meta or {}), "runs": runs}, indent=2, default=str) + "\n")
+    results = write_results(runs, out_dir, meta)
     return [results] + [plot_heatmap(run, out_dir / f"niah-{_slug(run['label'])}.png") for run in runs]
+
+
+def write_results(runs: list[dict[str, Any]], out_dir: str | Path, meta: dict[str, Any] | None = None) -> Path:
+    """`out_dir`/results.json (`meta` and every run), replaced whole: written beside it, then renamed over it, so a
+    run killed mid-write leaves the previous version, never half a file."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results, partial = out_dir / "results.json", out_dir / "results.json.partial"
+    partial.write_text(json.dumps({**(meta or {}), "runs": runs}, indent=2, default=str) + "\n")
+    os.replace(partial, results)
+    return results
 
 
 def _slug(label: str) -> str:

@@ -11,12 +11,13 @@ import torch
 from kvtier import haystack
 from kvtier.cli import _parser, main
 from kvtier.haystack import (
-    FILLER, INSTRUCTION, LABELLED_NEEDLE, LABELLED_QUESTION, LABELS, NEEDLE, QUESTION, build_sample, draw_key,
+    FILLER, INSTRUCTION, LABELLED_NEEDLE, LABELLED_QUESTION, LABELS, NEEDLE, QUESTION, TAIL_SENTENCES, build_sample,
+    draw_key,
     passkey_found,
 )
 from kvtier.model import INSTALL_HINT, MODEL_DIR_ENV, ModelNotInstalledError, find_gguf, load_smollm2
 from kvtier.niah import Method, answer, answer_batch, group_batches, kvtier_method, run_niah
-from kvtier.niah_report import accuracy_grid, format_comparison, format_table, write_report
+from kvtier.niah_report import accuracy_grid, format_comparison, format_table, write_report, write_results
 from tests.conftest import greedy, tiny_model
 
 
@@ -60,7 +61,20 @@ def test_needle_sits_at_the_requested_depth_of_the_filler(depth):
     head, tail = len(_encode(tokenizer, INSTRUCTION)), len(_encode(tokenizer, " " + QUESTION))
     assert sample.ids[sample.needle_start:sample.needle_start + len(needle)] == needle
     filler = sample.length - head - len(needle) - tail
-    assert abs((sample.needle_start - head) - depth * filler) <= _longest_sentence(tokenizer)
+    deepest = filler - TAIL_SENTENCES * _longest_sentence(tokenizer)  # the tail of filler always left after it
+    assert sample.needle_start - head >= min(depth * filler, deepest) - _longest_sentence(tokenizer)
+    assert sample.needle_start - head <= min(depth * filler, filler) + _longest_sentence(tokenizer)
+
+
+@pytest.mark.parametrize("distractors", [0, 3])
+def test_every_needle_leaves_the_tail_of_filler_before_the_question(distractors):
+    tokenizer = WordTokenizer()
+    sample = build_sample(tokenizer, 2000, 1.0, "54321", distractors=distractors)
+    text = tokenizer.decode(sample.ids)
+    # from the last needle's "Remember it. <key> is the pass key[ of the <label> box]." to the question
+    between = text[text.rindex("Remember it.") : text.rindex(" What is the pass key")]
+    filler_after = [piece.strip() + "." for piece in between.split(".")[2:] if piece.strip()]
+    assert len(filler_after) >= TAIL_SENTENCES and all(sentence in FILLER for sentence in filler_after)
 
 
 def test_prompt_ends_with_the_question():
@@ -314,6 +328,42 @@ def test_niah_batch_runs_prompts_together_and_must_be_positive(tmp_path, monkeyp
     with pytest.raises(SystemExit):
         main(["niah", "--help"])
     assert "24 GiB" in capsys.readouterr().out
+
+
+def test_niah_saves_after_every_batch_so_a_killed_sweep_keeps_its_answers(tmp_path, monkeypatch):
+    monkeypatch.setattr("kvtier.cli.load_smollm2", lambda **_: (tiny_model(window=4096), WordTokenizer()))
+    saved = []
+    real_answer_batch = answer_batch
+
+    def killed_on_the_third_batch(*args, **kwargs):
+        results = tmp_path / "results.json"
+        saved.append(json.loads(results.read_text()) if results.exists() else None)
+        if len(saved) == 3:
+            raise KeyboardInterrupt
+        return real_answer_batch(*args, **kwargs)
+
+    monkeypatch.setattr("kvtier.niah.answer_batch", killed_on_the_third_batch)
+    argv = ["niah", "--lengths", "200,300", "--depths", "0.2,0.5,0.8", "--policy", "stock", "--max-new-tokens", "1",
+            "--batch", "2", "--out", str(tmp_path)]  # batches of 2 + 1 prompts per length
+    with pytest.raises(KeyboardInterrupt):
+        main(argv)
+    assert saved[0] is None  # nothing before the first batch has answered
+    first, second = (state["runs"] for state in saved[1:])
+    assert [len(run["samples"]) for run in first] == [2] and [len(run["samples"]) for run in second] == [3]
+    on_disk = json.loads((tmp_path / "results.json").read_text())
+    assert on_disk["command"] == ["kvtier", *argv] and "finished" not in on_disk
+    run = on_disk["runs"][0]
+    assert run["complete"] is False
+    assert [(s["length"], s["depth"]) for s in run["samples"]] == [(200, 0.2), (200, 0.5), (200, 0.8)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]  # no half-written file beside it
+
+
+def test_write_results_replaces_the_file_whole(tmp_path):
+    write_results([RUN], tmp_path, {"command": ["a"]})
+    write_results([RUN, RUN], tmp_path, {"command": ["b"]})
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["command"] == ["b"] and len(saved["runs"]) == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
 
 
 def test_unknown_policy_is_an_error_message_before_loading_the_model(capsys):
