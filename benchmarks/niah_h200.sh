@@ -1,34 +1,42 @@
 #!/usr/bin/env bash
-# The needle-in-a-haystack runs of benchmarks/RESULTS.md section 8 on one H200 (SmolLM2-135M-Instruct joined at
-# $KVTIER_MODEL_DIR; see README, "Measuring on the GPU"). Usage: bash benchmarks/niah_h200.sh OUT_DIR [STAGE...]
-# Stages (default all, in this order): short 1m 512k stock policies distractors. Each stage writes OUT_DIR/<stage>/
-# and its log OUT_DIR/<stage>.log under its own time limit (seconds, $NIAH_LIMIT_<stage>, default 600), then appends
-# both to $NIAH_TAR when set (so a later stage cut short loses nothing of the earlier ones).
+# The needle-in-a-haystack runs of benchmarks/RESULTS.md on one H200 (SmolLM2-135M-Instruct joined at
+# $KVTIER_MODEL_DIR; see README, "Measuring on the GPU"), in stages small enough for one device call each.
+# Usage: bash benchmarks/niah_h200.sh OUT_DIR STAGE...   (stages below; `merge` last joins what OUT_DIR holds)
+# Each stage writes OUT_DIR/<stage>/results.json (saved after every batch) and OUT_DIR/<stage>.log under its own time
+# limit (seconds, $NIAH_LIMIT_<stage>, default 590); with $NIAH_TAR set, both are appended to that tar file
+# afterwards, so a later stage cut short loses nothing of the earlier ones.
 set -u
-out=${1:?usage: niah_h200.sh OUT_DIR [STAGE...]}
+out=${1:?usage: niah_h200.sh OUT_DIR STAGE... (to512k 1m-a 1m-b keys stock policies distractors merge)}
 shift
-stages=${*:-short 1m 512k stock policies distractors}
 here=$(cd "$(dirname "$0")" && pwd)
-depths=0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1
+all_depths=0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1
+gpu100=$here/configs/niah-gpu100.yaml
 mkdir -p "$out"
 run() {  # stage, kvtier niah arguments...
-    local stage=$1 limit_var="NIAH_LIMIT_$1"
+    local stage=$1 limit_var="NIAH_LIMIT_${1//-/_}"
     shift
     echo "== $stage: kvtier niah $*"
-    timeout "${!limit_var:-600}" python3 -m kvtier niah --depths "$depths" --out "$out/$stage" "$@" \
-        > "$out/$stage.log" 2>&1
+    timeout "${!limit_var:-590}" python3 -m kvtier niah --out "$out/$stage" "$@" > "$out/$stage.log" 2>&1
     echo "== $stage: exit $?"
-    tail -n 16 "$out/$stage.log"
-    if [ -n "${NIAH_TAR:-}" ]; then tar -rf "$NIAH_TAR" -C "$out" "$stage" "$stage.log"; fi
+    tr '\r' '\n' < "$out/$stage.log" | grep -E "compiled|found|^[0-9]+[KM] |^all " | tail -n 12
+    if [ -n "${NIAH_TAR:-}" ]; then tar -rf "$NIAH_TAR" -C "$out" "$stage.log" $(cd "$out" && ls -d "$stage" 2>/dev/null); fi
 }
-for stage in $stages; do
+for stage in "$@"; do
     case $stage in
-        short) run short --lengths 8k,32k,128k --keys 2 --policy quest --batch 11 ;;
-        stock) run stock --lengths 8k,32k --keys 2 --policy stock --batch 11 ;;
-        1m) run 1m --lengths 1m --keys 1 --policy quest --batch 4 --config "$here/configs/niah-gpu100.yaml" ;;
-        512k) run 512k --lengths 512k --keys 1 --policy quest --batch 6 --config "$here/configs/niah-gpu100.yaml" ;;
-        policies) run policies --lengths 128k --keys 1 --policy all --batch 11 ;;
-        distractors) run distractors --lengths 32k,128k --keys 1 --policy quest --distractors 5 --batch 11 ;;
-        *) echo "unknown stage $stage (short stock 1m 512k policies distractors)"; exit 2 ;;
+        # 11 depths x 1 key, 6 prompts per forward (RESULTS section 8)
+        to512k) run to512k --lengths 8k,32k,128k,512k --depths $all_depths --policy quest --batch 6 --config "$gpu100" ;;
+        # 1M: 4 rows of 22.5 GiB of KV per forward; ~3 min per batch, so the 11 depths take two device calls
+        1m-a) run 1m-a --lengths 1m --depths 0,0.1,0.2,0.3,0.4,0.5,0.6,0.7 --policy quest --batch 4 --config "$gpu100" ;;
+        1m-b) run 1m-b --lengths 1m --depths 0.8,0.9,1 --policy quest --batch 4 --config "$gpu100" ;;
+        # two more keys per cell up to 128K (seeds 1 and 2: other passkeys than to512k's seed 0)
+        keys) run keys --lengths 8k,32k,128k --depths $all_depths --keys 2 --seed 1 --policy quest --batch 11 ;;
+        stock) run stock --lengths 8k,32k --depths $all_depths --policy stock --batch 11 ;;
+        policies) run policies --lengths 128k --depths $all_depths --policy all --batch 11 ;;
+        distractors) run distractors --lengths 32k,128k --depths $all_depths --policy quest --distractors 5 --batch 11 ;;
+        merge)
+            # one heatmap per method over every length: the stages that share seed 0 and hold no cell twice
+            parts=$(cd "$out" && ls to512k/results.json 1m-a/results.json 1m-b/results.json stock/results.json 2>/dev/null)
+            (cd "$out" && python3 -m kvtier niah --report $parts --out merged > merged.log 2>&1; tail -n 30 merged.log) ;;
+        *) echo "unknown stage $stage (to512k 1m-a 1m-b keys stock policies distractors merge)"; exit 2 ;;
     esac
 done

@@ -23,12 +23,12 @@ from kvtier.config import ReAttentionConfig
 from kvtier.haystack import build_sample, draw_key, passkey_found
 from kvtier.model import GGUF_NAME, ModelNotInstalledError, load_smollm2, preferred_dtype, window_of
 from kvtier.niah import PREFILL_CHUNK, STOCK, Method, answer, kvtier_method, run_comparison
-from kvtier.niah_report import format_comparison, format_table, write_report, write_results
+from kvtier.niah_report import format_comparison, format_table, load_results, merge_runs, write_report, write_results
 from kvtier.policies import policy_names
 
 
 class _ConfigError(Exception):
-    """A kvtier config from the command line or a --config file is invalid; the message says how."""
+    """The command line or a file it names (--config, --report) is invalid; the message says how."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,7 +72,8 @@ def _parser() -> argparse.ArgumentParser:
                     "and each depth, --keys prompts with random 5-digit passkeys, greedy decoding, a hit when the "
                     "key appears in the answer. Writes results.json and one heatmap PNG per method into --out and "
                     "prints the accuracy tables last. kvtier's sizes default to those derived from the model's "
-                    "window; --config, then the size options, override them.")
+                    "window; --config, then the size options, override them. --report merges earlier runs' "
+                    "results.json files into one report without running anything.")
     niah.add_argument("--lengths", type=_lengths, default=[12 << 10, 16 << 10],
                       help="comma list of prompt lengths in tokens, k = 1024, m = 1024k (default 12k,16k)")
     niah.add_argument("--depths", type=_fractions, default=[0.1, 0.3, 0.5, 0.7, 0.9],
@@ -94,6 +95,11 @@ def _parser() -> argparse.ArgumentParser:
         sizes.add_argument(f"--{name}", type=int, default=None, help=meaning)
     niah.add_argument("--config", type=Path, default=None, help="a ReAttentionConfig as .yaml or .json")
     niah.add_argument("--out", type=Path, default=None, help="output folder (default runs/niah-<timestamp>)")
+    niah.add_argument("--report", nargs="+", type=Path, default=None, metavar="JSON",
+                      help="measure nothing, load no model: merge earlier runs' results.json files (or folders "
+                           "holding one; e.g. 8k..512k run with --batch 6 and 1m with --batch 4) into --out's "
+                           "results.json, heatmaps and tables. Runs merge by method label and must share their setup; "
+                           "a prompt in two files is an error. Options other than --out are ignored")
     niah.add_argument("--seed", type=int, default=0, help="picks the passkeys (default 0)")
     niah.add_argument("--prefill-chunk", type=_positive, default=PREFILL_CHUNK,
                       help=f"prompt tokens per prefill forward (default {PREFILL_CHUNK})")
@@ -147,13 +153,15 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 
 def _run_niah(args: argparse.Namespace) -> int:
+    if args.report:
+        return _rereport_niah(args)
     names, base = _method_names(args.policy), _base_config(args)  # fail on a typo before the model loads
     if not 0 <= args.distractors <= 11:
         raise _ConfigError(f"--distractors must be between 0 and 11 (one box per label), got {args.distractors}")
     sizes = {name: getattr(args, name) for name in ("global_size", "local_size", "span_size", "top_k", "chunk_size")}
     model, tokenizer = _load(args)
     methods = [Method() if name == STOCK else _kvtier_method(model, base, policy=name, **sizes) for name in names]
-    out = args.out or Path("runs") / f"niah-{datetime.now():%Y%m%d-%H%M%S}"
+    out = _niah_out(args)
     meta = {"command": ["kvtier", *args.argv], "model": GGUF_NAME, "device": str(model.device),
             "dtype": str(model.dtype), "torch_threads": torch.get_num_threads(), "versions": _versions()}
     _precompile(model, methods, max(args.lengths) + args.max_new_tokens + 1, args.batch)
@@ -162,13 +170,32 @@ def _run_niah(args: argparse.Namespace) -> int:
                           distractors=args.distractors, batch=args.batch,
                           on_batch=lambda partial: write_results(partial, out, meta))
     meta["finished"] = datetime.now().isoformat(timespec="seconds")
+    _report_niah(runs, out, meta)
+    return 0
+
+
+def _rereport_niah(args: argparse.Namespace) -> int:
+    """--report: earlier runs' results.json files merged (kvtier.niah_report.merge_runs) into one report."""
+    try:
+        runs, merged = merge_runs(load_results(args.report))
+    except ValueError as err:
+        raise _ConfigError(str(err)) from None
+    _report_niah(runs, _niah_out(args), {"command": ["kvtier", *args.argv], **merged})
+    return 0
+
+
+def _report_niah(runs: list[dict[str, Any]], out: Path, meta: dict[str, Any]) -> None:
+    """results.json and the heatmaps into `out`, then each run's table and, for several runs, the comparison."""
     for path in write_report(runs, out, meta):
         print(f"wrote {path}")
     for run in runs:
         print("\n" + format_table(run))
     if len(runs) > 1:
         print("\n" + format_comparison(runs))
-    return 0
+
+
+def _niah_out(args: argparse.Namespace) -> Path:
+    return args.out or Path("runs") / f"niah-{datetime.now():%Y%m%d-%H%M%S}"
 
 
 # ---- helpers --------------------------------------------------------------------------------------------------------

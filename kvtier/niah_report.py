@@ -5,7 +5,14 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
+
+# What older results.json files lack, with the value their runs had: no --distractors, one prompt per forward, and
+# no "complete" key (only files written whole, at the end of a sweep, existed then).
+_OLDER_DEFAULTS = {"distractors": 0, "batch": 1, "complete": True}
+# A run's setup: parts of one label merge only when all of these are equal.
+_SETUP_FIELDS = ("config", "distractors", "seed", "max_new_tokens", "keys")
+_RUN_FIELDS = {"label", "lengths", "depths", "samples"}
 
 
 def accuracy_grid(run: dict[str, Any]) -> list[list[tuple[int, int]]]:
@@ -40,22 +47,25 @@ def format_table(run: dict[str, Any]) -> str:
 
 def format_comparison(runs: list[dict[str, Any]]) -> str:
     """One row per (method, length): passkeys found per depth, in total, and the mean prefill and decode seconds.
+    The columns are every run's depths, sorted ('-' where a run has none: merged runs may differ).
 
     The seconds are the samples' records: with `run_niah(batch=N)` each record holds its whole batch's seconds
     (the rows ran in one forward), so the means are per batch, not per prompt."""
-    depths = runs[0]["depths"]
+    depths = sorted({depth for run in runs for depth in run["depths"]})
     header = ["method", "length"] + [f"{depth:g}" for depth in depths] + ["all", "prefill s", "decode s"]
     rows = []
     for run in runs:
         for length, cells in zip(run["lengths"], accuracy_grid(run)):
+            by_depth = dict(zip(run["depths"], cells))
             timed = [s for s in run["samples"] if s["length"] == length]
-            rows.append([run["label"], format_length(length)] + [_fraction(*cell) for cell in cells]
+            rows.append([run["label"], format_length(length)] + [_fraction(*by_depth.get(d, (0, 0))) for d in depths]
                         + [_fraction(*_total(cells)), _mean(timed, "prefill_s"), _mean(timed, "decode_s")])
     return _render(header, rows)
 
 
 def plot_heatmap(run: dict[str, Any], path: str | Path) -> Path:
-    """The ReAttention paper's figure: accuracy over length (x) and needle depth (y), red 0 to green 1."""
+    """The ReAttention paper's figure: accuracy over length (x) and needle depth (y), red 0 to green 1. Each cell
+    reads hits/prompts (a merged run's cells may hold different counts); a cell without prompts is grey, '-'."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -63,13 +73,15 @@ def plot_heatmap(run: dict[str, Any], path: str | Path) -> Path:
 
     by_depth = list(zip(*accuracy_grid(run)))  # [depth][length] -> (hits, prompts), depth down the y axis
     accuracy = [[hits / count if count else float("nan") for hits, count in row] for row in by_depth]
+    colors = plt.get_cmap("RdYlGn").with_extremes(bad="lightgrey")  # NaN: a cell without prompts
     # wide enough for the title (the method's label) even with one or two lengths
     fig, ax = plt.subplots(figsize=(max(4.5, 1.2 + 1.1 * len(run["lengths"])), 1.4 + 0.5 * len(run["depths"])))
-    image = ax.imshow(accuracy, cmap="RdYlGn", vmin=0.0, vmax=1.0, aspect="auto")
+    image = ax.imshow(accuracy, cmap=colors, vmin=0.0, vmax=1.0, aspect="auto")
     for y, row in enumerate(by_depth):
         for x, (hits, count) in enumerate(row):
             dark = count and abs(hits / count - 0.5) > 0.3  # the colormap's ends are dark: write in white there
-            ax.text(x, y, f"{hits}/{count}", ha="center", va="center", fontsize=9, color="white" if dark else "black")
+            ax.text(x, y, _fraction(hits, count), ha="center", va="center", fontsize=9,
+                    color="white" if dark else "black")
     ax.set_xticks(range(len(run["lengths"])), [format_length(length) for length in run["lengths"]])
     ax.set_yticks(range(len(run["depths"])), [f"{depth:.0%}" for depth in run["depths"]])
     ax.set_xlabel("context length (tokens)")
@@ -101,6 +113,80 @@ def write_results(runs: list[dict[str, Any]], out_dir: str | Path, meta: dict[st
     partial.write_text(json.dumps({**(meta or {}), "runs": runs}, indent=2, default=str) + "\n")
     os.replace(partial, results)
     return results
+
+
+def load_results(paths: Sequence[Path]) -> list[tuple[Path, dict[str, Any]]]:
+    """results.json files (or folders holding one) -> (path, contents) pairs, for `merge_runs`; ValueError naming
+    the path that is missing, not JSON, or not a `kvtier niah` results.json."""
+    files = []
+    for path in paths:
+        path = path / "results.json" if path.is_dir() else path
+        try:
+            doc = json.loads(path.read_text())
+        except OSError as err:
+            raise ValueError(f"cannot read {path}: {err.strerror or err}") from None
+        except ValueError as err:  # not JSON, or not text
+            raise ValueError(f"{path} is not JSON: {err}") from None
+        runs = doc.get("runs") if isinstance(doc, dict) else None
+        if not isinstance(runs, list) or not all(isinstance(run, dict) and _RUN_FIELDS <= set(run) for run in runs):
+            raise ValueError(f"{path} is not a `kvtier niah` results.json: it needs a \"runs\" list of runs with "
+                             f"{', '.join(sorted(_RUN_FIELDS))}")
+        files.append((path, doc))
+    return files
+
+
+def merge_runs(files_contents: Sequence[tuple[str | Path, dict[str, Any]]]) -> tuple[list[dict[str, Any]],
+                                                                                     dict[str, Any]]:
+    """Earlier sweeps' results (path, results.json contents) -> (runs, meta): one run per label, in order of first
+    appearance. A label's parts must share their setup (config, distractors, seed, max_new_tokens, keys); its
+    lengths and depths are the sorted unions, its samples all parts' samples by (length, depth, order of appearance),
+    its "batch" the list of the parts' batch sizes, "complete" only if every part was. A sample (length, depth, key)
+    in two files is a ValueError, as is a setup that differs: merging would count it twice or mix setups.
+
+    meta: "merged_from" (each file's path, command, finished, device and versions), and "model", "device" and
+    "dtype": the files' value, or the list of their values where they differ."""
+    merged: dict[str, dict[str, Any]] = {}
+    first_part: dict[str, tuple[str | Path, dict[str, Any]]] = {}
+    sample_file: dict[str, dict[tuple[int, float, str], str | Path]] = {}
+    for path, doc in files_contents:
+        for part in doc["runs"]:
+            part, label = {**_OLDER_DEFAULTS, **part}, part["label"]
+            if label not in merged:
+                first_part[label], sample_file[label] = (path, part), {}
+                merged[label] = {**part, "lengths": [], "depths": [], "samples": [], "batch": [], "complete": True}
+            first_path, first = first_part[label]
+            for field in _SETUP_FIELDS:
+                if part.get(field) != first.get(field):
+                    raise ValueError(f"cannot merge run {label!r}: its {field} is {first.get(field)!r} in {first_path} "
+                                     f"but {part.get(field)!r} in {path}")
+            seen, identities = sample_file[label], [(s["length"], s["depth"], s["key"]) for s in part["samples"]]
+            twice = next((identity for identity in identities if identity in seen), None)
+            if twice is not None:
+                length, depth, key = twice
+                raise ValueError(f"cannot merge run {label!r}: the sample of length {length}, depth {depth:g}, key "
+                                 f"{key} is in {seen[twice]} and in {path} (it would count twice)")
+            seen.update(dict.fromkeys(identities, path))
+            run = merged[label]
+            run["lengths"] = sorted({*run["lengths"], *part["lengths"]})
+            run["depths"] = sorted({*run["depths"], *part["depths"]})
+            run["samples"] += part["samples"]
+            batches = part["batch"] if isinstance(part["batch"], list) else [part["batch"]]  # a merged file's list
+            run["batch"] += [size for size in batches if size not in run["batch"]]
+            run["complete"] = run["complete"] and part["complete"]
+    for run in merged.values():
+        run["samples"].sort(key=lambda sample: (sample["length"], sample["depth"]))  # stable: keeps appearance order
+    docs = [doc for _, doc in files_contents]
+    meta = {key: _shared([doc.get(key) for doc in docs]) for key in ("model", "device", "dtype")}
+    sources = ("command", "finished", "device", "versions")
+    meta["merged_from"] = [{"path": str(path), **{key: doc.get(key) for key in sources}}
+                           for path, doc in files_contents]
+    return list(merged.values()), meta
+
+
+def _shared(values: list[Any]) -> Any:
+    """The value all files share, else the list of their distinct values (a merged file's may be a list)."""
+    distinct = [value for index, value in enumerate(values) if value not in values[:index]]
+    return distinct[0] if len(distinct) == 1 else distinct
 
 
 def _slug(label: str) -> str:

@@ -17,7 +17,9 @@ from kvtier.haystack import (
 )
 from kvtier.model import INSTALL_HINT, MODEL_DIR_ENV, ModelNotInstalledError, find_gguf, load_smollm2
 from kvtier.niah import Method, answer, answer_batch, group_batches, kvtier_method, run_niah
-from kvtier.niah_report import accuracy_grid, format_comparison, format_table, write_report, write_results
+from kvtier.niah_report import (
+    accuracy_grid, format_comparison, format_table, merge_runs, write_report, write_results,
+)
 from tests.conftest import greedy, tiny_model
 
 
@@ -364,6 +366,129 @@ def test_write_results_replaces_the_file_whole(tmp_path):
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["command"] == ["b"] and len(saved["runs"]) == 2
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
+
+
+# ---- niah --report: merging earlier runs ----------------------------------------------------------------------------
+def _part(label: str, hits: dict[tuple[int, float], list[bool]], batch: int, **fields) -> dict:
+    """A run as one device call saved it: run_niah's fields, each sample with its batch."""
+    run = {**_synthetic_run(label, hits), "distractors": 0, "batch": batch, "complete": True, **fields}
+    run["samples"] = [{**sample, "batch": batch} for sample in run["samples"]]
+    return run
+
+
+def _cuda_results(name: str, *runs: dict) -> tuple[str, dict]:
+    return name, {"command": ["kvtier", "niah", name], "model": "SmolLM2", "device": "cuda:0",
+                  "dtype": "torch.bfloat16", "finished": "2026-12-01T10:00:00", "versions": {"kvtier": "0"},
+                  "runs": list(runs)}
+
+
+def test_merge_joins_the_lengths_and_depths_of_two_calls_and_keeps_every_sample():
+    short = _part("stock", {(8192, 0.1): [True, True], (8192, 0.9): [True, False]}, batch=6)
+    long = _part("stock", {(1 << 20, 0.5): [False, True], (8192, 0.5): [True, True]}, batch=4)
+    runs, meta = merge_runs([_cuda_results("short.json", short), _cuda_results("long.json", long)])
+    assert len(runs) == 1
+    run = runs[0]
+    assert run["lengths"] == [8192, 1 << 20] and run["depths"] == [0.1, 0.5, 0.9]
+    assert [(s["length"], s["depth"], s["batch"]) for s in run["samples"]] == [
+        (8192, 0.1, 6), (8192, 0.1, 6), (8192, 0.5, 4), (8192, 0.5, 4), (8192, 0.9, 6), (8192, 0.9, 6),
+        (1 << 20, 0.5, 4), (1 << 20, 0.5, 4)]
+    assert [s["hit"] for s in run["samples"] if s["depth"] == 0.9] == [True, False]  # order of appearance
+    assert run["batch"] == [6, 4] and run["complete"] is True
+    assert accuracy_grid(run) == [[(2, 2), (2, 2), (1, 2)], [(0, 0), (1, 2), (0, 0)]]
+    assert meta["model"] == "SmolLM2" and meta["device"] == "cuda:0"
+    assert [(m["path"], m["command"][-1]) for m in meta["merged_from"]] == [("short.json", "short.json"),
+                                                                           ("long.json", "long.json")]
+
+
+def test_merge_keeps_each_method_and_its_setup_and_lists_what_differs_between_files():
+    stock = _part("stock", {(8192, 0.5): [True]}, batch=6)
+    quest = _part("quest G32 k63x32 W2048 C512", {(8192, 0.5): [True]}, batch=6, config={"policy": "quest"})
+    later = _part("quest G32 k63x32 W2048 C512", {(16384, 0.5): [False]}, batch=6, config={"policy": "quest"})
+    first, second = _cuda_results("a.json", stock, quest), _cuda_results("b.json", later)
+    second[1]["device"] = "cpu"
+    runs, meta = merge_runs([first, second])
+    assert [(run["label"], run["lengths"], run["batch"]) for run in runs] == [
+        ("stock", [8192], [6]), ("quest G32 k63x32 W2048 C512", [8192, 16384], [6])]
+    assert runs[1]["config"] == {"policy": "quest"}
+    assert meta["device"] == ["cuda:0", "cpu"] and meta["dtype"] == "torch.bfloat16"
+
+
+def test_merge_refuses_a_sample_in_two_files():
+    part = _part("stock", {(8192, 0.5): [True]}, batch=1)
+    with pytest.raises(ValueError, match=r"'stock'.*length 8192, depth 0.5, key 12345 is in a.json and in b.json"):
+        merge_runs([_cuda_results("a.json", part), _cuda_results("b.json", part)])
+
+
+@pytest.mark.parametrize("field, value", [("seed", 1), ("keys", 4), ("distractors", 3), ("max_new_tokens", 5),
+                                          ("config", {"policy": "quest"})])
+def test_merge_refuses_runs_of_one_label_with_different_setups(field, value):
+    first = _part("stock", {(8192, 0.5): [True]}, batch=1)
+    second = _part("stock", {(16384, 0.5): [True]}, batch=1, **{field: value})
+    with pytest.raises(ValueError, match=rf"'stock': its {field} is .* in a.json but .* in b.json"):
+        merge_runs([_cuda_results("a.json", first), _cuda_results("b.json", second)])
+
+
+def test_merged_run_is_complete_only_if_every_part_was():
+    done = _part("stock", {(8192, 0.5): [True]}, batch=1)
+    cut_short = _part("stock", {(16384, 0.5): [True]}, batch=1, complete=False)
+    older = _synthetic_run("stock", {(4096, 0.5): [True]})  # before --batch: no "batch" nor "complete" key
+    runs, _ = merge_runs([_cuda_results("a.json", done), _cuda_results("b.json", cut_short)])
+    assert runs[0]["complete"] is False
+    runs, _ = merge_runs([_cuda_results("a.json", done), _cuda_results("c.json", older)])
+    assert runs[0]["complete"] is True and runs[0]["batch"] == [1]
+
+
+def _refuse_to_load(**_):
+    raise AssertionError("--report must not load the model")
+
+
+def test_niah_report_merges_files_into_out_without_loading_the_model(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("kvtier.cli.load_smollm2", _refuse_to_load)
+    quest = "quest G32 k63x32 W2048 C512"
+    for name, batch, length, depths in (("short", 6, 8192, {"stock": 0.1, quest: 0.1}),
+                                        ("long", 4, 1 << 20, {"stock": 0.5, quest: 0.9})):
+        runs = [_part(label, {(length, depth): [True, False]}, batch) for label, depth in depths.items()]
+        write_results(runs, tmp_path / name, {"command": ["kvtier", "niah", name], "device": "cuda:0"})
+    argv = ["niah", "--report", str(tmp_path / "short" / "results.json"), str(tmp_path / "long"),
+            "--out", str(tmp_path / "merged")]
+    assert main(argv) == 0
+    assert sorted(p.name for p in (tmp_path / "merged").iterdir()) == [
+        "niah-quest-G32-k63x32-W2048-C512.png", "niah-stock.png", "results.json"]
+    saved = json.loads((tmp_path / "merged" / "results.json").read_text())
+    assert saved["command"] == ["kvtier", *argv] and saved["device"] == "cuda:0"
+    assert [m["path"] for m in saved["merged_from"]] == [argv[2], str(tmp_path / "long" / "results.json")]
+    assert [(run["lengths"], run["depths"], run["batch"], len(run["samples"])) for run in saved["runs"]] == [
+        ([8192, 1 << 20], [0.1, 0.5], [6, 4], 4), ([8192, 1 << 20], [0.1, 0.9], [6, 4], 4)]
+    out = capsys.readouterr().out
+    assert out.count("\nall ") == 2  # each run's table
+    comparison = out.rstrip().splitlines()[-6:]  # printed last: a header, a rule, 2 methods x 2 lengths
+    assert comparison[0].split() == ["method", "length", "0.1", "0.5", "0.9", "all", "prefill", "s", "decode", "s"]
+    assert comparison[-1].split() == ["quest", "G32", "k63x32", "W2048", "C512", "1M", "-", "-", "1/2", "1/2",
+                                      "2.0", "0.5"]  # the methods' depths differ: each in its own column
+
+
+def test_niah_report_rejects_runs_of_different_setups_by_name(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("kvtier.cli.load_smollm2", _refuse_to_load)
+    for name, seed in (("a", 0), ("b", 1)):
+        write_results([_part("stock", {(8192 << seed, 0.5): [True]}, batch=1, seed=seed)], tmp_path / name)
+    assert main(["niah", "--report", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "'stock': its seed is 0 in" in err and str(tmp_path / "b" / "results.json") in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("content, problem", [(None, "cannot read"), ("{not json", "is not JSON"),
+                                              ('{"command": ["kvtier"]}', 'needs a "runs" list')])
+def test_niah_report_names_a_bad_file_and_writes_nothing(content, problem, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("kvtier.cli.load_smollm2", _refuse_to_load)
+    good = write_results([_part("stock", {(8192, 0.5): [True]}, batch=1)], tmp_path / "good")
+    bad = tmp_path / "bad.json"
+    if content is not None:
+        bad.write_text(content)
+    assert main(["niah", "--report", str(good), str(bad), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}" in err and problem in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
 
 
 def test_unknown_policy_is_an_error_message_before_loading_the_model(capsys):
