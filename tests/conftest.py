@@ -12,6 +12,10 @@ import transformers
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# The suite writes no model cache (540 MB, in ~/.cache by default) unless KVTIER_CACHE_DIR is set: tests of the cache
+# point it at their own tmp_path. Set at import, not in a fixture, so scripts that tests run as subprocesses inherit it.
+os.environ.setdefault("KVTIER_CACHE_DIR", "off")
+
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 
 warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated.*", category=FutureWarning)
