@@ -16,6 +16,7 @@ from kvtier.errors import CorruptCacheError
 
 MAGIC = b"KVT1"
 _PREFIX = struct.Struct("<4sII")  # magic, header length, header crc32
+BIG_PAYLOAD = 1 << 20  # bytes: records with a larger payload are assembled by torch (see _pack)
 DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int8, torch.uint8)}
 
 
@@ -25,9 +26,17 @@ def tensor_payload(tensor: torch.Tensor) -> memoryview:
     return memoryview(flat.numpy())
 
 
-def _pack(header: dict[str, Any], payload: bytes | memoryview) -> bytes:
+def _pack(header: dict[str, Any], payload: bytes | memoryview) -> bytes | memoryview:
     head = json.dumps(dict(header, length=len(payload)), separators=(",", ":"), sort_keys=True).encode()
-    return b"".join((_PREFIX.pack(MAGIC, len(head), zlib.crc32(head)), head, payload))
+    prefix = _PREFIX.pack(MAGIC, len(head), zlib.crc32(head)) + head
+    if len(payload) < BIG_PAYLOAD:
+        return b"".join((prefix, payload))
+    # a large payload is copied by torch, which lets go of the GIL (bytes.join holds it for the whole memcpy), so the
+    # disk tier's encoder threads and its LMDB writer overlap
+    record = torch.empty(len(prefix) + len(payload), dtype=torch.uint8)
+    record[: len(prefix)] = torch.frombuffer(bytearray(prefix), dtype=torch.uint8)
+    record[len(prefix) :].copy_(torch.frombuffer(payload, dtype=torch.uint8))
+    return memoryview(record.numpy())
 
 
 def encode(header: dict[str, Any], payload: bytes | memoryview = b"") -> bytes:

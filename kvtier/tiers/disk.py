@@ -21,6 +21,7 @@ from kvtier.errors import CacheWriteError, CorruptCacheError, TierFullError
 INITIAL_MAP_BYTES = 64 * 2**20
 MAX_PENDING_BYTES = 512 * 2**20  # spans handed to the writer and not yet committed, before put() waits
 RECORD_BYTES = 64 * 2**20  # at most this many bytes of spans per record
+ENCODERS = 2  # threads encoding records ahead of the writer (zlib's crc32 runs without the GIL)
 
 
 def batch_key(batch: int) -> bytes:
@@ -102,6 +103,9 @@ class LmdbStore:
         self._records = 0
         self._env_lock = threading.Lock()  # readers vs. map resizes
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvtier-disk") if scratch else None
+        # records are encoded (checksums, one contiguous value) ahead of the writer, which puts them in queue order:
+        # encoding and LMDB's copy into its map each run at ~0.8 GB/s on one core, overlapped they double the rate
+        self._encoder = ThreadPoolExecutor(max_workers=ENCODERS, thread_name_prefix="kvtier-encode") if scratch else None
         self._inflight: list[tuple[Future, np.ndarray, int]] = []
         self._done: list[np.ndarray] = []
         self.wait_s = 0.0
@@ -149,13 +153,14 @@ class LmdbStore:
                 array.ensure(int(part.max()) + 1)
             self.record_of.data[part], self.row_of.data[part] = self._records, np.arange(len(part))
             self._live[self._records] = len(part)
-            future = self._writer.submit(self._write, self._records, spans[start : start + per_record])
+            encoded = self._encoder.submit(records.encode_spans, spans[start : start + per_record])
+            future = self._writer.submit(self._write, self._records, encoded)
             self._inflight.append((future, part, len(part) * self.span_bytes))
             self._records += 1
 
-    def _write(self, record: int, spans: torch.Tensor) -> None:
+    def _write(self, record: int, encoded: Future) -> None:
         try:
-            put_records(self.env, [(batch_key(record), records.encode_spans(spans))], self._env_lock)
+            put_records(self.env, [(batch_key(record), encoded.result())], self._env_lock)
         except lmdb.Error as err:
             raise CacheWriteError(f"writing spilled spans to {self.path} failed ({err}); free disk space or move disk_path") from None
 
@@ -228,7 +233,8 @@ class LmdbStore:
     def close(self) -> None:
         if self._writer is not None:
             self._writer.shutdown(wait=True)
-            self._writer = None
+            self._encoder.shutdown(wait=True)
+            self._writer = self._encoder = None
         self._inflight.clear()
         if not self.scratch:
             release_saved(self.env)

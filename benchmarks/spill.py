@@ -1,0 +1,118 @@
+"""Disk-tier writer benchmark: how fast spans spilled to LMDB leave the host (kvtier.tiers.disk.LmdbStore.put, from
+the call to the commit), against ceilings measured in the same run on the same folder: LMDB's own put of ready-made
+records (one transaction per record, as the writer does) and the checksum + assembly of records (encode_spans).
+Spans of the Llama-3.1-8B shape (2 x 8 KV heads x 32 tokens x 128, bf16: 128 KiB each) unless --quick.
+
+    python benchmarks/spill.py --gib 4 --dir /tmp          # the writer at 4 GiB of spans
+    python benchmarks/spill.py --quick                      # tiny shapes, a few MiB (CI)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kvtier import records
+from kvtier.tiers.disk import LmdbStore, batch_key, put_records, spans_per_record
+
+SPAN_SHAPE = (2, 8, 32, 128)  # one span of the Llama-3.1-8B shape: K and V, Hkv, S, D
+QUICK_SPAN_SHAPE = (2, 2, 8, 16)
+PUT_SPANS = 1024  # spans per LmdbStore.put call: what one spill batch of the placement hands over at this shape
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--gib", type=float, default=2.0, help="GiB of spans written per measurement (default 2)")
+    parser.add_argument("--dir", type=Path, default=None, help="folder for the LMDB files (default: the temp folder)")
+    parser.add_argument("--repeats", type=int, default=3, help="measurements of each kind; the median is reported")
+    parser.add_argument("--out", type=Path, default=None, help="where the JSON goes (default: print only)")
+    parser.add_argument("--quick", action="store_true", help="tiny spans, 4 MiB: a CPU smoke run (CI)")
+    args = parser.parse_args(argv)
+    shape = QUICK_SPAN_SHAPE if args.quick else SPAN_SHAPE
+    gib = 4 / 1024 if args.quick else args.gib
+    span_bytes = int(np.prod(shape)) * 2
+    put_spans = 64 if args.quick else PUT_SPANS
+    count = max(put_spans, int(gib * 2**30) // span_bytes // put_spans * put_spans)
+    spans = torch.randn(count, *shape).to(torch.bfloat16)  # [N, 2, Hkv, S, D], the host copies being spilled
+    folder = Path(tempfile.mkdtemp(prefix="kvtier-spill-bench-", dir=args.dir))
+    measured = {
+        "encode_spans": _median(args.repeats, lambda: _encode(spans, span_bytes)),
+        "lmdb_put": _median(args.repeats, lambda: _lmdb_put(spans, span_bytes, folder)),
+        "writer": _median(args.repeats, lambda: _writer(spans, shape, put_spans, folder)),
+    }
+    folder.rmdir()
+    gb = spans.numel() * 2 / 1e9
+    rates = {name: gb / seconds for name, seconds in measured.items()}
+    result = {"span_shape": list(shape), "gb": round(gb, 3), "seconds": measured, "gb_per_s": rates,
+              "writer_vs_lmdb_put": rates["writer"] / rates["lmdb_put"], "torch": torch.__version__,
+              "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d")}
+    print(f"{gb:.2f} GB of spans {tuple(shape)} bf16, median of {args.repeats}:")
+    print("| stage | GB/s |\n|---|---|")
+    for name, rate in rates.items():
+        print(f"| {name} | {rate:.2f} |")
+    print(f"writer at {result['writer_vs_lmdb_put']:.0%} of LMDB's own put")
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+def _median(repeats: int, measure) -> float:
+    return statistics.median(measure() for _ in range(repeats))
+
+
+def _records_of(spans: torch.Tensor, span_bytes: int) -> list[torch.Tensor]:
+    per_record = spans_per_record(span_bytes)
+    return [spans[start : start + per_record] for start in range(0, spans.shape[0], per_record)]
+
+
+def _encode(spans: torch.Tensor, span_bytes: int) -> float:
+    """Seconds to checksum and assemble every record (no LMDB)."""
+    start = time.perf_counter()
+    for part in _records_of(spans, span_bytes):
+        records.encode_spans(part)
+    return time.perf_counter() - start
+
+
+def _lmdb_put(spans: torch.Tensor, span_bytes: int, folder: Path) -> float:
+    """Seconds for LMDB to take ready-made records, one transaction each, into a fresh spill file."""
+    blobs = [records.encode_spans(part) for part in _records_of(spans, span_bytes)]
+    store = LmdbStore.spill(folder, spans.shape[1:], spans.dtype, None)
+    lock = threading.Lock()
+    try:
+        start = time.perf_counter()
+        for record, blob in enumerate(blobs):
+            put_records(store.env, [(batch_key(record), blob)], lock)
+        return time.perf_counter() - start
+    finally:
+        store.close()
+
+
+def _writer(spans: torch.Tensor, shape: tuple[int, ...], put_spans: int, folder: Path) -> float:
+    """Seconds from the first LmdbStore.put to the last commit, spans handed over `put_spans` at a time."""
+    store = LmdbStore.spill(folder, shape, spans.dtype, None)
+    try:
+        start = time.perf_counter()
+        for first in range(0, spans.shape[0], put_spans):
+            store.put(np.arange(first, first + put_spans), spans[first : first + put_spans])
+        while store.pending():
+            store.wait_any()
+        seconds = time.perf_counter() - start
+        check = torch.empty(1, *shape, dtype=spans.dtype)
+        store.get_into(np.array([spans.shape[0] - 1]), check)
+        if not torch.equal(check[0], spans[-1]):
+            raise AssertionError("the last span read back differs from the one written")
+        return seconds
+    finally:
+        store.close()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
