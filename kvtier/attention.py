@@ -1,6 +1,8 @@
 """One attention call over a ReAttention scope: query chunks -> ingest -> select -> gather -> rotary -> attention."""
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -53,11 +55,19 @@ def _attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scali
     rows = query.reshape(batch, kv_heads, group * n_queries, head_dim)  # [B, Hkv, g*c, D]
     mask = None
     if n_queries > 1:
-        key_pos = torch.arange(length, device=query.device)
-        query_pos = torch.arange(length - n_queries, length, device=query.device)
-        mask = (key_pos[None, :] <= query_pos[:, None]).repeat(group, 1)  # [g*c, L]
+        mask = _bottom_right_mask(length, n_queries, group, query.device, torch.is_inference_mode_enabled())
     with sdpa_kernel(BACKENDS):
         out = F.scaled_dot_product_attention(rows, keys, values, attn_mask=mask, scale=scaling)  # [B, Hkv, g*c, D]
     # any strides (flash attention's output is laid out [B, g*c, Hkv, D]): at most one copy into the model's layout
     out = out.unflatten(2, (group, n_queries)).permute(0, 3, 1, 2, 4)  # [B, c, Hkv, g, D]
     return out.reshape(batch, n_queries, q_heads, head_dim)
+
+
+@functools.lru_cache(maxsize=1)
+def _bottom_right_mask(length: int, n_queries: int, group: int, device: torch.device, inference: bool) -> torch.Tensor:
+    """[g*c, L] bool: query row h*c + t (head h of the group, query t) sees keys 0..L-c+t. Every layer of a forward
+    attends a chunk with the same scope length, so the last mask is kept: built once per chunk, not once per layer
+    (4 launches). `inference`: the mode it is built in, so an inference-mode tensor never meets autograd."""
+    key_pos = torch.arange(length, device=device)
+    query_pos = torch.arange(length - n_queries, length, device=device)
+    return (key_pos[None, :] <= query_pos[:, None]).repeat(group, 1)

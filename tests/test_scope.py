@@ -157,3 +157,17 @@ def test_attention_takes_sdpa_outputs_of_any_layout(monkeypatch):
     monkeypatch.setattr(attention.F, "scaled_dot_product_attention", flash_layout)
     assert torch.equal(attention._attend(q, k, v, 0.5), expected)
     assert torch.equal(attention._attend(q[:, :, :1], k, v, 0.5), expected_step)
+
+
+def test_bottom_right_mask_follows_the_rule_and_is_built_once_per_shape():
+    from kvtier.attention import _bottom_right_mask
+
+    cpu = torch.device("cpu")
+    mask = _bottom_right_mask(10, 3, 2, cpu, False)  # [g*c, L]: row h*c + t sees keys 0..L-c+t
+    expected = torch.tensor([[key <= 10 - 3 + t for key in range(10)] for _ in range(2) for t in range(3)])
+    assert torch.equal(mask, expected)
+    assert _bottom_right_mask(10, 3, 2, cpu, False) is mask  # the next layer of the same forward reuses it
+    assert _bottom_right_mask(11, 3, 2, cpu, False) is not mask
+    with torch.inference_mode():
+        assert _bottom_right_mask(11, 3, 2, cpu, True).is_inference()
+    assert not _bottom_right_mask(11, 3, 2, cpu, False).is_inference()  # usable where autograd is on
