@@ -51,3 +51,10 @@ def test_spill_quick_measures_the_writer_against_lmdb_put(tmp_path):
     assert set(result["gb_per_s"]) == {"encode_spans", "lmdb_put", "writer"}
     assert all(rate > 0 for rate in result["gb_per_s"].values())
     assert [p.name for p in tmp_path.iterdir()] == ["spill.json"]  # the spill files are gone
+
+
+def test_decode_profile_chunk_profiles_a_prefill_forward(tmp_path):
+    _run("decode_profile.py", "--chunk", "128", "--steps", "2", "--top", "3", "--out", str(tmp_path))
+    result = json.loads((tmp_path / "decode_profile.json").read_text())
+    assert result["chunk"] == 128 and len(result["rows"]) == 3
+    assert all(row["ms_median"] > 0 for row in result["rows"])
