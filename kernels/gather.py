@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .rotary import _rotate_tile, rotate_reference
+
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 TILE_ELEMENTS = 4096  # tokens x head_dim moved per program (K and V each)
 COPY_BLOCK = 8192  # elements of a span copy_host_spans moves per program
@@ -31,20 +33,14 @@ def _rotate_copy_tile(
     src_keys, src_values, src_row_stride, rows, valid, dst_keys, dst_values, dst_row_stride, positions, cos, sin,
     HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
 ):
-    """Copy rows [BLOCK_T] of K and V (each row D = 2*HALF wide) from src to dst; keys rotated at `positions`
-    [BLOCK_T]: out = x*cos + rotate_half(x)*sin in fp32, rotate_half(x) = [-x2, x1], cast back to dst's dtype.
-    Rounded as kvtier.rotary's `(x*cos).addcmul_(...)` is in PyTorch: x*cos once, then one fused multiply-add."""
+    """Copy rows [BLOCK_T] of K and V (each row D = 2*HALF wide) from src to dst rows `positions`; keys rotated at
+    `positions` (kernels.rotary._rotate_tile), values copied as they are."""
+    _rotate_tile(src_keys, src_row_stride, rows, valid, dst_keys, dst_row_stride, positions, positions, cos, sin,
+                 HALF, BLOCK_HALF)
     cols = tl.arange(0, BLOCK_HALF)[None, :]  # [1, BLOCK_HALF]
     mask = valid[:, None] & (cols < HALF)  # [BLOCK_T, BLOCK_HALF]
     src = rows.to(tl.int64)[:, None] * src_row_stride + cols
     dst = positions.to(tl.int64)[:, None] * dst_row_stride + cols
-    trig = positions.to(tl.int64)[:, None] * (2 * HALF) + cols
-    x1 = tl.load(src_keys + src, mask=mask).to(tl.float32)
-    x2 = tl.load(src_keys + src + HALF, mask=mask).to(tl.float32)
-    out1 = tl.fma(-x2, tl.load(sin + trig, mask=mask), x1 * tl.load(cos + trig, mask=mask))
-    out2 = tl.fma(x1, tl.load(sin + trig + HALF, mask=mask), x2 * tl.load(cos + trig + HALF, mask=mask))
-    tl.store(dst_keys + dst, out1.to(dst_keys.dtype.element_ty), mask=mask)
-    tl.store(dst_keys + dst + HALF, out2.to(dst_keys.dtype.element_ty), mask=mask)
     tl.store(dst_values + dst, tl.load(src_values + src, mask=mask), mask=mask)
     tl.store(dst_values + dst + HALF, tl.load(src_values + src + HALF, mask=mask), mask=mask)
 
@@ -239,17 +235,6 @@ def scope_gather_reference(
     values = torch.cat((global_values, spans[:, :, :, 1].flatten(2, 3), local_values), dim=2)
     out_keys.copy_(rotate_reference(keys, cos, sin))
     out_values.copy_(values)
-
-
-def rotate_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, H, L, D] -> rotated at positions 0..L-1 (kvtier.rotary.ScopeRotary.rotate's math), in x's dtype."""
-    cos, sin = cos[: x.shape[-2]], sin[: x.shape[-2]]  # [L, D]
-    x32 = x.float()
-    half = x32.shape[-1] // 2
-    out = x32 * cos
-    out[..., :half].addcmul_(x32[..., half:], sin[:, :half], value=-1.0)
-    out[..., half:].addcmul_(x32[..., :half], sin[:, half:])
-    return out.to(x.dtype)
 
 
 def _validate(global_kv, local_kv, gpu_pool, host_blocks, loc, cos, sin, out_keys, out_values) -> None:

@@ -4,7 +4,8 @@ each on a GPU), which would otherwise land inside whatever is being timed when a
 The launchers (kernels/scoring.py, kernels/topk.py) derive every block size from the span count's bucket
 (`span_bucket`) and from the query count, and take the other sizes as runtime integers. So the variants a layer needs
 while selecting among up to max_spans spans, in decode steps (1 query) and prefill chunks (chunk_size queries), are
-those of one select_spans call per (bucket, query count).
+those of one select_spans call per (bucket, query count), plus one rotation of the queries (kernels/rotary.py) per
+query count.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .scoring import AGGREGATIONS, DTYPES, KINDS, span_bucket, triton_device
+from .rotary import rotate
 from .select import select_spans
 
 
@@ -66,6 +68,9 @@ def precompile(
     for n_spans, count in tqdm(calls, desc="compiling Triton kernels", unit="call", leave=False):
         select_spans(queries[count], table.narrow(2, 0, n_spans), kind, aggregation, votes, top_k, per_kv_head,
                      use_triton=True)
+    trig = torch.zeros(chunk_size, head_dim, dtype=torch.float32, device=device)  # [positions, D] cos / sin
+    for count in counts:  # the queries' rotation: one variant per tile height
+        rotate(queries[count], trig, trig, 0)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return len(calls)

@@ -10,6 +10,7 @@ import torch
 
 from kvtier.config import ReAttentionConfig
 from kvtier.policies import Policy, build_policy
+from kvtier.rotary import ScopeRotary
 
 
 def kernels_enabled(config: ReAttentionConfig, device: torch.device) -> bool:
@@ -28,6 +29,16 @@ def select(policy: Policy, queries: torch.Tensor, summaries: torch.Tensor, confi
         return select_spans(queries, summaries, policy.kernel_scoring, policy.aggregation, policy.votes,
                             config.top_k, config.per_kv_head, use_triton=True)
     return policy.select(queries, summaries, config.top_k, config.per_kv_head)
+
+
+def rotate(rotary: ScopeRotary, x: torch.Tensor, start: int, use_kernels: bool) -> torch.Tensor:
+    """x [B, H, q, D] pre-RoPE -> rotated at scope positions start..start+q-1, one launch on the kernel path."""
+    if use_kernels:
+        from kvtier.kernels.rotary import rotate as rotate_kernel
+
+        rotary.check(start, x.shape[-2])
+        return rotate_kernel(x, rotary.cos, rotary.sin, start)
+    return rotary.rotate(x, start)
 
 
 def summarise(policy: Policy, keys: torch.Tensor, use_kernels: bool) -> torch.Tensor:

@@ -19,11 +19,15 @@ class ScopeRotary:
         self.sin = (angles.sin() * attention_scaling).float()
         self.bound = bound
 
-    def rotate(self, x: torch.Tensor, start: int) -> torch.Tensor:
-        """x [B, H, L, D] pre-RoPE -> x rotated at positions start..start+L-1, in x's dtype."""
-        length = x.shape[-2]
+    def check(self, start: int, length: int) -> None:
+        """Positions start..start+length-1 lie below the bound (the scope never reaches it: a bug otherwise)."""
         if start < 0 or start + length > self.bound:
             raise AssertionError(f"rotary positions {start}..{start + length - 1} leave the scope bound {self.bound}")
+
+    def rotate(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        """x [B, H, L, D] pre-RoPE -> x rotated at positions start..start+L-1, in x's dtype."""
+        self.check(start, x.shape[-2])
+        length = x.shape[-2]
         cos, sin = self.cos[start : start + length], self.sin[start : start + length]  # [L, D]
         x32 = x.float()
         half = x32.shape[-1] // 2

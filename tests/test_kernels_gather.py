@@ -12,10 +12,10 @@ from kvtier.kernels.gather import (
     copy_host_spans,
     copy_host_spans_reference,
     host_block_table,
-    rotate_reference,
     scope_gather,
     scope_gather_reference,
 )
+from kvtier.kernels.rotary import rotate_reference
 from kvtier.rotary import ScopeRotary
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
