@@ -311,3 +311,26 @@ def test_every_store_keeps_the_span_store_protocol(tmp_path, store_kind):
     assert not store.contains(11) and store.contains(12)
     if store_kind == "disk":
         store.close()
+
+
+def test_an_unbounded_host_pool_keeps_promoted_spans_so_moving_them_down_again_copies_nothing():
+    config = ReAttentionConfig(gpu_budget=8 * SPAN_BYTES)
+    placement = Placement(config.resolve(2048), SPAN_SHAPE, torch.float32, torch.device("cpu"), step_spans=4)
+    spans = torch.randn(64, *SPAN_SHAPE)  # [N, 2, Hkv, S, D]
+    for start in range(0, 24, 4):
+        placement.add(spans[start : start + 4])
+    placement.poll()
+    uid = int(np.flatnonzero(placement.tier.data[:24] == HOST)[0])
+    host_slot = int(placement.host.map.lookup(np.array([uid]))[0])
+    for _ in range(2):  # selected twice on the host: promoted to the GPU, its host copy kept
+        assert torch.equal(placement.fetch(np.array([uid]))[0], spans[uid])
+    assert placement.tier.data[uid] == GPU and placement.host.map.holds(np.array([uid]))[0]
+    evictions, copied = placement.counters["gpu"].evictions, placement.moved["gpu->host"]
+    for start in range(24, 64, 4):  # newer spans push it down again
+        placement.add(spans[start : start + 4])
+        placement.poll()
+    assert placement.tier.data[uid] == HOST and placement.host.map.lookup(np.array([uid]))[0] == host_slot
+    moved_down = placement.counters["gpu"].evictions - evictions
+    assert placement.moved["gpu->host"] - copied == (moved_down - 1) * SPAN_BYTES  # all but the kept one copied
+    assert torch.equal(placement.read_spans(np.arange(64)), spans)
+    placement.close()

@@ -82,6 +82,13 @@ class SlotMap:
     def contains(self, uid: int) -> bool:
         return uid < len(self.slot_of.data) and bool(self.slot_of.data[uid] >= 0)
 
+    def holds(self, uids: np.ndarray) -> np.ndarray:
+        """uids [N] -> whether each has a slot here [N] bool."""
+        known = uids < len(self.slot_of.data)
+        held = np.zeros(len(uids), dtype=bool)
+        held[known] = self.slot_of.data[uids[known]] >= 0
+        return held
+
 
 class SlotPool:
     """What the GPU and host pools share: a SlotMap `map` deciding where each uid's span sits in the pool."""

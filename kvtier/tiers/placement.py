@@ -5,7 +5,8 @@ on a copy stream, host -> LMDB on the disk writer's thread), a batch at a time a
 attention call rarely waits. A span is dropped from a tier only once its copy below is complete (the copy event
 fired, the LMDB transaction committed); until then it is read from the tier above. Selected spans come back in one
 batch per layer; a span on disk is read into the host pool first, and a host span selected again is promoted to
-the GPU. Spans never change, so a disk copy stays valid after promotion and a later demotion needs no new write.
+the GPU. Spans never change, so a disk copy stays valid after promotion and a later demotion needs no new write; an
+unbounded host pool likewise keeps its copy of a promoted span, so moving it down again copies nothing.
 """
 from __future__ import annotations
 
@@ -262,7 +263,8 @@ class Placement:
         else:
             self.gpu.put(uids, spans)
         self._publish(uids, self.gpu.map.lookup(uids))
-        self.host.evict(uids)
+        if self.host.map.capacity is not None:  # a bounded host pool needs the room; an unbounded one keeps the copy
+            self.host.evict(uids)
         self.tier.data[uids] = GPU
         self.counters["gpu"].promotions += len(uids)
 
@@ -306,6 +308,9 @@ class Placement:
             self._finish_copies(wait=True)
 
     def _spill_to_host(self, uids: np.ndarray) -> None:
+        kept = self.host.map.holds(uids)  # promoted spans whose host copy an unbounded host pool kept
+        self._drop_from_gpu(uids[kept])
+        uids = uids[~kept]
         if not len(uids):
             return
         self._make_room_on_host(len(uids))
@@ -323,6 +328,18 @@ class Placement:
         self._copies.append((event, uids))
         self.counters["gpu"].evictions += len(uids)
         self.moved["gpu->host"] += len(uids) * self.span_bytes
+
+    def _drop_from_gpu(self, uids: np.ndarray) -> None:
+        """Spans whose host copy is still there (spans never change) move down without a copy: their GPU slots are
+        freed now. On CUDA the kernels queued before still read those slots, and anything written into them later is
+        queued after those kernels on the same stream."""
+        if not len(uids):
+            return
+        self.gpu.evict(uids)
+        self._publish(uids, -1 - self.host.map.lookup(uids))
+        self.tier.data[uids] = HOST
+        self.selected.data[uids] = 0
+        self.counters["gpu"].evictions += len(uids)
 
     def _finish_copies(self, wait: bool) -> None:
         """Spans whose GPU -> host copy completed now live on the host; their GPU slots are freed."""
