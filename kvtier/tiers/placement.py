@@ -6,7 +6,8 @@ attention call rarely waits. A span is dropped from a tier only once its copy be
 fired, the LMDB transaction committed); until then it is read from the tier above. Selected spans come back in one
 batch per layer; a span on disk is read into the host pool first, and a host span selected again is promoted to
 the GPU. Spans never change, so a disk copy stays valid after promotion and a later demotion needs no new write; an
-unbounded host pool likewise keeps its copy of a promoted span, so moving it down again copies nothing.
+unbounded host pool likewise keeps its copy of a promoted span, so moving it down again copies nothing (at most the
+GPU pool's worth of spans is then held twice).
 """
 from __future__ import annotations
 
