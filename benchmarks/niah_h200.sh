@@ -5,12 +5,17 @@
 # Each stage writes OUT_DIR/<stage>/results.json (saved after every batch) and OUT_DIR/<stage>.log under its own time
 # limit (seconds, $NIAH_LIMIT_<stage>, default 590); with $NIAH_TAR set, both are appended to that tar file
 # afterwards, so a later stage cut short loses nothing of the earlier ones.
+# The stages up to 128K (keys stock policies distractors) are sized to run beside a 1M stage on the same GPU, e.g.
+#   NIAH_TAR=a.tar bash niah_h200.sh OUT 1m-a & NIAH_TAR=b.tar bash niah_h200.sh OUT keys stock distractors; wait
+# (both are bound by the host queueing kernels, one CPU core each): 4 prompts per forward in a 12 GiB span pool
+# beside the 1M stage's 100 GiB.
 set -u
 out=${1:?usage: niah_h200.sh OUT_DIR STAGE... (to512k 1m-a 1m-b keys stock policies distractors merge)}
 shift
 here=$(cd "$(dirname "$0")" && pwd)
 all_depths=0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1
 gpu100=$here/configs/niah-gpu100.yaml
+gpu12=$here/configs/niah-gpu12.yaml
 mkdir -p "$out"
 run() {  # stage, kvtier niah arguments...
     local stage=$1 limit_var="NIAH_LIMIT_${1//-/_}"
@@ -29,10 +34,10 @@ for stage in "$@"; do
         1m-a) run 1m-a --lengths 1m --depths 0,0.1,0.2,0.3,0.4,0.5,0.6,0.7 --policy quest --batch 4 --config "$gpu100" ;;
         1m-b) run 1m-b --lengths 1m --depths 0.8,0.9,1 --policy quest --batch 4 --config "$gpu100" ;;
         # two more keys per cell up to 128K (seeds 1 and 2: other passkeys than to512k's seed 0)
-        keys) run keys --lengths 8k,32k,128k --depths $all_depths --keys 2 --seed 1 --policy quest --batch 11 ;;
-        stock) run stock --lengths 8k,32k --depths $all_depths --policy stock --batch 11 ;;
-        policies) run policies --lengths 128k --depths $all_depths --policy all --batch 11 ;;
-        distractors) run distractors --lengths 32k,128k --depths $all_depths --policy quest --distractors 5 --batch 11 ;;
+        keys) run keys --lengths 8k,32k,128k --depths $all_depths --keys 2 --seed 1 --policy quest --batch 4 --config "$gpu12" ;;
+        stock) run stock --lengths 8k,32k --depths $all_depths --policy stock --batch 4 ;;
+        policies) run policies --lengths 128k --depths $all_depths --policy all --batch 4 --config "$gpu12" ;;
+        distractors) run distractors --lengths 32k,128k --depths $all_depths --policy quest --distractors 5 --batch 4 --config "$gpu12" ;;
         merge)
             # one heatmap per method over every length: the stages that share seed 0 and hold no cell twice
             parts=$(cd "$out" && ls to512k/results.json 1m-a/results.json 1m-b/results.json stock/results.json 2>/dev/null)
