@@ -2,6 +2,7 @@
 host memory, and the bytes a folder really occupies on disk - and a background thread that samples them all."""
 from __future__ import annotations
 
+import gc
 import os
 import threading
 import time
@@ -75,6 +76,22 @@ def disk_bytes(path: str | os.PathLike) -> int:
             except FileNotFoundError:
                 continue
     return total
+
+
+def release_memory(device: torch.device) -> None:
+    """Free what a finished cache left: its garbage, torch's cached GPU blocks (so the next cache's pool is a fresh
+    allocation, not carved out of the last one's segment: a 100 GiB pool grown inside a freed 100 GiB segment
+    cannot take the rest of it in one step) and pinned host blocks; reset the peak."""
+    gc.collect()
+    if device.type != "cuda":
+        return
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    # torch's pinned-host cache keeps freed blocks (and their RSS) for reuse; its private emptier was renamed in 2.12.
+    empty_host = getattr(torch._C, "_host_emptyCache", None) or getattr(torch._C, "_accelerator_emptyHostCache", None)
+    if empty_host is not None:
+        empty_host()
+    torch.cuda.reset_peak_memory_stats(device)
 
 
 class DeviceMemory:

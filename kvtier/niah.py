@@ -13,6 +13,7 @@ from kvtier.cache import ReAttentionCache
 from kvtier.hf import cache_keyword
 from kvtier.config import ReAttentionConfig
 from kvtier.haystack import build_sample, draw_key, passkey_found
+from kvtier.memory import release_memory
 from kvtier.model import window_of
 
 STOCK = "stock"
@@ -178,6 +179,7 @@ def run_niah(model, tokenizer, method: Method, lengths: Iterable[int], depths: I
                     record["stats"] = stats
                 records[position] = record
             del cache  # before the next batch's cache fills
+            release_memory(model.device)
             hits += sum(records[position]["hit"] for position in group)
             done += len(group)
             bar.update(len(group))

@@ -11,7 +11,6 @@ The report is kvtier.profile_report's."""
 from __future__ import annotations
 
 import argparse
-import gc
 import shutil
 import statistics
 import sys
@@ -30,7 +29,7 @@ from kvtier.config import ReAttentionConfig, parse_bytes
 from kvtier.errors import CacheWriteError, TierFullError
 from kvtier.hf import cache_keyword
 from kvtier.longctx import fill, record_kv, sync
-from kvtier.memory import DeviceMemory, MemorySampler, filesystem_of, host_bytes, rss_bytes
+from kvtier.memory import DeviceMemory, MemorySampler, filesystem_of, host_bytes, release_memory, rss_bytes
 from kvtier.model import load_smollm2, preferred_dtype, random_llama, window_of
 from kvtier.niah_report import format_length
 from kvtier.policies import build_policy
@@ -380,7 +379,7 @@ def run_cell(run: Run, config: str, context: int) -> tuple[dict[str, Any], dict[
     reason = run.skip_reason(config, context, needs)
     if reason is not None:
         return {**cell, "status": "skipped", "reason": reason}, None
-    _release(run.device)
+    release_memory(run.device)
     cell["rss_start"] = rss_bytes()
     measure = _stock if config == "stock" else _kvtier
     with MemorySampler(run.settings.interval_s, run.spill if config == "kvtier-tiers" else None, run.device) as sampler:
@@ -388,7 +387,7 @@ def run_cell(run: Run, config: str, context: int) -> tuple[dict[str, Any], dict[
             cell.update(measure(run, config, context, sampler), status="ok", reason=None)
         except (torch.OutOfMemoryError, TierFullError, CacheWriteError) as err:
             cell.update(status="failed", reason=f"{type(err).__name__}: {str(err).splitlines()[0]}")
-        _release(run.device)
+        release_memory(run.device)
         sampler.phase("released")
     timeline = sampler.columns()
     # torch's peak is exact (the allocator's, per phase); the others are the largest sample.
@@ -463,20 +462,6 @@ def _take_peak(device: torch.device) -> int | None:
     peak = torch.cuda.max_memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
     return peak
-
-
-def _release(device: torch.device) -> None:
-    """Free what the last cell left (garbage, torch's cached GPU blocks and pinned host blocks); reset the peak."""
-    gc.collect()
-    if device.type != "cuda":
-        return
-    torch.cuda.synchronize(device)
-    torch.cuda.empty_cache()
-    # torch's pinned-host cache keeps freed blocks (and their RSS) for reuse; its private emptier was renamed in 2.12.
-    empty_host = getattr(torch._C, "_host_emptyCache", None) or getattr(torch._C, "_accelerator_emptyHostCache", None)
-    if empty_host is not None:
-        empty_host()
-    torch.cuda.reset_peak_memory_stats(device)
 
 
 def _meta(run: Run, command: list[str], idle: dict[str, int | None], started: datetime) -> dict[str, Any]:
