@@ -66,29 +66,53 @@ def format_comparison(runs: list[dict[str, Any]]) -> str:
 def plot_heatmap(run: dict[str, Any], path: str | Path) -> Path:
     """The ReAttention paper's figure: accuracy over length (x) and needle depth (y), red 0 to green 1. Each cell
     reads hits/prompts (a merged run's cells may hold different counts); a cell without prompts is grey, '-'."""
+    by_depth = list(zip(*accuracy_grid(run)))  # [depth][length] -> (hits, prompts), depth down the y axis
+    hits, count = _total([cell for row in by_depth for cell in row])
+    title = f"{_task(run)}, {hits}/{count} found\n{run['label']}"
+    return _plot_grid(by_depth, [format_length(length) for length in run["lengths"]], run["depths"],
+                      "context length (tokens)", title, path)
+
+
+def plot_methods(runs: list[dict[str, Any]], length: int, path: str | Path) -> Path:
+    """The methods side by side at one length: accuracy over method (x) and needle depth (y), for runs of one task
+    (e.g. `--policy all`); depths a run lacks are grey."""
+    depths = sorted({depth for run in runs for depth in run["depths"]})
+    columns = []  # [method][depth] -> (hits, prompts)
+    for run in runs:
+        by_depth = dict(zip(run["depths"], accuracy_grid(run)[run["lengths"].index(length)]))
+        columns.append([by_depth.get(depth, (0, 0)) for depth in depths])
+    labels = [run["label"].split(" ")[0] for run in runs]  # the policy: the rest of a label is the shared scope
+    title = f"{_task(runs[0])} at {format_length(length)} tokens, by method\n{' '.join(runs[0]['label'].split(' ')[1:])}"
+    return _plot_grid([list(row) for row in zip(*columns)], labels, depths, "method", title, path)
+
+
+def _task(run: dict[str, Any]) -> str:
+    return f"passkey among {run['distractors']} distractors" if run.get("distractors") else "passkey retrieval"
+
+
+def _plot_grid(by_depth: list[list[tuple[int, int]]], columns: list[str], depths: list[float], xlabel: str,
+               title: str, path: str | Path) -> Path:
+    """A red (0) to green (1) accuracy grid, by_depth[depth][column] = (hits, prompts), written to `path`."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    by_depth = list(zip(*accuracy_grid(run)))  # [depth][length] -> (hits, prompts), depth down the y axis
     accuracy = [[hits / count if count else float("nan") for hits, count in row] for row in by_depth]
     colors = plt.get_cmap("RdYlGn").with_extremes(bad="lightgrey")  # NaN: a cell without prompts
-    # wide enough for the title (the method's label) even with one or two lengths
-    fig, ax = plt.subplots(figsize=(max(4.5, 1.2 + 1.1 * len(run["lengths"])), 1.4 + 0.5 * len(run["depths"])))
+    # wide enough for the title even with one or two columns
+    fig, ax = plt.subplots(figsize=(max(4.5, 1.2 + 1.1 * len(columns)), 1.4 + 0.5 * len(depths)))
     image = ax.imshow(accuracy, cmap=colors, vmin=0.0, vmax=1.0, aspect="auto")
     for y, row in enumerate(by_depth):
         for x, (hits, count) in enumerate(row):
             dark = count and abs(hits / count - 0.5) > 0.3  # the colormap's ends are dark: write in white there
             ax.text(x, y, _fraction(hits, count), ha="center", va="center", fontsize=9,
                     color="white" if dark else "black")
-    ax.set_xticks(range(len(run["lengths"])), [format_length(length) for length in run["lengths"]])
-    ax.set_yticks(range(len(run["depths"])), [f"{depth:.0%}" for depth in run["depths"]])
-    ax.set_xlabel("context length (tokens)")
+    ax.set_xticks(range(len(columns)), columns)
+    ax.set_yticks(range(len(depths)), [f"{depth:.0%}" for depth in depths])
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("needle depth")
-    hits, count = _total([cell for row in by_depth for cell in row])
-    task = f"passkey among {run['distractors']} distractors" if run.get("distractors") else "passkey retrieval"
-    ax.set_title(f"{task}, {hits}/{count} found\n{run['label']}", fontsize=9)
+    ax.set_title(title, fontsize=9)
     fig.colorbar(image, ax=ax, label="accuracy")
     fig.tight_layout()
     path = Path(path)
@@ -98,10 +122,27 @@ def plot_heatmap(run: dict[str, Any], path: str | Path) -> Path:
 
 
 def write_report(runs: list[dict[str, Any]], out_dir: str | Path, meta: dict[str, Any] | None = None) -> list[Path]:
-    """results.json (`meta` and every run) and one heatmap PNG per run into `out_dir`; returns the paths written."""
+    """results.json (`meta` and every run), one heatmap PNG per run and, for a length that several runs of one task
+    share (e.g. `--policy all`), the methods side by side (niah-methods-<length>.png) into `out_dir`; returns the
+    paths written."""
     out_dir = Path(out_dir)
     results = write_results(runs, out_dir, meta)
-    return [results] + [plot_heatmap(run, out_dir / f"niah-{_slug(run['label'])}.png") for run in runs]
+    paths = [results] + [plot_heatmap(run, out_dir / f"niah-{_slug(run['label'])}.png") for run in runs]
+    for (length, distractors), sharing in _runs_by_length(runs).items():
+        if len(sharing) > 1:
+            suffix = f"-d{distractors}" if distractors else ""
+            paths.append(plot_methods(sharing, length, out_dir / f"niah-methods-{format_length(length)}{suffix}.png"))
+    return paths
+
+
+def _runs_by_length(runs: list[dict[str, Any]]) -> dict[tuple[int, int], list[dict[str, Any]]]:
+    """(length, distractors) -> the runs that hold prompts of that length and task, in the runs' order."""
+    sharing: dict[tuple[int, int], list[dict[str, Any]]] = {}
+    for run in runs:
+        for length in run["lengths"]:
+            if any(sample["length"] == length for sample in run["samples"]):
+                sharing.setdefault((length, run.get("distractors", 0)), []).append(run)
+    return sharing
 
 
 def write_results(runs: list[dict[str, Any]], out_dir: str | Path, meta: dict[str, Any] | None = None) -> Path:

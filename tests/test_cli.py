@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import importlib.util
+import gc
 import json
+import math
 import re
+import weakref
 
 import pytest
 import torch
@@ -18,7 +21,7 @@ from kvtier.haystack import (
 from kvtier.model import INSTALL_HINT, MODEL_DIR_ENV, ModelNotInstalledError, find_gguf, load_smollm2
 from kvtier.niah import Method, answer, answer_batch, group_batches, kvtier_method, run_niah
 from kvtier.niah_report import (
-    accuracy_grid, format_comparison, format_table, merge_runs, write_report, write_results,
+    accuracy_grid, format_comparison, format_table, merge_runs, plot_methods, write_report, write_results,
 )
 from tests.conftest import greedy, tiny_model
 
@@ -252,6 +255,39 @@ def test_batches_hold_prompts_of_one_token_count(monkeypatch):
     assert _answers(batched) == _answers(run_niah(model, SplitSevensTokenizer(), Method(), **sweep))
 
 
+class CyclicCacheMethod(Method):
+    """Stock caches that only the garbage collector can free (each refers to itself), recording each one made."""
+
+    def __init__(self):
+        super().__init__()
+        object.__setattr__(self, "made", [])
+
+    def new_cache(self, model):
+        cache = super().new_cache(model)
+        cache.itself = cache
+        self.made.append(weakref.ref(cache))
+        return cache
+
+
+def test_sweep_frees_each_batch_cache_before_making_the_next():
+    """A 1M-token batch's span pool is 100 GiB: the next batch's must not be made while it lives."""
+    method, alive_when_made = CyclicCacheMethod(), []
+    real_new_cache = method.new_cache
+
+    def new_cache(model):
+        alive_when_made.append([ref() is not None for ref in method.made])
+        return real_new_cache(model)
+
+    object.__setattr__(method, "new_cache", new_cache)
+    gc.disable()  # what frees the cycles is the sweep's own collection, not the interpreter's timing
+    try:
+        run_niah(tiny_model(window=4096), IdWordTokenizer(), method, lengths=[120], depths=[0.2, 0.5, 0.8],
+                 max_new_tokens=1, prefill_chunk=64)
+    finally:
+        gc.enable()
+    assert alive_when_made == [[], [False], [False, False]]
+
+
 # ---- reports --------------------------------------------------------------------------------------------------------
 def _synthetic_run(label: str, hits: dict[tuple[int, float], list[bool]]) -> dict:
     samples = [{"length": length, "tokens": length, "depth": depth, "key": "12345", "hit": hit, "answer": "",
@@ -280,13 +316,34 @@ def test_comparison_has_a_row_per_method_and_length():
     assert [row.split()[0] for row in rows] == ["stock", "stock", "quest", "quest"]
 
 
-def test_report_writes_json_and_one_heatmap_per_run(tmp_path):
+def test_report_writes_json_one_heatmap_per_run_and_the_methods_side_by_side_where_they_share_a_length(tmp_path):
     stock = _synthetic_run("stock", {(12288, 0.1): [False], (12288, 0.9): [True]})
     paths = write_report([stock, RUN], tmp_path / "out", {"command": ["kvtier", "niah"]})
-    assert [p.name for p in paths] == ["results.json", "niah-stock.png", "niah-quest-G32-k63x32-W2048-C512.png"]
+    assert [p.name for p in paths] == ["results.json", "niah-stock.png", "niah-quest-G32-k63x32-W2048-C512.png",
+                                       "niah-methods-12K.png"]  # 16K: quest alone
     saved = json.loads(paths[0].read_text())
     assert saved["command"] == ["kvtier", "niah"] and len(saved["runs"]) == 2
     assert all(p.read_bytes().startswith(b"\x89PNG") for p in paths[1:])
+    alone = write_report([RUN], tmp_path / "alone")
+    assert [p.name for p in alone] == ["results.json", "niah-quest-G32-k63x32-W2048-C512.png"]
+
+
+def test_methods_plot_shows_each_method_at_one_length_with_missing_depths_grey(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    drawn = {}
+    real_imshow = matplotlib.axes.Axes.imshow
+
+    def recording_imshow(self, data, *args, **kwargs):
+        drawn["data"] = data
+        return real_imshow(self, data, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "imshow", recording_imshow)
+    cut_short = _synthetic_run("streaming G32 W2048 C512", {(12288, 0.1): [False]})
+    path = plot_methods([RUN, cut_short], 12288, tmp_path / "m.png")
+    assert path.read_bytes().startswith(b"\x89PNG")
+    (quest_01, stream_01), (quest_09, stream_09) = drawn["data"]  # [depth][method]
+    assert (quest_01, stream_01, quest_09) == (1.0, 0.0, 0.5) and math.isnan(stream_09)
 
 
 # ---- command line ---------------------------------------------------------------------------------------------------
@@ -453,7 +510,8 @@ def test_niah_report_merges_files_into_out_without_loading_the_model(tmp_path, m
             "--out", str(tmp_path / "merged")]
     assert main(argv) == 0
     assert sorted(p.name for p in (tmp_path / "merged").iterdir()) == [
-        "niah-quest-G32-k63x32-W2048-C512.png", "niah-stock.png", "results.json"]
+        "niah-methods-1M.png", "niah-methods-8K.png", "niah-quest-G32-k63x32-W2048-C512.png", "niah-stock.png",
+        "results.json"]
     saved = json.loads((tmp_path / "merged" / "results.json").read_text())
     assert saved["command"] == ["kvtier", *argv] and saved["device"] == "cuda:0"
     assert [m["path"] for m in saved["merged_from"]] == [argv[2], str(tmp_path / "long" / "results.json")]
