@@ -151,12 +151,16 @@ def test_stock_sweep_records_every_cell():
     json.dumps(run)
 
 
-def test_distractor_sweep_records_the_other_keys_and_whether_one_was_answered(tmp_path, monkeypatch, capsys):
+def _tiny_niah(tmp_path, monkeypatch, *args: str) -> tuple[list[str], dict]:
+    """`kvtier niah ARGS --policy stock --max-new-tokens 1 --out tmp_path` on a tiny model -> (argv, its first run)."""
     monkeypatch.setattr("kvtier.cli.load_smollm2", lambda **_: (tiny_model(window=4096), WordTokenizer()))
-    argv = ["niah", "--lengths", "400", "--depths", "0.5", "--policy", "stock", "--max-new-tokens", "1",
-            "--distractors", "3", "--out", str(tmp_path)]
+    argv = ["niah", *args, "--policy", "stock", "--max-new-tokens", "1", "--out", str(tmp_path)]
     assert main(argv) == 0
-    run = json.loads((tmp_path / "results.json").read_text())["runs"][0]
+    return argv, json.loads((tmp_path / "results.json").read_text())["runs"][0]
+
+
+def test_distractor_sweep_records_the_other_keys_and_whether_one_was_answered(tmp_path, monkeypatch, capsys):
+    _, run = _tiny_niah(tmp_path, monkeypatch, "--lengths", "400", "--depths", "0.5", "--distractors", "3")
     assert run["distractors"] == 3
     sample = run["samples"][0]
     assert len(sample["distractor_keys"]) == 3 and isinstance(sample["took_distractor"], bool)
@@ -361,21 +365,14 @@ def test_lengths_accept_k_and_m_suffixes():
 
 
 def test_niah_command_writes_the_report_and_prints_the_table_last(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr("kvtier.cli.load_smollm2", lambda **_: (tiny_model(window=4096), WordTokenizer()))
-    argv = ["niah", "--lengths", "200", "--depths", "0.2,0.8", "--policy", "stock", "--max-new-tokens", "1",
-            "--out", str(tmp_path)]
-    assert main(argv) == 0
+    argv, _ = _tiny_niah(tmp_path, monkeypatch, "--lengths", "200", "--depths", "0.2,0.8")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["niah-stock.png", "results.json"]
     assert json.loads((tmp_path / "results.json").read_text())["command"] == ["kvtier", *argv]
     assert capsys.readouterr().out.rstrip().splitlines()[-1].split()[0] == "all"
 
 
 def test_niah_batch_runs_prompts_together_and_must_be_positive(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr("kvtier.cli.load_smollm2", lambda **_: (tiny_model(window=4096), WordTokenizer()))
-    argv = ["niah", "--lengths", "200", "--depths", "0.2,0.5,0.8", "--policy", "stock", "--max-new-tokens", "1",
-            "--batch", "2", "--out", str(tmp_path)]
-    assert main(argv) == 0
-    run = json.loads((tmp_path / "results.json").read_text())["runs"][0]
+    _, run = _tiny_niah(tmp_path, monkeypatch, "--lengths", "200", "--depths", "0.2,0.5,0.8", "--batch", "2")
     assert run["batch"] == 2 and [s["batch"] for s in run["samples"]] == [2, 2, 1]
     assert [s["depth"] for s in run["samples"]] == [0.2, 0.5, 0.8]
     capsys.readouterr()
