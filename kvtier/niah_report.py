@@ -81,8 +81,11 @@ def plot_methods(runs: list[dict[str, Any]], length: int, path: str | Path) -> P
     for run in runs:
         by_depth = dict(zip(run["depths"], accuracy_grid(run)[run["lengths"].index(length)]))
         columns.append([by_depth.get(depth, (0, 0)) for depth in depths])
-    labels = [run["label"].split(" ")[0] for run in runs]  # the policy: the rest of a label is the shared scope
-    title = f"{_task(runs[0])} at {format_length(length)} tokens, by method\n{' '.join(runs[0]['label'].split(' ')[1:])}"
+    policies = [run["label"].split(" ")[0] for run in runs]
+    scopes = {run["label"].split(" ", 1)[1] for run in runs if " " in run["label"]}  # stock's label has none
+    shared = len(scopes) == 1 and len(set(policies)) == len(runs)  # one scope: name the columns by policy alone
+    labels = policies if shared else [run["label"] for run in runs]
+    title = f"{_task(runs[0])} at {format_length(length)} tokens, by method" + (f"\n{scopes.pop()}" if shared else "")
     return _plot_grid([list(row) for row in zip(*columns)], labels, depths, "method", title, path)
 
 

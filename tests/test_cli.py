@@ -342,12 +342,22 @@ def test_methods_plot_shows_each_method_at_one_length_with_missing_depths_grey(t
         drawn["data"] = data
         return real_imshow(self, data, *args, **kwargs)
 
+    def recording_set_xticks(self, ticks, labels=None, **kwargs):
+        drawn["columns"] = labels
+        return real_set_xticks(self, ticks, labels, **kwargs)
+
+    real_set_xticks = matplotlib.axes.Axes.set_xticks
     monkeypatch.setattr(matplotlib.axes.Axes, "imshow", recording_imshow)
-    cut_short = _synthetic_run("streaming G32 W2048 C512", {(12288, 0.1): [False]})
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_xticks", recording_set_xticks)
+    cut_short = _synthetic_run("mean G32 k63x32 W2048 C512", {(12288, 0.1): [False]})
     path = plot_methods([RUN, cut_short], 12288, tmp_path / "m.png")
     assert path.read_bytes().startswith(b"\x89PNG")
-    (quest_01, stream_01), (quest_09, stream_09) = drawn["data"]  # [depth][method]
-    assert (quest_01, stream_01, quest_09) == (1.0, 0.0, 0.5) and math.isnan(stream_09)
+    (quest_01, mean_01), (quest_09, mean_09) = drawn["data"]  # [depth][method]
+    assert (quest_01, mean_01, quest_09) == (1.0, 0.0, 0.5) and math.isnan(mean_09)
+    assert drawn["columns"] == ["quest", "mean"]  # one scope: the policies name the columns
+    other_scope = _synthetic_run("quest G32 k127x32 W4096 C512", {(12288, 0.1): [True]})
+    plot_methods([RUN, other_scope, _synthetic_run("stock", {(12288, 0.1): [False]})], 12288, tmp_path / "n.png")
+    assert drawn["columns"] == [RUN["label"], other_scope["label"], "stock"]
 
 
 # ---- command line ---------------------------------------------------------------------------------------------------
