@@ -70,8 +70,9 @@ def _parser() -> argparse.ArgumentParser:
         "niah", help="passkey accuracy over lengths x depths, per cache method; writes JSON + heatmaps",
         description="Needle-in-a-haystack sweep (the ReAttention paper's protocol): for each method, each length "
                     "and each depth, --keys prompts with random 5-digit passkeys, greedy decoding, a hit when the "
-                    "key appears in the answer. Writes results.json and one heatmap PNG per method into --out and "
-                    "prints the accuracy tables last. kvtier's sizes default to those derived from the model's "
+                    "key appears in the answer. Writes results.json, one heatmap PNG per method and, where several "
+                    "methods share a length, one with them side by side into --out, and prints the accuracy tables "
+                    "last. kvtier's sizes default to those derived from the model's "
                     "window; --config, then the size options, override them. --report merges earlier runs' "
                     "results.json files into one report without running anything.")
     niah.add_argument("--lengths", type=_lengths, default=[12 << 10, 16 << 10],
