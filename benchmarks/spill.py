@@ -1,6 +1,8 @@
-"""Disk-tier writer benchmark: how fast spans spilled to LMDB leave the host (kvtier.tiers.disk.LmdbStore.put, from
-the call to the commit), against ceilings measured in the same run on the same folder: LMDB's own put of ready-made
-records (one transaction per record, as the writer does) and the checksum + assembly of records (encode_spans).
+"""Disk-tier benchmark: how fast spans spilled to LMDB leave the host (kvtier.tiers.disk.LmdbStore.put, from the call
+to the commit), against ceilings measured in the same run on the same folder: LMDB's own put of ready-made records
+(one transaction per record, as the writer does) and the checksum + assembly of records (encode_spans); and how fast
+they come back (LmdbStore.get_into of random batches of spans, as a decode step's layers ask for them), from the page
+cache (warm) and from the disk (cold: the file's cached pages dropped with posix_fadvise first).
 Spans of the Llama-3.1-8B shape (2 x 8 KV heads x 32 tokens x 128, bf16: 128 KiB each) unless --quick.
 
     python benchmarks/spill.py --gib 4 --dir /tmp          # the writer at 4 GiB of spans
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import tempfile
 import threading
@@ -25,6 +28,7 @@ from kvtier.tiers.disk import LmdbStore, batch_key, put_records, spans_per_recor
 SPAN_SHAPE = (2, 8, 32, 128)  # one span of the Llama-3.1-8B shape: K and V, Hkv, S, D
 QUICK_SPAN_SHAPE = (2, 2, 8, 16)
 PUT_SPANS = 1024  # spans per LmdbStore.put call: what one spill batch of the placement hands over at this shape
+READ_SPANS = 254  # spans per get_into call: a quarter of one layer's selection at 1M tokens (8 KV heads x 127 spans)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         "lmdb_put": _median(args.repeats, lambda: _lmdb_put(spans, span_bytes, folder)),
         "writer": _median(args.repeats, lambda: _writer(spans, shape, put_spans, folder)),
     }
+    measured.update(_reads(spans, shape, put_spans, folder, 16 if args.quick else READ_SPANS, args.repeats))
     folder.rmdir()
     gb = spans.numel() * 2 / 1e9
     rates = {name: gb / seconds for name, seconds in measured.items()}
@@ -57,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     print("| stage | GB/s |\n|---|---|")
     for name, rate in rates.items():
         print(f"| {name} | {rate:.2f} |")
-    print(f"writer at {result['writer_vs_lmdb_put']:.0%} of LMDB's own put")
+    print(f"writer at {result['writer_vs_lmdb_put']:.0%} of LMDB's own put; reads: random batches of spans, every "
+          f"span read once")
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n")
@@ -112,6 +118,51 @@ def _writer(spans: torch.Tensor, shape: tuple[int, ...], put_spans: int, folder:
         return seconds
     finally:
         store.close()
+
+
+def _reads(spans: torch.Tensor, shape: tuple[int, ...], put_spans: int, folder: Path, batch: int,
+           repeats: int) -> dict[str, float]:
+    """Median seconds to read every span back in random batches of `batch` (each span once, verified against what was
+    written) from a fresh spill file: first from the disk (its pages dropped from the page cache: they are not yet
+    mapped, so the OS can drop them), then again from the page cache."""
+    runs = [_read_twice(spans, shape, put_spans, folder, batch) for _ in range(repeats)]
+    return {"read_cold": statistics.median(cold for cold, _ in runs),
+            "read_warm": statistics.median(warm for _, warm in runs)}
+
+
+def _read_twice(spans: torch.Tensor, shape: tuple[int, ...], put_spans: int, folder: Path,
+                batch: int) -> tuple[float, float]:
+    store = LmdbStore.spill(folder, shape, spans.dtype, None)
+    try:
+        for first in range(0, spans.shape[0], put_spans):
+            store.put(np.arange(first, first + put_spans), spans[first : first + put_spans])
+        while store.pending():
+            store.wait_any()
+        _drop_cached_pages(store.path)
+        order = np.random.default_rng(0).permutation(spans.shape[0])
+        out = torch.empty(batch, *shape, dtype=spans.dtype)
+        seconds = []
+        for _ in range(2):
+            start = time.perf_counter()
+            for first in range(0, len(order), batch):
+                uids = order[first : first + batch]
+                store.get_into(uids, out[: len(uids)])
+            seconds.append(time.perf_counter() - start)
+            if not torch.equal(out[: len(uids)], spans[torch.from_numpy(uids)]):
+                raise AssertionError("spans read back differ from those written")
+        return seconds[0], seconds[1]
+    finally:
+        store.close()
+
+
+def _drop_cached_pages(path: Path) -> None:
+    """Evict a file's clean pages from the OS page cache (no root needed), so the next reads come from the disk."""
+    handle = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+        os.posix_fadvise(handle, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(handle)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 hold at every step, and the stores keep their promises (slots reused, a span dropped only once its copy is safe)."""
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -9,9 +11,9 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from kvtier import ReAttentionCache
 from kvtier.config import ReAttentionConfig
-from kvtier.errors import TierFullError
+from kvtier.errors import CorruptCacheError, TierFullError
 from kvtier.tiers.base import SlotMap
-from kvtier.tiers.disk import LmdbStore
+from kvtier.tiers.disk import LmdbStore, batch_key, put_records
 from kvtier.tiers.host import HostPool, contiguous_runs
 from kvtier.tiers.placement import DISK, GPU, HOST, Placement, shortfall
 from tests.conftest import greedy, random_ids, tiny_model
@@ -183,6 +185,29 @@ def test_lmdb_store_reads_back_only_committed_spans(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("damage", ["flipped byte", "truncated"])
+def test_a_record_read_again_is_still_verified(tmp_path, damage):
+    """The store parses a record's header once; a later read of the same record still checks its span and length."""
+    store = LmdbStore.spill(tmp_path, SPAN_SHAPE, torch.float32, budget=None)
+    spans = torch.randn(4, *SPAN_SHAPE)
+    store.put(np.arange(4), spans.clone())
+    store.wait_any()
+    out = torch.empty(1, *SPAN_SHAPE)
+    store.get_into(np.array([1]), out)  # caches the record's header
+    with store.env.begin() as txn:
+        value = bytearray(txn.get(batch_key(0)))
+    if damage == "flipped byte":
+        value[-1] ^= 0xFF  # inside the last span
+        expected = "span 3 checksum mismatch"
+    else:
+        value = value[:-8]
+        expected = "payload's length does not match"
+    put_records(store.env, [(batch_key(0), bytes(value))], threading.Lock())
+    with pytest.raises(CorruptCacheError, match=expected):
+        store.get_into(np.array([3]), out)
+    store.close()
+
+
 def test_a_cache_filled_under_inference_mode_keeps_working_outside_it(tmp_path):
     """The cache's buffers are never inference tensors: a prefill under torch.inference_mode followed by generate
     (which runs under no_grad) updates them in place without error, in every tier, with the same tokens."""
@@ -259,7 +284,7 @@ def test_a_budgeted_gpu_pool_grows_by_doubling_then_to_its_budget_in_one_step():
 def test_a_gpu_pool_short_of_memory_grows_in_smaller_steps_then_names_gpu_budget(monkeypatch):
     """The device cannot hold the old and the doubled pool at once: the pool grows by less; when even the spans
     needed do not fit, TierFullError names gpu_budget, and the pool and its slot map are left as they were."""
-    from kvtier.errors import TierFullError
+    from kvtier.errors import CorruptCacheError, TierFullError
     from kvtier.tiers import gpu
     from kvtier.tiers.gpu import DevicePool, fallback_targets
 

@@ -62,7 +62,7 @@ def open_saved(path: Path) -> lmdb.Environment:
         if key in _SAVED:
             _SAVED[key][1] += 1
             return _SAVED[key][0]
-        env = lmdb.open(str(path), subdir=False, readonly=True, lock=False, readahead=False)
+        env = lmdb.open(str(path), subdir=False, readonly=True, lock=False)
         needed = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
         if needed > status.st_size:
             env.close()
@@ -99,7 +99,7 @@ class LmdbStore:
         self.row_of = GrowableArray(np.int64, -1)  # ... and its row there
         self.committed = GrowableArray(np.bool_, False)  # per uid: its record is committed
         self._live: dict[int, int] = {}  # spill record -> spans in it not evicted
-        self._headers: dict[int, dict] = {}  # parsed record headers (checksums), read once
+        self._headers: dict[int, tuple[dict, int]] = {}  # record -> (parsed header, payload offset), read once
         self._records = 0
         self._env_lock = threading.Lock()  # readers vs. map resizes
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvtier-disk") if scratch else None
@@ -117,7 +117,7 @@ class LmdbStore:
             directory.mkdir(parents=True, exist_ok=True)
             handle, name = tempfile.mkstemp(prefix="kvtier-spill-", suffix=".lmdb", dir=directory)
             os.close(handle)
-            env = lmdb.open(name, subdir=False, map_size=INITIAL_MAP_BYTES, sync=False, metasync=False, readahead=False)
+            env = lmdb.open(name, subdir=False, map_size=INITIAL_MAP_BYTES, sync=False, metasync=False)
         except (OSError, lmdb.Error) as err:
             raise CacheWriteError(f"disk_path {str(directory)!r} is not a writable directory ({err}); set disk_path to one that is") from None
         return cls(env, Path(name), span_shape, dtype, budget, scratch=True)
@@ -200,11 +200,23 @@ class LmdbStore:
                 name = f"{self.path.name}: spans record {record}"
                 if value is None:
                     raise CorruptCacheError(f"{name} is missing")
-                header, payload = records.unpack(value, name)
-                header = self._headers.setdefault(record, header)
+                header, payload = self._unpack(record, value, name)
                 for position in np.flatnonzero(record_of == record).tolist():
                     records.read_span(header, payload, int(row_of[position]), out[position], name)
         self.wait_s += time.perf_counter() - start
+
+    def _unpack(self, record: int, value: memoryview, name: str) -> tuple[dict, memoryview]:
+        """A record -> (its header, its payload): the header (checksummed, parsed) is read once per record - records
+        never change - and later reads only check the payload's length against it (each span has its own checksum)."""
+        if record not in self._headers:
+            header, payload = records.unpack(value, name)
+            self._headers[record] = (header, len(value) - len(payload))
+            return header, payload
+        header, offset = self._headers[record]
+        payload = memoryview(value)[offset:]
+        if len(payload) != header["length"]:
+            raise CorruptCacheError(f"record {name!r}: the payload's length does not match its header (the file is damaged)")
+        return header, payload
 
     def contains(self, uid: int) -> bool:
         return uid < len(self.committed.data) and bool(self.committed.data[uid])
