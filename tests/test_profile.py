@@ -8,6 +8,8 @@ import copy
 import io
 import json
 import os
+import signal
+import subprocess
 import sys
 import time
 from types import SimpleNamespace
@@ -279,3 +281,22 @@ def test_a_config_file_sets_the_kvtier_sizes_and_a_bad_one_is_a_message(tmp_path
     (tmp_path / "bad.yaml").write_text("top_kk: 3\n")
     assert main(["profile", "--quick", "--config", str(tmp_path / "bad.yaml"), "--out", str(out)]) == 2
     assert "unknown kvtier config field" in capsys.readouterr().err
+
+
+def test_a_run_stopped_by_sigterm_removes_its_spill_files_and_keeps_its_json_whole(tmp_path):
+    """`timeout` stops a run with SIGTERM: the run unwinds (exit 143), its LMDB spill folder is gone and the cells
+    saved so far read back."""
+    out, spill = tmp_path / "out", tmp_path / "spill"
+    command = [sys.executable, "-m", "kvtier", "profile", "--quick", "--contexts", "1k,4k,16k,64k,256k",
+               "--configs", "kvtier-tiers", "--out", str(out), "--disk-path", str(spill)]
+    run = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                           env=dict(os.environ, OMP_WAIT_POLICY="PASSIVE"))
+    deadline = time.monotonic() + 240
+    while not list(spill.glob("kvtier-profile-*/kvtier-spill-*.lmdb")):  # a cell is spilling to LMDB
+        assert run.poll() is None and time.monotonic() < deadline, "the run ended before it spilled"
+        time.sleep(0.05)
+    run.send_signal(signal.SIGTERM)
+    assert run.wait(timeout=120) == 128 + signal.SIGTERM, run.stderr.read()[-2000:]
+    assert spill.is_dir() and list(spill.iterdir()) == []
+    if (out / "profile.json").exists():
+        assert json.loads((out / "profile.json").read_text())["meta"]["configs"] == ["kvtier-tiers"]

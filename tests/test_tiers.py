@@ -110,7 +110,10 @@ def test_bad_placement_config_names_the_problem(fields, message):
         ReAttentionConfig(**fields).resolve(2048)
 
 
-def test_fetch_returns_the_same_spans_wherever_they_live(tmp_path):
+@pytest.mark.parametrize("write_slice_spans", [None, 1])
+def test_fetch_returns_the_same_spans_wherever_they_live(tmp_path, monkeypatch, write_slice_spans):
+    if write_slice_spans is not None:  # victims copied for the disk writer one span at a time
+        monkeypatch.setattr("kvtier.tiers.placement.WRITE_SLICE_BYTES", write_slice_spans * SPAN_BYTES)
     config = ReAttentionConfig(gpu_budget=8 * SPAN_BYTES, host_budget=8 * SPAN_BYTES, disk_path=str(tmp_path))
     placement = Placement(config.resolve(2048), SPAN_SHAPE, torch.float32, torch.device("cpu"), step_spans=4)
     spans = torch.randn(40, *SPAN_SHAPE)  # [N, 2, Hkv, S, D]
@@ -118,6 +121,9 @@ def test_fetch_returns_the_same_spans_wherever_they_live(tmp_path):
         placement.add(spans[start : start + 4])
     tiers = placement.tier.data[:40]
     assert {GPU, HOST} <= set(tiers.tolist()) and (tiers == DISK).sum() + placement.disk.pending() > 0
+    written = np.flatnonzero(placement.disk.record_of.data[: placement.uids] >= 0)
+    records = len(np.unique(placement.disk.record_of.data[written]))
+    assert records == len(written) if write_slice_spans == 1 else records < len(written)
     chosen = np.array([0, 3, 17, 21, 39])
     assert torch.equal(placement.fetch(chosen), spans[torch.from_numpy(chosen)])
     assert torch.equal(placement.read_spans(np.arange(40)), spans)

@@ -28,6 +28,7 @@ from kvtier.tiers.host import HostPool
 
 GPU, HOST, DISK = 0, 1, 2
 PROMOTE_AFTER = 2  # a host span selected this many times since it moved down goes back up to the GPU
+WRITE_SLICE_BYTES = 256 * 2**20  # host -> disk victims are copied for the writer this many bytes at a time
 HEADROOM = 16  # a pool starts moving spans down when less than 1/HEADROOM of it is free, then frees 2/HEADROOM
 
 
@@ -388,9 +389,14 @@ class Placement:
         if self.disk is None:
             raise TierFullError("the host tier is full and there is no disk tier: set disk_path, or raise host_budget")
         self._relieve_disk(len(uids))
-        copy = torch.empty((len(uids), *self.span_shape), dtype=self.dtype)  # [N, 2, Hkv, S, D], the writer's own
-        self.host.get_into(uids, copy)
-        self.disk.put(uids, copy)
+        # the writer's own copies, a slice at a time: a batch of victims can be 1/8 of the host pool (12 GiB of a
+        # 96 GiB pool), and put() waits for the writer once 512 MiB are pending, so host memory stays bounded
+        per_slice = max(1, WRITE_SLICE_BYTES // self.span_bytes)
+        for start in range(0, len(uids), per_slice):
+            part = uids[start : start + per_slice]
+            copy = torch.empty((len(part), *self.span_shape), dtype=self.dtype)  # [n, 2, Hkv, S, D]
+            self.host.get_into(part, copy)
+            self.disk.put(part, copy)
         self.writing.data[uids] = True
         self._writing += len(uids)
         self.counters["host"].evictions += len(uids)
