@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import shutil
 import statistics
 import sys
@@ -25,7 +26,8 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from kvtier.backends import precompile_selection
-from kvtier.bench_report import KVTIER_METHODS, METHODS, format_report, goals, write_report
+from kvtier.bench_report import (KVTIER_METHODS, METHODS, format_report, goals, merge_results, transfer_figures,
+                                 write_report)
 from kvtier.cache import ReAttentionCache
 from kvtier.config import ReAttentionConfig, parse_bytes
 from kvtier.errors import TierFullError
@@ -117,6 +119,10 @@ def add_bench_parser(commands) -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true",
                        help="a tiny random Llama (2 layers), contexts 1k,4k, 4 decode steps: the CI smoke run")
     bench.add_argument("--seed", type=int, default=0, help="seeds the random weights and token ids (default 0)")
+    bench.add_argument("--report", type=Path, nargs="+", metavar="JSON", default=None,
+                       help="measure nothing: read earlier runs' bench.json files (e.g. one per context range), "
+                            "merge their cells, compute the transfer floors and goals again and write the JSON, plot "
+                            "and tables into --out")
     _add_device_options(bench)  # --quick overrides them: the CPU, float32
     bench.set_defaults(run=run_bench)
     return bench
@@ -212,6 +218,8 @@ def make_plan(args: argparse.Namespace) -> Plan:
 def run_bench(args: argparse.Namespace) -> int:
     from kvtier.cli import _versions
 
+    if args.report:
+        return _rereport(args.report, args.out)
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
@@ -245,6 +253,24 @@ def run_bench(args: argparse.Namespace) -> int:
         write_report(result, plan.out, plot=False)  # a run cut short still leaves every finished cell
     result["meta"]["finished"] = datetime.now().isoformat(timespec="seconds")
     for path in write_report(result, plan.out):
+        print(f"wrote {path}")
+    print("\n" + format_report(result))
+    return 0
+
+
+def _rereport(paths: list[Path], out: Path | None) -> int:
+    results = []
+    for path in paths:
+        try:
+            results.append(json.loads(path.read_text()))
+        except (OSError, ValueError) as err:
+            print(f"kvtier: error: --report {path}: not a readable bench.json ({err})", file=sys.stderr)
+            return 2
+        if not {"meta", "settings", "ceilings", "cells"} <= set(results[-1]):
+            print(f"kvtier: error: --report {path} is not a `kvtier bench` bench.json", file=sys.stderr)
+            return 2
+    result = merge_results(results)
+    for path in write_report(result, out or Path("runs") / f"bench-{datetime.now():%Y%m%d-%H%M%S}"):
         print(f"wrote {path}")
     print("\n" + format_report(result))
     return 0
@@ -466,20 +492,13 @@ class Bench:
         copy ceilings (100% = the step takes no longer than its copies would at the ceiling)."""
         if method == "offloaded":  # every layer's whole K/V goes up before its attention and back down after
             kv = context * self.layers * self.token_layer_bytes
-            moved, source, kind = {"host->gpu": kv, "gpu->host": kv}, "estimated: the whole KV each way", "pageable"
+            moved = {"host->gpu": kv, "gpu->host": kv}
         elif method in ("kvtier-host", "kvtier-disk"):
             after, steps = cache.stats()["moved"], self.plan.warmup + self.plan.decode_steps
             moved = {d: (after[d] - before["moved"][d]) // steps for d in DIRECTIONS}
-            source, kind = "measured: cache.stats() over the decode steps", "pinned"
         else:
             return None
-        result = {"bytes_per_token": moved, "source": source, "ceiling": kind, "floor_ms": None,
-                  "pct_of_ceiling": None}
-        if ceilings is not None:
-            floor_s = (moved["host->gpu"] / (ceilings[f"{kind}_h2d_gbps"] * 1e9)
-                       + moved["gpu->host"] / (ceilings[f"{kind}_d2h_gbps"] * 1e9))
-            result.update(floor_ms=round(floor_s * 1e3, 3), pct_of_ceiling=round(100 * floor_s * 1e3 / step_ms, 1))
-        return result
+        return {"bytes_per_token": moved, **transfer_figures(method, moved, ceilings, step_ms)}
 
     # ---- will it fit? -----------------------------------------------------------------------------------------------
     def wont_fit(self, method: str, context: int, cache) -> str | None:

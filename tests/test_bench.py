@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 
@@ -236,14 +237,49 @@ def test_context_labels():
     assert [context_label(n) for n in (1 << 20, 128 << 10, 5000, None)] == ["1M", "128K", "5000", "-"]
 
 
-def test_transfer_percent_of_ceiling_for_the_offloaded_cache(tmp_path):
+def test_transfer_floor_is_the_slower_direction_at_the_pinned_ceiling(tmp_path):
+    """HF's offloaded cache moves its K/V through CPU copies torch pins (non-blocking GPU->CPU), each direction on its
+    own copy engine: the floor is the slower direction at the pinned ceiling."""
     args = _parser().parse_args(["bench", "--quick", "--out", str(tmp_path)])
     plan = bench.make_plan(args)
     runner = bench.Bench(bench.build_model(plan)[0], plan)
-    ceilings = {"pageable_h2d_gbps": 10.0, "pageable_d2h_gbps": 5.0, "pinned_h2d_gbps": 50.0, "pinned_d2h_gbps": 50.0}
+    ceilings = {"pageable_h2d_gbps": 10.0, "pageable_d2h_gbps": 5.0, "pinned_h2d_gbps": 50.0, "pinned_d2h_gbps": 40.0}
     moved = runner.transfer("offloaded", None, None, 1 << 20, step_ms=400.0, ceilings=ceilings)
     kv = (1 << 20) * 512  # 1M tokens of 512 bytes of K/V: 512 MiB up and down every step
-    assert moved["bytes_per_token"] == {"host->gpu": kv, "gpu->host": kv} and moved["ceiling"] == "pageable"
-    floor_ms = kv / 10e9 * 1e3 + kv / 5e9 * 1e3
+    assert moved["bytes_per_token"] == {"host->gpu": kv, "gpu->host": kv} and moved["ceiling"] == "pinned"
+    floor_ms = kv / 40e9 * 1e3  # GPU->host, the slower direction
     assert moved["floor_ms"] == pytest.approx(floor_ms, abs=1e-3)
     assert moved["pct_of_ceiling"] == pytest.approx(100 * floor_ms / 400.0, abs=0.1)
+
+
+def test_report_merges_runs_and_recomputes_floors_and_goals(quick, tmp_path, capsys):
+    _, result, _ = quick
+    later = copy.deepcopy(result)
+    later["cells"] = [{**_cell(result, "kvtier", 4096), "context": 8192}]
+    later["meta"]["command"] = ["kvtier", "bench", "--contexts", "8k"]
+    earlier = copy.deepcopy(result)
+    earlier["ceilings"] = {"pageable_h2d_gbps": 10.0, "pageable_d2h_gbps": 5.0, "pinned_h2d_gbps": 50.0,
+                           "pinned_d2h_gbps": 40.0}
+    for cell in earlier["cells"]:
+        if cell["status"] == "ok" and cell["transfer"]:
+            cell["transfer"].update(ceiling="pageable", floor_ms=1e6)  # what an older version wrote
+    paths = [tmp_path / "a.json", tmp_path / "b.json"]
+    for path, doc in zip(paths, (earlier, later)):
+        path.write_text(json.dumps(doc))
+    assert _run("--report", *map(str, paths), "--out", str(tmp_path / "merged")) == 0
+    merged = json.loads((tmp_path / "merged" / "bench.json").read_text())
+    assert merged["settings"]["contexts"] == [1024, 4096, 8192] and len(merged["meta"]["commands"]) == 2
+    assert {(c["method"], c["context"]) for c in merged["cells"]} == {
+        *((m, c) for m in METHODS for c in (1024, 4096)), ("kvtier", 8192)}
+    host = _cell(merged, "kvtier-host", 4096)["transfer"]
+    assert host["ceiling"] == "pinned" and host["floor_ms"] < 1e6
+    assert next(g for g in merged["goals"] if g["name"] == "decode_flat")["compared"] == "kvtier @ 8K / kvtier @ 1K"
+    assert (tmp_path / "merged" / "bench.png").read_bytes()[:8] == PNG_SIGNATURE
+    assert capsys.readouterr().out.rstrip().splitlines()[-1].startswith("| host_vs_offloaded")
+
+
+def test_report_of_a_file_that_is_not_a_bench_json_returns_2(tmp_path, capsys):
+    wrong = tmp_path / "profile.json"
+    wrong.write_text(json.dumps({"meta": {}, "cells": []}))
+    assert _run("--report", str(wrong)) == 2
+    assert "is not a `kvtier bench` bench.json" in capsys.readouterr().err
