@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The memory profile of benchmarks/RESULTS.md section 10 on one H200, alone on the GPU (pynvml reads the whole device).
+# Usage: bash benchmarks/profile_h200.sh OUT_DIR STAGE...   (stages: to512k, 1m)
+# Each stage writes OUT_DIR/<stage>/ (profile.json after every cell, the PNGs at the end) and OUT_DIR/<stage>.log.
+# The 1m stage first measures the disk the LMDB tier writes to (4 GiB direct write and read) and the kernel's dirty-page
+# limits, and dumps every thread's stack to its log every $PROFILE_STACKS_S seconds (default 240): its first decode
+# step ran past a device call twice (section 10), and the stacks say where.
+set -u
+out=${1:?usage: profile_h200.sh OUT_DIR STAGE... (to512k 1m)}
+shift
+here=$(cd "$(dirname "$0")" && pwd)
+config=$here/configs/scope-8k.yaml
+mkdir -p "$out"
+for stage in "$@"; do
+    case $stage in
+        to512k) args="--contexts 8k,32k,128k,512k" ;;
+        1m)
+            args="--contexts 1m --configs kvtier-tiers --decode-steps 4"
+            {
+                echo "== disk: $(df -h /tmp | tail -1)"
+                grep -H . /proc/sys/vm/dirty_ratio /proc/sys/vm/dirty_background_ratio /proc/sys/vm/dirty_bytes
+                dd if=/dev/zero of=/tmp/kvtier-dd bs=16M count=256 oflag=direct 2>&1 | tail -1
+                dd if=/tmp/kvtier-dd of=/dev/null bs=16M iflag=direct 2>&1 | tail -1
+                rm -f /tmp/kvtier-dd
+            } > "$out/disk.log" 2>&1
+            cat "$out/disk.log" ;;
+        *) echo "unknown stage $stage (to512k 1m)"; exit 2 ;;
+    esac
+    echo "== $stage: kvtier profile --model llama8b --config $config $args"
+    timeout "${PROFILE_LIMIT:-560}" python3 -c "
+import faulthandler, sys
+faulthandler.dump_traceback_later(${PROFILE_STACKS_S:-240}, repeat=True)
+from kvtier.cli import main
+sys.exit(main(sys.argv[1:]))" profile --model llama8b --config "$config" $args --out "$out/$stage" > "$out/$stage.log" 2>&1
+    echo "== $stage: exit $?"
+    tr '\r' '\n' < "$out/$stage.log" | grep -E "built in|skipped|^Goal|^Flatness|Thread|File .*kvtier" | tail -n 40
+done
