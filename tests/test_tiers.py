@@ -316,6 +316,8 @@ def test_pools_move_spans_down_in_large_rare_batches():
     assert shortfall(count=16, capacity=1600, available=1000) == 0  # 1/16 of the pool stays free: nothing moves
     assert shortfall(count=16, capacity=1600, available=110) == 16 + 200 - 110  # below it: free 2/16 at once
     assert shortfall(count=5, capacity=8, available=4) == 5 + 2 - 4  # tiny pools keep at least one slot spare
+    assert shortfall(count=16, capacity=1600, available=60, most=50) == 16 + 100 - 60  # headroom capped at 50
+    assert shortfall(count=16, capacity=1600, available=70, most=50) == 0
 
 
 @pytest.mark.parametrize("store_kind", ["gpu", "host", "disk"])

@@ -19,7 +19,8 @@ from kvtier.buffers import GrowableArray
 from kvtier.errors import CacheWriteError, CorruptCacheError, TierFullError
 
 INITIAL_MAP_BYTES = 64 * 2**20
-MAX_PENDING_BYTES = 512 * 2**20  # spans handed to the writer and not yet committed, before put() waits
+MAX_PENDING_BYTES = 2 * 2**30  # spans handed to the writer and not yet committed, before put() waits: one
+# batch of victims (placement.HEADROOM_BYTES x 2) is queued whole and the caller goes on
 RECORD_BYTES = 64 * 2**20  # at most this many bytes of spans per record
 ENCODERS = 2  # threads encoding records ahead of the writer (zlib's crc32 runs without the GIL)
 

@@ -29,14 +29,15 @@ from kvtier.tiers.host import HostPool
 GPU, HOST, DISK = 0, 1, 2
 PROMOTE_AFTER = 2  # a host span selected this many times since it moved down goes back up to the GPU
 WRITE_SLICE_BYTES = 256 * 2**20  # host -> disk victims are copied for the writer this many bytes at a time
-HEADROOM = 16  # a pool starts moving spans down when less than 1/HEADROOM of it is free, then frees 2/HEADROOM
+HEADROOM = 16  # a pool starts moving spans down when less than 1/HEADROOM of it is free, then frees 2/HEADROOM ...
+HEADROOM_BYTES = 2**30  # ... and at most this much (a 96 GiB host pool would otherwise write 12 GiB to disk at once)
 
 
-def shortfall(count: int, capacity: int, available: int) -> int:
+def shortfall(count: int, capacity: int, available: int, most: int | None = None) -> int:
     """Spans a pool of `capacity` should move down before taking `count` more, `available` being its free slots plus
-    those on their way out: none while 1/HEADROOM stays free, else enough to free 2/HEADROOM - so spans move in
-    large, rare batches (each batch costs one scan for the least recently used)."""
-    headroom = max(capacity // HEADROOM, 1)
+    those on their way out: none while 1/HEADROOM (at most `most` spans) stays free, else enough to free twice that -
+    so spans move in large, rare batches (each batch costs one scan for the least recently used)."""
+    headroom = max(min(capacity // HEADROOM, capacity if most is None else most), 1)
     return 0 if available - count >= headroom else count + 2 * headroom - available
 
 
@@ -60,6 +61,7 @@ class Placement:
         """span_shape = (2, Hkv, S, D); step_spans = the most spans one attention step selects and seals."""
         self.span_shape, self.dtype, self.device = tuple(span_shape), dtype, device
         self.span_bytes = int(np.prod(span_shape)) * dtype.itemsize
+        self._headroom_spans = HEADROOM_BYTES // self.span_bytes
         gpu_cap = capacity_of(config.budget_bytes("gpu_budget"), self.span_bytes, "gpu_budget", step_spans)
         host_cap = capacity_of(config.budget_bytes("host_budget"), self.span_bytes, "host_budget", step_spans)
         self.gpu = DevicePool(span_shape, dtype, device, gpu_cap)
@@ -299,7 +301,7 @@ class Placement:
         if capacity is None:
             return
         in_flight = sum(len(uids) for _, uids in self._copies)
-        short = shortfall(count, capacity, self.gpu.map.free_count() + in_flight)
+        short = shortfall(count, capacity, self.gpu.map.free_count() + in_flight, self._headroom_spans)
         if self.host.map.capacity is not None:
             short = min(short, self.host.map.capacity // 2)
         if short > 0:
@@ -365,7 +367,7 @@ class Placement:
         capacity = self.host.map.capacity
         if capacity is None:
             return
-        short = shortfall(count, capacity, self.host.map.free_count() + self._writing)
+        short = shortfall(count, capacity, self.host.map.free_count() + self._writing, self._headroom_spans)
         if short > 0:
             victims = self._least_recent(HOST, short, self.writing)
             on_disk = self._has_disk_copy(victims)
@@ -389,8 +391,8 @@ class Placement:
         if self.disk is None:
             raise TierFullError("the host tier is full and there is no disk tier: set disk_path, or raise host_budget")
         self._relieve_disk(len(uids))
-        # the writer's own copies, a slice at a time: a batch of victims can be 1/8 of the host pool (12 GiB of a
-        # 96 GiB pool), and put() waits for the writer once 512 MiB are pending, so host memory stays bounded
+        # the writer's own copies, a slice at a time (a batch of victims is up to 2 x HEADROOM_BYTES), each freed
+        # once written
         per_slice = max(1, WRITE_SLICE_BYTES // self.span_bytes)
         for start in range(0, len(uids), per_slice):
             part = uids[start : start + per_slice]
