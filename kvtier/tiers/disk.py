@@ -19,8 +19,9 @@ from kvtier.buffers import GrowableArray
 from kvtier.errors import CacheWriteError, CorruptCacheError, TierFullError
 
 INITIAL_MAP_BYTES = 64 * 2**20
-MAX_PENDING_BYTES = 2 * 2**30  # spans handed to the writer and not yet committed, before put() waits: one
-# batch of victims (placement.HEADROOM_BYTES x 2) is queued whole and the caller goes on
+# spans handed to the writer and not yet committed, before put() waits: one batch of the placement's victims (at most
+# 2 x placement.HEADROOM_BYTES) is queued whole and the caller goes on
+MAX_PENDING_BYTES = 2 * 2**30
 RECORD_BYTES = 64 * 2**20  # at most this many bytes of spans per record
 ENCODERS = 2  # threads encoding records ahead of the writer (zlib's crc32 runs without the GIL)
 
