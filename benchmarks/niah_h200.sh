@@ -10,7 +10,7 @@
 # (both are bound by the host queueing kernels, one CPU core each): 4 prompts per forward in a 12 GiB span pool
 # beside the 1M stage's 100 GiB.
 set -u
-out=${1:?usage: niah_h200.sh OUT_DIR STAGE... (to512k 1m-a 1m-b 2m keys stock policies distractors merge)}
+out=${1:?usage: niah_h200.sh OUT_DIR STAGE... (to512k 1m-a 1m-b 2m keys keys-512k stock policies streaming distractors merge)}
 shift
 here=$(cd "$(dirname "$0")" && pwd)
 all_depths=0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1
@@ -39,12 +39,16 @@ for stage in "$@"; do
         keys) run keys --lengths 8k,32k,128k --depths $all_depths --keys 2 --seed 1 --policy quest --batch 4 --config "$gpu12" ;;
         stock) run stock --lengths 8k,32k --depths $all_depths --policy stock --batch 4 ;;
         policies) run policies --lengths 128k --depths $all_depths --policy all --batch 4 --config "$gpu12" ;;
+        # the depths the policies stage did not reach for streaming (cut by its time limit after depth 0.3)
+        streaming) run streaming --lengths 128k --depths 0.4,0.5,0.6,0.7,0.8,0.9,1 --policy streaming --batch 4 --config "$gpu12" ;;
+        # two more keys per cell at 512K (seeds 1 and 2, as `keys` up to 128K)
+        keys-512k) run keys-512k --lengths 512k --depths $all_depths --keys 2 --seed 1 --policy quest --batch 6 --config "$gpu100" ;;
         # one labelled distractor: the variant SmolLM2 solves inside its window (11/11 at 4K; with 5 it finds 3/11 there)
         distractors) run distractors --lengths 32k,128k --depths $all_depths --policy quest --distractors 1 --batch 4 --config "$gpu12" ;;
         merge)
             # one heatmap per method over every length: the stages that share seed 0 and hold no cell twice
             parts=$(cd "$out" && ls to512k/results.json 1m-a/results.json 1m-b/results.json stock/results.json 2>/dev/null)
             (cd "$out" && python3 -m kvtier niah --report $parts --out merged > merged.log 2>&1; tail -n 30 merged.log) ;;
-        *) echo "unknown stage $stage (to512k 1m-a 1m-b 2m keys stock policies distractors merge)"; exit 2 ;;
+        *) echo "unknown stage $stage (to512k 1m-a 1m-b 2m keys keys-512k stock policies streaming distractors merge)"; exit 2 ;;
     esac
 done
