@@ -13,6 +13,16 @@ def buffer(shape, dtype: torch.dtype, device: torch.device | str = "cpu", pin_me
         return torch.empty(shape, dtype=dtype, device=device, pin_memory=pin_memory)
 
 
+def scratch_rows(current: torch.Tensor | None, count: int, row_shape: tuple[int, ...], dtype: torch.dtype,
+                 pin_memory: bool = False) -> torch.Tensor:
+    """A kept scratch buffer [>= count, *row_shape] on the host: `current` when it has the rows, else a new one of
+    max(count, twice as many) rows (what `current` held is not carried over)."""
+    if current is not None and current.shape[0] >= count:
+        return current
+    rows = max(count, 2 * (0 if current is None else current.shape[0]))
+    return buffer((rows, *row_shape), dtype, pin_memory=pin_memory)
+
+
 def upload(values: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
     """A small host array -> a tensor on `device`, without waiting for the device: on CUDA through pinned memory and
     a non-blocking copy (a plain .to() from pageable memory synchronises the stream: the CPU would wait for all the

@@ -10,6 +10,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from kvtier import ReAttentionCache
+from kvtier.buffers import scratch_rows
 from kvtier.config import ReAttentionConfig
 from kvtier.errors import CorruptCacheError, TierFullError
 from kvtier.tiers.base import SlotMap
@@ -367,3 +368,11 @@ def test_an_unbounded_host_pool_keeps_promoted_spans_so_moving_them_down_again_c
     assert placement.moved["gpu->host"] - copied == (moved_down - 1) * SPAN_BYTES  # all but the kept one copied
     assert torch.equal(placement.read_spans(np.arange(64)), spans)
     placement.close()
+
+
+def test_scratch_rows_are_kept_while_big_enough_then_grow_by_doubling():
+    first = scratch_rows(None, 3, SPAN_SHAPE, torch.float32)
+    assert first.shape == (3, *SPAN_SHAPE)
+    assert scratch_rows(first, 2, SPAN_SHAPE, torch.float32) is first
+    grown = scratch_rows(first, 4, SPAN_SHAPE, torch.float32)
+    assert grown.shape[0] == 6 and scratch_rows(grown, 20, SPAN_SHAPE, torch.float32).shape[0] == 20

@@ -17,7 +17,7 @@ import weakref
 import numpy as np
 import torch
 
-from kvtier.buffers import GrowableArray, GrowableTensor, buffer, upload
+from kvtier.buffers import GrowableArray, GrowableTensor, scratch_rows, upload
 from kvtier.config import ReAttentionConfig
 from kvtier.errors import TierFullError
 from kvtier.metrics import DIRECTIONS, TierCounters
@@ -86,7 +86,7 @@ class Placement:
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._staging: torch.Tensor | None = None  # pinned [n, 2, Hkv, S, D] for host -> GPU copies
         self._staging_free: torch.cuda.Event | None = None
-        self._disk_staging: torch.Tensor | None = None  # pageable rows read from disk (_disk_rows)
+        self._disk_staging: torch.Tensor | None = None  # [n, 2, Hkv, S, D] pageable, spans read from disk
         self._host_reads: torch.cuda.Event | None = None  # after the last kernel that read host slots in place
         # With a GPU budget but no disk tier every span is on the GPU or in pinned host memory, both readable by the
         # gather kernel: a device table says where (GPU slot, or -1 - host slot); selections are booked later (note).
@@ -249,9 +249,7 @@ class Placement:
     def _staging_rows(self, count: int) -> torch.Tensor:
         if self._staging_free is not None:
             self._staging_free.synchronize()  # the previous copy out of the staging buffer has finished
-        if self._staging is None or self._staging.shape[0] < count:
-            size = max(count, 2 * (0 if self._staging is None else self._staging.shape[0]))
-            self._staging = buffer((size, *self.span_shape), self.dtype, pin_memory=self._stream is not None)
+        self._staging = scratch_rows(self._staging, count, self.span_shape, self.dtype, self._stream is not None)
         return self._staging[:count]
 
     def _promote(self, uids: np.ndarray, spans: torch.Tensor | None = None) -> None:
@@ -276,7 +274,10 @@ class Placement:
     def _load_from_disk(self, uids: np.ndarray) -> None:
         """Disk spans -> pinned staging -> the host pool (one read transaction per store)."""
         self._make_room_on_host(len(uids))
-        staging = self._disk_rows(len(uids))
+        # pageable: a CPU to CPU copy gains nothing from pinned rows, and pinning more next to a large pinned pool
+        # may wait for the kernel to write the spill file's dirty pages back
+        self._disk_staging = scratch_rows(self._disk_staging, len(uids), self.span_shape, self.dtype)
+        staging = self._disk_staging[: len(uids)]
         self._read_disk(uids, staging)
         if self._host_reads is not None:
             self._host_reads.synchronize()  # a queued gather may still read the host slots about to be rewritten
@@ -285,15 +286,6 @@ class Placement:
         self.selected.data[uids] = 1
         self.counters["host"].promotions += len(uids)
         self.moved["disk->host"] += len(uids) * self.span_bytes
-
-    def _disk_rows(self, count: int) -> torch.Tensor:
-        """A kept pageable buffer [count, 2, Hkv, S, D] for spans read from disk on their way into the host pool (a
-        CPU to CPU copy: pinning it would only cost an allocation that, next to a large pinned pool, may have to wait
-        for the kernel to write dirty pages of the spill file back)."""
-        if self._disk_staging is None or self._disk_staging.shape[0] < count:
-            size = max(count, 2 * (0 if self._disk_staging is None else self._disk_staging.shape[0]))
-            self._disk_staging = buffer((size, *self.span_shape), self.dtype)
-        return self._disk_staging[:count]
 
     # ---- moving down -------------------------------------------------------------------------------------------
     def _least_recent(self, tier: int, count: int, busy: GrowableArray) -> np.ndarray:
