@@ -135,9 +135,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top", type=int, default=30, help="cProfile rows printed per configuration (default 30)")
     parser.add_argument("--gpu-budget", default=None,
                         help="also profile kvtier (kernels=auto) with this gpu_budget, the rest in pinned host memory")
+    parser.add_argument("--disk-path", default=None,
+                        help="with --gpu-budget, also profile it with an LMDB tier in this folder (the CPU then learns "
+                             "each layer's selection before its gather: the path the device table avoids)")
+    parser.add_argument("--host-budget", default=None,
+                        help="with --disk-path, the pinned host pool's budget (default: unbounded, nothing spills)")
     parser.add_argument("--quick", action="store_true", help="a tiny random Llama on the CPU")
     parser.add_argument("--out", type=Path, default=None, help="folder for decode_profile.json")
     args = parser.parse_args(argv)
+    if (args.disk_path or args.host_budget) and not args.gpu_budget:
+        parser.error("--disk-path and --host-budget add a configuration to --gpu-budget's: give --gpu-budget too")
     device = "cuda" if torch.cuda.is_available() and not args.quick else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model = random_llama("tiny" if args.quick else "llama8b", device, dtype)
@@ -167,6 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     variants = [("kvtier kernels=auto", {"kernels": "auto"}), ("kvtier kernels=reference", {"kernels": "reference"})]
     if args.gpu_budget:
         variants.append((f"kvtier kernels=auto gpu_budget={args.gpu_budget}", {"gpu_budget": args.gpu_budget}))
+    if args.gpu_budget and args.disk_path:
+        variants.append((f"kvtier kernels=auto gpu_budget={args.gpu_budget} host_budget={args.host_budget} + LMDB",
+                         {"gpu_budget": args.gpu_budget, "host_budget": args.host_budget, "disk_path": args.disk_path}))
     for name, overrides in variants:
         rows.append(profile_config(name, model, lambda: ReAttentionCache(model, config, **overrides), kvtier_prepare,
                                    args, layers))

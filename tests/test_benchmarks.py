@@ -37,10 +37,13 @@ def test_kernels_quick_reports_every_section(tmp_path):
 
 
 def test_decode_profile_quick_profiles_stock_and_every_kvtier_configuration(tmp_path):
-    _run("decode_profile.py", "--gpu-budget", "64KiB", "--top", "5", "--out", str(tmp_path))
+    _run("decode_profile.py", "--gpu-budget", "64KiB", "--disk-path", str(tmp_path / "spill"), "--host-budget",
+         "128KiB", "--top", "5", "--out", str(tmp_path))
     rows = json.loads((tmp_path / "decode_profile.json").read_text())["rows"]
     assert [row["config"] for row in rows] == [
-        "stock", "kvtier kernels=auto", "kvtier kernels=reference", "kvtier kernels=auto gpu_budget=64KiB"]
+        "stock", "kvtier kernels=auto", "kvtier kernels=reference", "kvtier kernels=auto gpu_budget=64KiB",
+        "kvtier kernels=auto gpu_budget=64KiB host_budget=128KiB + LMDB"]
+    assert list((tmp_path / "spill").iterdir()) == []  # the spill file went with its cache
     assert all(row["ms_median"] > 0 and row["ms_per_layer"] > 0 for row in rows)
 
 
