@@ -175,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.gpu_budget:
         variants.append((f"kvtier kernels=auto gpu_budget={args.gpu_budget}", {"gpu_budget": args.gpu_budget}))
     if args.gpu_budget and args.disk_path:
-        variants.append((f"kvtier kernels=auto gpu_budget={args.gpu_budget} host_budget={args.host_budget} + LMDB",
+        host = f" host_budget={args.host_budget}" if args.host_budget else ""
+        variants.append((f"kvtier kernels=auto gpu_budget={args.gpu_budget}{host} + LMDB",
                          {"gpu_budget": args.gpu_budget, "host_budget": args.host_budget, "disk_path": args.disk_path}))
     for name, overrides in variants:
         rows.append(profile_config(name, model, lambda: ReAttentionCache(model, config, **overrides), kvtier_prepare,
