@@ -3,7 +3,8 @@
 # Usage: bash benchmarks/profile_h200.sh OUT_DIR STAGE...   (stages: to512k, 1m)
 # Each stage writes OUT_DIR/<stage>/ (profile.json after every cell, the PNGs at the end) and OUT_DIR/<stage>.log.
 # The 1m stage first measures the disk the LMDB tier writes to (4 GiB direct write and read) and the kernel's dirty-page
-# limits, and dumps every thread's stack to its log every $PROFILE_STACKS_S seconds (default 240): its first decode
+# limits, and dumps every thread's stack to its log every $PROFILE_STACKS_S seconds (default 150) and
+# samples /proc/meminfo and /proc/vmstat every 20 s into OUT_DIR/meminfo.log: its first decode
 # step ran past a device call twice (section 10), and the stacks say where.
 set -u
 out=${1:?usage: profile_h200.sh OUT_DIR STAGE... (to512k 1m)}
@@ -23,15 +24,20 @@ for stage in "$@"; do
                 dd if=/tmp/kvtier-dd of=/dev/null bs=16M iflag=direct 2>&1 | tail -1
                 rm -f /tmp/kvtier-dd
             } > "$out/disk.log" 2>&1
-            cat "$out/disk.log" ;;
+            cat "$out/disk.log"
+            # memory and disk traffic every 20 s beside the run: pinned pool, page cache, dirty and written-back pages
+            (while sleep 20; do echo "== $(date +%T)"; grep -E "^(MemAvailable|Cached|Dirty|Writeback|Mlocked):" /proc/meminfo
+                 grep -E "^(pgpgin|pgpgout|pgmajfault) " /proc/vmstat; done) > "$out/meminfo.log" 2>&1 &
+            monitor=$! ;;
         *) echo "unknown stage $stage (to512k 1m)"; exit 2 ;;
     esac
     echo "== $stage: kvtier profile --model llama8b --config $config $args"
     timeout "${PROFILE_LIMIT:-560}" python3 -c "
 import faulthandler, sys
-faulthandler.dump_traceback_later(${PROFILE_STACKS_S:-240}, repeat=True)
+faulthandler.dump_traceback_later(${PROFILE_STACKS_S:-150}, repeat=True)
 from kvtier.cli import main
 sys.exit(main(sys.argv[1:]))" profile --model llama8b --config "$config" $args --out "$out/$stage" > "$out/$stage.log" 2>&1
     echo "== $stage: exit $?"
+    [ -n "${monitor:-}" ] && kill "$monitor" 2>/dev/null
     tr '\r' '\n' < "$out/$stage.log" | grep -E "built in|skipped|^Goal|^Flatness|Thread|File .*kvtier" | tail -n 40
 done
