@@ -1,6 +1,7 @@
 """Disk-tier benchmark: how fast spans spilled to LMDB leave the host (kvtier.tiers.disk.LmdbStore.put, from the call
 to the commit), against ceilings measured in the same run on the same folder: LMDB's own put of ready-made records
-(one transaction per record, as the writer does) and the checksum + assembly of records (encode_spans); and how fast
+(a record per span, a batch of records per transaction, as the writer does) and the checksum + assembly of those
+records (encode_each); and how fast
 they come back (LmdbStore.get_into of random batches of spans, as a decode step's layers ask for them), from the page
 cache (warm) and from the disk (cold: the file's cached pages dropped with posix_fadvise first).
 Spans of the Llama-3.1-8B shape (2 x 8 KV heads x 32 tokens x 128, bf16: 128 KiB each) unless --quick.
@@ -22,8 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kvtier import records
-from kvtier.tiers.disk import LmdbStore, batch_key, put_records, spans_per_record
+from kvtier.tiers.disk import WRITE_BATCH_BYTES, LmdbStore, encode_each, put_records
 
 SPAN_SHAPE = (2, 8, 32, 128)  # one span of the Llama-3.1-8B shape: K and V, Hkv, S, D
 QUICK_SPAN_SHAPE = (2, 2, 8, 16)
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     spans = torch.randn(count, *shape).to(torch.bfloat16)  # [N, 2, Hkv, S, D], the host copies being spilled
     folder = Path(tempfile.mkdtemp(prefix="kvtier-spill-bench-", dir=args.dir))
     measured = {
-        "encode_spans": _median(args.repeats, lambda: _encode(spans, span_bytes)),
+        "encode_each": _median(args.repeats, lambda: _encode(spans, span_bytes)),
         "lmdb_put": _median(args.repeats, lambda: _lmdb_put(spans, span_bytes, folder)),
         "writer": _median(args.repeats, lambda: _writer(spans, shape, put_spans, folder)),
     }
@@ -74,28 +74,30 @@ def _median(repeats: int, measure) -> float:
     return statistics.median(measure() for _ in range(repeats))
 
 
-def _records_of(spans: torch.Tensor, span_bytes: int) -> list[torch.Tensor]:
-    per_record = spans_per_record(span_bytes)
-    return [spans[start : start + per_record] for start in range(0, spans.shape[0], per_record)]
+def _batches_of(spans: torch.Tensor, span_bytes: int) -> list[tuple[np.ndarray, torch.Tensor]]:
+    """(uids, spans) per writer transaction."""
+    per_batch = max(1, WRITE_BATCH_BYTES // span_bytes)
+    return [(np.arange(start, min(start + per_batch, spans.shape[0])), spans[start : start + per_batch])
+            for start in range(0, spans.shape[0], per_batch)]
 
 
 def _encode(spans: torch.Tensor, span_bytes: int) -> float:
     """Seconds to checksum and assemble every record (no LMDB)."""
     start = time.perf_counter()
-    for part in _records_of(spans, span_bytes):
-        records.encode_spans(part)
+    for uids, part in _batches_of(spans, span_bytes):
+        encode_each(uids, part)
     return time.perf_counter() - start
 
 
 def _lmdb_put(spans: torch.Tensor, span_bytes: int, folder: Path) -> float:
-    """Seconds for LMDB to take ready-made records, one transaction each, into a fresh spill file."""
-    blobs = [records.encode_spans(part) for part in _records_of(spans, span_bytes)]
+    """Seconds for LMDB to take ready-made records, a batch per transaction, into a fresh spill file."""
+    batches = [encode_each(uids, part) for uids, part in _batches_of(spans, span_bytes)]
     store = LmdbStore.spill(folder, spans.shape[1:], spans.dtype, None)
     lock = threading.Lock()
     try:
         start = time.perf_counter()
-        for record, blob in enumerate(blobs):
-            put_records(store.env, [(batch_key(record), blob)], lock)
+        for items in batches:
+            put_records(store.env, items, lock)
         return time.perf_counter() - start
     finally:
         store.close()

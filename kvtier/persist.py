@@ -21,7 +21,7 @@ import kvtier
 from kvtier import records
 from kvtier.config import PLACEMENT_FIELDS, ReAttentionConfig
 from kvtier.errors import CacheFileNotFoundError, CacheWriteError, CorruptCacheError, IncompatibleCacheError
-from kvtier.tiers.disk import LmdbStore, batch_key, open_saved, put_records, release_saved, spans_per_record
+from kvtier.tiers.disk import SPANS_PER_RECORD, WRITE_BATCH_BYTES, LmdbStore, encode_each, open_saved, put_records, release_saved
 
 FORMAT = "kvtier-cache"
 VERSION = 1
@@ -92,8 +92,7 @@ def _write(cache, partial: Path) -> None:
     if len(layers) != len(cache.layers):
         raise ValueError("some layers of this cache never saw a token; save after a complete forward")
     span_count = sum(layer.table.uids_host.view().numel() for layer in layers)
-    per_record = spans_per_record(placement.span_bytes)
-    estimate = (_record_pages(per_record * (placement.span_bytes + 16)) * (-(-span_count // per_record)) + 64) * _PAGE
+    estimate = (_record_pages(placement.span_bytes + 256) * span_count + 64) * _PAGE  # a span and its header per record
     estimate += sum(_record_pages(t.numel() * t.element_size()) * _PAGE for t in _layer_tensors(layers[0]).values()) * len(layers)
     partial.unlink(missing_ok=True)
     env = lmdb.open(str(partial), subdir=False, map_size=int(estimate * 1.25) + 2**24, lock=False, sync=False,
@@ -122,13 +121,13 @@ def _layer_tensors(layer) -> dict[str, torch.Tensor]:
 
 def _write_spans(placement, layers, env, span_count: int, lock) -> None:
     """Every span, in the order (layer, row, span): saved uid 0, 1, 2, ... - the uids a load gives them back -
-    `spans_per_record` to a record, whatever layer they come from."""
-    per_record = spans_per_record(placement.span_bytes)
+    one record each (SPANS_PER_RECORD), a batch of records per transaction."""
+    per_batch = max(1, WRITE_BATCH_BYTES // placement.span_bytes)
     uids = np.concatenate([layer.table.uids_host.view().flatten().numpy() for layer in layers])
     with tqdm(total=span_count, unit="span", desc="saving spans", disable=span_count < 50_000) as progress:
-        for record, start in enumerate(range(0, span_count, per_record)):
-            spans = placement.read_spans(uids[start : start + per_record])  # [N, 2, Hkv, S, D] on the host
-            put_records(env, [(batch_key(record), records.encode_spans(spans))], lock)
+        for start in range(0, span_count, per_batch):
+            spans = placement.read_spans(uids[start : start + per_batch])  # [N, 2, Hkv, S, D] on the host
+            put_records(env, encode_each(np.arange(start, start + spans.shape[0]), spans), lock)
             progress.update(spans.shape[0])
 
 
@@ -146,7 +145,7 @@ def _meta(cache, layers, span_count: int, has_tokens: bool) -> dict[str, Any]:
         "token_ids": has_tokens,
         "span_shape": list(cache.placement.span_shape),
         "spans": span_count,
-        "spans_per_record": spans_per_record(cache.placement.span_bytes),
+        "spans_per_record": SPANS_PER_RECORD,
         "layers": [
             {"seen": layer.seen, "largest_scope": layer.largest_scope, "spans": len(layer.table)} for layer in layers
         ],

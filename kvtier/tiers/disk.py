@@ -1,6 +1,10 @@
-"""The disk tier: spans in an LMDB file, a batch of spans per record (one checksum per span). Writes run on a
-background thread; a span counts as on disk only once the transaction holding it has committed. The same store
-reads a saved cache's spans (read-only)."""
+"""The disk tier: spans in an LMDB file, each span its own record (checksummed). Writes run on a background thread,
+a batch of spans per transaction; a span counts as on disk only once the transaction holding it has committed. The
+same store reads a saved cache's spans (read-only; a file saved by an earlier version may hold several per record).
+
+One span per record because py-lmdb touches every page of a value it returns (its `preload`, so that no page fault
+is taken with the GIL held): reading one 128 KiB span from a 64 MiB record of 512 read all 64 MiB, and a decode step
+of the 8B shape at 1M tokens, ~1,000 spans from disk, read ~450 GB in 321 s (RESULTS section 10)."""
 from __future__ import annotations
 
 import os
@@ -22,7 +26,8 @@ INITIAL_MAP_BYTES = 64 * 2**20
 # spans handed to the writer and not yet committed, before put() waits: one batch of the placement's victims (at most
 # 2 x placement.HEADROOM_BYTES) is queued whole and the caller goes on
 MAX_PENDING_BYTES = 2 * 2**30
-RECORD_BYTES = 64 * 2**20  # at most this many bytes of spans per record
+WRITE_BATCH_BYTES = 64 * 2**20  # spans written in one transaction (encoded by one task), at most this many bytes
+SPANS_PER_RECORD = 1  # what this version writes (see above); a saved file's meta says what it holds
 ENCODERS = 2  # threads encoding records ahead of the writer (zlib's crc32 runs without the GIL)
 
 
@@ -83,13 +88,14 @@ def release_saved(env: lmdb.Environment) -> None:
                     env.close()
 
 
-def spans_per_record(span_bytes: int) -> int:
-    return max(1, RECORD_BYTES // span_bytes)
+def encode_each(uids: np.ndarray, spans: torch.Tensor) -> list[tuple[bytes, bytes]]:
+    """Spans [N, 2, Hkv, S, D] on the host -> (key, record) per span: span uid as record uid."""
+    return [(batch_key(uid), records.encode_spans(spans[row : row + 1])) for row, uid in enumerate(uids.tolist())]
 
 
 class LmdbStore:
-    """Spans by uid in one LMDB file: uid -> (record, row). `spill(directory)` makes a scratch file removed on close;
-    `archive(env, ...)` reads a saved cache, whose span u sits at row u % n of record u // n."""
+    """Spans by uid in one LMDB file: uid -> (record, row). `spill(directory)` makes a scratch file removed on close,
+    whose span u is record u; `archive(env, ...)` reads a saved cache, whose span u sits at row u % n of record u // n."""
 
     def __init__(self, env: lmdb.Environment, path: Path, span_shape, dtype, budget: int | None, scratch: bool):
         self.env, self.path, self.scratch = env, path, scratch
@@ -97,12 +103,9 @@ class LmdbStore:
         self.span_bytes = int(np.prod(span_shape)) * dtype.itemsize
         self.budget = budget
         self.record_bytes = 0  # bytes of live spans written or queued
-        self.record_of = GrowableArray(np.int64, -1)  # per uid: its record (batch) ...
+        self.record_of = GrowableArray(np.int64, -1)  # per uid: its record ...
         self.row_of = GrowableArray(np.int64, -1)  # ... and its row there
         self.committed = GrowableArray(np.bool_, False)  # per uid: its record is committed
-        self._live: dict[int, int] = {}  # spill record -> spans in it not evicted
-        self._headers: dict[int, tuple[dict, int]] = {}  # record -> (parsed header, payload offset), read once
-        self._records = 0
         self._env_lock = threading.Lock()  # readers vs. map resizes
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvtier-disk") if scratch else None
         # records are encoded (checksums, one contiguous value) ahead of the writer, which puts them in queue order:
@@ -148,21 +151,19 @@ class LmdbStore:
         self.record_bytes += size
         while sum(pending for _, _, pending in self._inflight) > MAX_PENDING_BYTES:
             self._wait_oldest()
-        per_record = spans_per_record(self.span_bytes)
-        for start in range(0, len(uids), per_record):
-            part = uids[start : start + per_record].copy()
+        per_batch = max(1, WRITE_BATCH_BYTES // self.span_bytes)
+        for start in range(0, len(uids), per_batch):
+            part = uids[start : start + per_batch].copy()
             for array in (self.record_of, self.row_of, self.committed):
                 array.ensure(int(part.max()) + 1)
-            self.record_of.data[part], self.row_of.data[part] = self._records, np.arange(len(part))
-            self._live[self._records] = len(part)
-            encoded = self._encoder.submit(records.encode_spans, spans[start : start + per_record])
-            future = self._writer.submit(self._write, self._records, encoded)
+            self.record_of.data[part], self.row_of.data[part] = part, 0
+            encoded = self._encoder.submit(encode_each, part, spans[start : start + per_batch])
+            future = self._writer.submit(self._write, encoded)
             self._inflight.append((future, part, len(part) * self.span_bytes))
-            self._records += 1
 
-    def _write(self, record: int, encoded: Future) -> None:
+    def _write(self, encoded: Future) -> None:
         try:
-            put_records(self.env, [(batch_key(record), encoded.result())], self._env_lock)
+            put_records(self.env, encoded.result(), self._env_lock)
         except lmdb.Error as err:
             raise CacheWriteError(f"writing spilled spans to {self.path} failed ({err}); free disk space or move disk_path") from None
 
@@ -199,46 +200,29 @@ class LmdbStore:
         with self._env_lock, self.env.begin(buffers=True) as txn:
             for record in np.unique(record_of).tolist():
                 value = txn.get(batch_key(record))
-                name = f"{self.path.name}: spans record {record}"
                 if value is None:
-                    raise CorruptCacheError(f"{name} is missing")
-                header, payload = self._unpack(record, value, name)
+                    raise CorruptCacheError(f"{self.path.name}: spans record {record} is missing")
+                header, payload = records.unpack(value, f"{self.path.name}: spans record {record}")
                 for position in np.flatnonzero(record_of == record).tolist():
+                    name = f"{self.path.name}: span {uids[position]} (record {record})"
                     records.read_span(header, payload, int(row_of[position]), out[position], name)
         self.wait_s += time.perf_counter() - start
-
-    def _unpack(self, record: int, value: memoryview, name: str) -> tuple[dict, memoryview]:
-        """A record -> (its header, its payload): the header (checksummed, parsed) is read once per record - records
-        never change - and later reads only check the payload's length against it (each span has its own checksum)."""
-        if record not in self._headers:
-            header, payload = records.unpack(value, name)
-            self._headers[record] = (header, len(value) - len(payload))
-            return header, payload
-        header, offset = self._headers[record]
-        payload = memoryview(value)[offset:]
-        if len(payload) != header["length"]:
-            raise CorruptCacheError(f"record {name!r}: the payload's length does not match its header (the file is damaged)")
-        return header, payload
 
     def contains(self, uid: int) -> bool:
         return uid < len(self.committed.data) and bool(self.committed.data[uid])
 
     def evict(self, uids: np.ndarray) -> None:
-        """Forget committed spans (their copy above is kept); a record whose spans are all forgotten is deleted by
-        the writer thread, in order with its writes."""
+        """Forget committed spans (their copy above is kept): the writer thread deletes their records, in order with
+        its writes."""
         self.committed.data[uids] = False
         self.record_bytes -= len(uids) * self.span_bytes
-        for record, count in zip(*np.unique(self.record_of.data[uids], return_counts=True)):
-            self._live[int(record)] -= int(count)
-            if not self._live[int(record)]:
-                del self._live[int(record)]
-                self._headers.pop(int(record), None)
-                future = self._writer.submit(self._delete, int(record))
-                self._inflight.append((future, np.empty(0, dtype=np.int64), 0))
+        future = self._writer.submit(self._delete, self.record_of.data[uids].tolist())
+        self._inflight.append((future, np.empty(0, dtype=np.int64), 0))
 
-    def _delete(self, record: int) -> None:
+    def _delete(self, doomed: list[int]) -> None:
         with self.env.begin(write=True) as txn:
-            txn.delete(batch_key(record))
+            for record in doomed:
+                txn.delete(batch_key(record))
 
     @property
     def nbytes(self) -> int:
