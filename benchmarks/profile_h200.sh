@@ -19,7 +19,8 @@ for stage in "$@"; do
             args="--contexts 1m --configs kvtier-tiers --decode-steps 4"
             {
                 echo "== disk: $(df -h /tmp | tail -1)"
-                grep -H . /proc/sys/vm/dirty_ratio /proc/sys/vm/dirty_background_ratio /proc/sys/vm/dirty_bytes
+                grep -H . /proc/sys/vm/dirty_ratio /proc/sys/vm/dirty_background_ratio /proc/sys/vm/dirty_bytes \
+                    /sys/block/*/queue/read_ahead_kb
                 dd if=/dev/zero of=/tmp/kvtier-dd bs=16M count=256 oflag=direct 2>&1 | tail -1
                 dd if=/tmp/kvtier-dd of=/dev/null bs=16M iflag=direct 2>&1 | tail -1
                 rm -f /tmp/kvtier-dd

@@ -1,12 +1,13 @@
 """Disk-tier benchmark: how fast spans spilled to LMDB leave the host (kvtier.tiers.disk.LmdbStore.put, from the call
 to the commit), against ceilings measured in the same run on the same folder: LMDB's own put of ready-made records
 (a record per span, a batch of records per transaction, as the writer does) and the checksum + assembly of those
-records (encode_each); and how fast
-they come back (LmdbStore.get_into of random batches of spans, as a decode step's layers ask for them), from the page
-cache (warm) and from the disk (cold: the file's cached pages dropped with posix_fadvise first).
+records (encode_each); and how fast they come back (LmdbStore.get_into of random batches of spans, as a decode
+step's layers ask for them): cold, a random 1/8 of them from the disk (the file's cached pages dropped with
+posix_fadvise first) with the bytes the disk read for them (Linux), then warm, all of them from the page cache.
 Spans of the Llama-3.1-8B shape (2 x 8 KV heads x 32 tokens x 128, bf16: 128 KiB each) unless --quick.
 
     python benchmarks/spill.py --gib 4 --dir /tmp          # the writer at 4 GiB of spans
+    python benchmarks/spill.py --read-path lmdb             # reads through LMDB transactions instead of pread
     python benchmarks/spill.py --quick                      # tiny shapes, a few MiB (CI)
 """
 from __future__ import annotations
@@ -28,6 +29,7 @@ from kvtier.tiers.disk import WRITE_BATCH_BYTES, LmdbStore, encode_each, put_rec
 SPAN_SHAPE = (2, 8, 32, 128)  # one span of the Llama-3.1-8B shape: K and V, Hkv, S, D
 QUICK_SPAN_SHAPE = (2, 2, 8, 16)
 PUT_SPANS = 1024  # spans per LmdbStore.put call: what one spill batch of the placement hands over at this shape
+COLD_SHARE = 8  # the cold pass reads a random 1/COLD_SHARE of the spans
 READ_SPANS = 254  # spans per get_into call: a quarter of one layer's selection at 1M tokens (8 KV heads x 127 spans)
 
 
@@ -38,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="measurements of each kind; the median is reported")
     parser.add_argument("--out", type=Path, default=None, help="where the JSON goes (default: print only)")
     parser.add_argument("--quick", action="store_true", help="tiny spans, 4 MiB: a CPU smoke run (CI)")
+    parser.add_argument("--read-path", choices=("pread", "lmdb"), default="pread",
+                        help="how spans are read back: pread of each record at its noted place (the store's way), or "
+                             "through LMDB read transactions (its place forgotten), to compare the two")
     args = parser.parse_args(argv)
     shape = QUICK_SPAN_SHAPE if args.quick else SPAN_SHAPE
     gib = 4 / 1024 if args.quick else args.gib
@@ -51,19 +56,23 @@ def main(argv: list[str] | None = None) -> int:
         "lmdb_put": _median(args.repeats, lambda: _lmdb_put(spans, span_bytes, folder)),
         "writer": _median(args.repeats, lambda: _writer(spans, shape, put_spans, folder)),
     }
-    measured.update(_reads(spans, shape, put_spans, folder, 16 if args.quick else READ_SPANS, args.repeats))
+    reads, disk_per_byte = _reads(spans, shape, put_spans, folder, 16 if args.quick else READ_SPANS, args.repeats,
+                                  args.read_path)
+    measured.update(reads)
     folder.rmdir()
     gb = spans.numel() * 2 / 1e9
     rates = {name: gb / seconds for name, seconds in measured.items()}
     result = {"span_shape": list(shape), "gb": round(gb, 3), "seconds": measured, "gb_per_s": rates,
-              "writer_vs_lmdb_put": rates["writer"] / rates["lmdb_put"], "torch": torch.__version__,
+              "writer_vs_lmdb_put": rates["writer"] / rates["lmdb_put"], "read_cold_disk_bytes_per_byte": disk_per_byte,
+              "read_path": args.read_path, "torch": torch.__version__,
               "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d")}
     print(f"{gb:.2f} GB of spans {tuple(shape)} bf16, median of {args.repeats}:")
     print("| stage | GB/s |\n|---|---|")
     for name, rate in rates.items():
         print(f"| {name} | {rate:.2f} |")
-    print(f"writer at {result['writer_vs_lmdb_put']:.0%} of LMDB's own put; reads: random batches of spans, every "
-          f"span read once")
+    print(f"writer at {result['writer_vs_lmdb_put']:.0%} of LMDB's own put; reads ({args.read_path}): random batches "
+          f"of spans, cold a random 1/{COLD_SHARE} of them, warm all; cold, the disk read "
+          f"{disk_per_byte if disk_per_byte is not None else float('nan'):.2f} bytes per byte of spans asked")
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n")
@@ -123,38 +132,63 @@ def _writer(spans: torch.Tensor, shape: tuple[int, ...], put_spans: int, folder:
 
 
 def _reads(spans: torch.Tensor, shape: tuple[int, ...], put_spans: int, folder: Path, batch: int,
-           repeats: int) -> dict[str, float]:
-    """Median seconds to read every span back in random batches of `batch` (each span once, verified against what was
-    written) from a fresh spill file: first from the disk (its pages dropped from the page cache: they are not yet
-    mapped, so the OS can drop them), then again from the page cache."""
-    runs = [_read_twice(spans, shape, put_spans, folder, batch) for _ in range(repeats)]
-    return {"read_cold": statistics.median(cold for cold, _ in runs),
-            "read_warm": statistics.median(warm for _, warm in runs)}
+           repeats: int, path: str) -> tuple[dict[str, float], float | None]:
+    """Median seconds to read spans back in random batches of `batch` (verified against what was written) from a
+    fresh spill file: cold, a random 1/COLD_SHARE of them from the disk (the file's pages dropped from the page cache
+    first), as a decode step asks a few spans of many; then warm, every span from the page cache. Also: the bytes the
+    disk read per byte of spans asked in the cold pass (Linux), the price of read-ahead."""
+    runs = [_read_twice(spans, shape, put_spans, folder, batch, path) for _ in range(repeats)]
+    asked = {"read_cold": spans.shape[0] // COLD_SHARE, "read_warm": spans.shape[0]}  # spans read per pass
+    seconds = {name: statistics.median(run[index] for run in runs) * spans.shape[0] / asked[name]
+               for index, name in enumerate(asked)}  # scaled to every span, so GB/s divides like the other stages
+    disk = [run[2] for run in runs]
+    return seconds, None if None in disk else statistics.median(disk)
+
+
+def _disk_read_bytes() -> int | None:
+    """Bytes this process has caused to be read from block devices (Linux's /proc/self/io), None elsewhere."""
+    try:
+        fields = dict(line.split(": ") for line in Path("/proc/self/io").read_text().splitlines())
+    except OSError:
+        return None
+    return int(fields["read_bytes"])
 
 
 def _read_twice(spans: torch.Tensor, shape: tuple[int, ...], put_spans: int, folder: Path,
-                batch: int) -> tuple[float, float]:
+                batch: int, path: str) -> tuple[float, float, float | None]:
+    """-> (cold seconds, warm seconds, disk bytes read per byte of spans asked in the cold pass)."""
     store = LmdbStore.spill(folder, shape, spans.dtype, None)
     try:
         for first in range(0, spans.shape[0], put_spans):
             store.put(np.arange(first, first + put_spans), spans[first : first + put_spans])
         while store.pending():
             store.wait_any()
+        if path == "lmdb":
+            store.offset_of.data[:] = -1
         _drop_cached_pages(store.path)
         order = np.random.default_rng(0).permutation(spans.shape[0])
         out = torch.empty(batch, *shape, dtype=spans.dtype)
-        seconds = []
-        for _ in range(2):
-            start = time.perf_counter()
-            for first in range(0, len(order), batch):
-                uids = order[first : first + batch]
-                store.get_into(uids, out[: len(uids)])
-            seconds.append(time.perf_counter() - start)
-            if not torch.equal(out[: len(uids)], spans[torch.from_numpy(uids)]):
-                raise AssertionError("spans read back differ from those written")
-        return seconds[0], seconds[1]
+        cold = order[: spans.shape[0] // COLD_SHARE]
+        disk_before = _disk_read_bytes()
+        cold_s = _read_all(store, cold, out, spans)
+        disk_after = _disk_read_bytes()
+        _read_all(store, order, out, spans)  # every page into the cache
+        warm_s = _read_all(store, order, out, spans)
+        disk = None if disk_before is None else (disk_after - disk_before) / (len(cold) * store.span_bytes)
+        return cold_s, warm_s, disk
     finally:
         store.close()
+
+
+def _read_all(store: LmdbStore, order: np.ndarray, out: torch.Tensor, spans: torch.Tensor) -> float:
+    """Seconds to read spans `order` in batches of len(out), each batch checked against `spans`."""
+    start = time.perf_counter()
+    for first in range(0, len(order), out.shape[0]):
+        uids = order[first : first + out.shape[0]]
+        store.get_into(uids, out[: len(uids)])
+        if not torch.equal(out[: len(uids)], spans[torch.from_numpy(uids)]):
+            raise AssertionError("spans read back differ from those written")
+    return time.perf_counter() - start
 
 
 def _drop_cached_pages(path: Path) -> None:

@@ -16,6 +16,7 @@ from kvtier.errors import CorruptCacheError, TierFullError
 from kvtier.tiers.base import SlotMap
 from kvtier.tiers.disk import LmdbStore, batch_key, put_records
 from kvtier.tiers.host import HostPool, contiguous_runs
+from kvtier.tiers.lmdb_pages import file_offset
 from kvtier.tiers.placement import DISK, GPU, HOST, Placement, shortfall
 from tests.conftest import greedy, random_ids, tiny_model
 
@@ -215,6 +216,51 @@ def test_each_span_is_its_own_record_and_a_damaged_one_fails_only_its_read(tmp_p
     assert torch.equal(out, spans[[3, 1]])
     with pytest.raises(CorruptCacheError, match=expected):
         store.get_into(np.array([2]), out[:1])
+    store.close()
+
+
+LARGE_SPAN_SHAPE = (2, 2, 32, 64)  # 32 KiB of float32: stored in LMDB overflow pages, as every real model's spans are
+
+
+def test_lmdb_pages_finds_where_a_large_value_lies_in_the_file(tmp_path):
+    import lmdb
+
+    path = tmp_path / "values.lmdb"
+    env = lmdb.open(str(path), subdir=False, map_size=2**24)
+    large, small = np.random.default_rng(0).bytes(20_000), b"inline"
+    with env.begin(write=True) as txn:
+        txn.put(b"large", large)
+        txn.put(b"small", small)
+    env.sync(True)
+    with env.begin(buffers=True) as txn:
+        offset = file_offset(txn.get(b"large"), env.stat()["psize"])
+        assert file_offset(txn.get(b"small"), env.stat()["psize"]) is None  # inside a leaf page: no fixed place
+    assert path.read_bytes()[offset : offset + len(large)] == large
+    env.close()
+
+
+def test_spilled_spans_are_read_by_pread_of_their_own_record_and_verified(tmp_path):
+    store = LmdbStore.spill(tmp_path, LARGE_SPAN_SHAPE, torch.float32, budget=None)
+    spans = torch.randn(6, *LARGE_SPAN_SHAPE)
+    store.put(np.arange(6), spans.clone())
+    while store.pending():
+        store.wait_any()
+    offsets = store.offset_of.data[:6]
+    assert (offsets >= 0).all() and len(set(offsets.tolist())) == 6
+    out = torch.empty(3, *LARGE_SPAN_SHAPE)
+    store.get_into(np.array([4, 0, 5]), out)
+    assert torch.equal(out, spans[[4, 0, 5]])
+    with open(store.path, "r+b") as file:  # damage the last byte of span 0's record in place
+        file.seek(int(offsets[0] + store.length_of.data[0]) - 1)
+        byte = file.read(1)
+        file.seek(-1, 1)
+        file.write(bytes([byte[0] ^ 0xFF]))
+    store.get_into(np.array([1]), out[:1])
+    assert torch.equal(out[0], spans[1])
+    with pytest.raises(CorruptCacheError, match="span 0 .*checksum mismatch"):
+        store.get_into(np.array([0]), out[:1])
+    store.evict(np.array([2]))
+    assert store.offset_of.data[2] == -1
     store.close()
 
 

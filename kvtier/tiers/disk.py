@@ -4,7 +4,10 @@ same store reads a saved cache's spans (read-only; a file saved by an earlier ve
 
 One span per record because py-lmdb touches every page of a value it returns (its `preload`, so that no page fault
 is taken with the GIL held): reading one 128 KiB span from a 64 MiB record of 512 read all 64 MiB, and a decode step
-of the 8B shape at 1M tokens, ~1,000 spans from disk, read ~450 GB in 321 s (RESULTS section 10)."""
+of the 8B shape at 1M tokens, ~1,000 spans from disk, read ~450 GB in 321 s (RESULTS section 10). And a spilled span
+is read back with one pread of exactly its record, at the place in the file the writer noted after the commit
+(kvtier.tiers.lmdb_pages), several at once, with LMDB's readahead off: a page fault in LMDB's map reads the block
+device's whole read-ahead window (8 MiB on the H200 machine), which a short page cache drops before it is used."""
 from __future__ import annotations
 
 import os
@@ -21,6 +24,7 @@ import torch
 from kvtier import records
 from kvtier.buffers import GrowableArray
 from kvtier.errors import CacheWriteError, CorruptCacheError, TierFullError
+from kvtier.tiers.lmdb_pages import file_offset
 
 INITIAL_MAP_BYTES = 64 * 2**20
 # spans handed to the writer and not yet committed, before put() waits: one batch of the placement's victims (at most
@@ -29,6 +33,7 @@ MAX_PENDING_BYTES = 2 * 2**30
 WRITE_BATCH_BYTES = 64 * 2**20  # spans written in one transaction (encoded by one task), at most this many bytes
 SPANS_PER_RECORD = 1  # what this version writes (see above); a saved file's meta says what it holds
 ENCODERS = 2  # threads encoding records ahead of the writer (zlib's crc32 runs without the GIL)
+READERS = 8  # threads reading spilled spans, one pread each: several disk reads in flight at once
 
 
 def batch_key(batch: int) -> bytes:
@@ -106,6 +111,8 @@ class LmdbStore:
         self.record_of = GrowableArray(np.int64, -1)  # per uid: its record ...
         self.row_of = GrowableArray(np.int64, -1)  # ... and its row there
         self.committed = GrowableArray(np.bool_, False)  # per uid: its record is committed
+        self.offset_of = GrowableArray(np.int64, -1)  # per uid: where its record lies in the spill file (-1: unknown)
+        self.length_of = GrowableArray(np.int64, 0)  # ... and its length
         self._env_lock = threading.Lock()  # readers vs. map resizes
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvtier-disk") if scratch else None
         # records are encoded (checksums, one contiguous value) ahead of the writer, which puts them in queue order:
@@ -113,6 +120,10 @@ class LmdbStore:
         self._encoder = ThreadPoolExecutor(max_workers=ENCODERS, thread_name_prefix="kvtier-encode") if scratch else None
         self._inflight: list[tuple[Future, np.ndarray, int]] = []
         self._done: list[np.ndarray] = []
+        self._file = os.open(path, os.O_RDONLY) if scratch else None  # read with pread, no read-ahead
+        if self._file is not None and hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(self._file, 0, 0, os.POSIX_FADV_RANDOM)
+        self._readers = ThreadPoolExecutor(max_workers=READERS, thread_name_prefix="kvtier-read") if scratch else None
         self.wait_s = 0.0
 
     @classmethod
@@ -122,7 +133,7 @@ class LmdbStore:
             directory.mkdir(parents=True, exist_ok=True)
             handle, name = tempfile.mkstemp(prefix="kvtier-spill-", suffix=".lmdb", dir=directory)
             os.close(handle)
-            env = lmdb.open(name, subdir=False, map_size=INITIAL_MAP_BYTES, sync=False, metasync=False)
+            env = lmdb.open(name, subdir=False, map_size=INITIAL_MAP_BYTES, sync=False, metasync=False, readahead=False)
         except (OSError, lmdb.Error) as err:
             raise CacheWriteError(f"disk_path {str(directory)!r} is not a writable directory ({err}); set disk_path to one that is") from None
         return cls(env, Path(name), span_shape, dtype, budget, scratch=True)
@@ -161,18 +172,32 @@ class LmdbStore:
             future = self._writer.submit(self._write, encoded)
             self._inflight.append((future, part, len(part) * self.span_bytes))
 
-    def _write(self, encoded: Future) -> None:
+    def _write(self, encoded: Future) -> np.ndarray:
+        """Put one batch of records in one transaction -> where each lies in the file [N, 2] (offset, length; offset
+        -1 where LMDB gives it no fixed place), for reads by pread."""
+        items = encoded.result()
         try:
-            put_records(self.env, encoded.result(), self._env_lock)
+            put_records(self.env, items, self._env_lock)
         except lmdb.Error as err:
             raise CacheWriteError(f"writing spilled spans to {self.path} failed ({err}); free disk space or move disk_path") from None
+        places = np.full((len(items), 2), -1, dtype=np.int64)
+        page_size = self.env.stat()["psize"]
+        with self.env.begin(buffers=True) as txn:  # the records' pages were just written: in the page cache
+            for row, (key, value) in enumerate(items):
+                offset = file_offset(txn.get(key), page_size)
+                if offset is not None and os.pread(self._file, 16, offset) == bytes(value[:16]):
+                    places[row] = offset, len(value)
+        return places
 
     def _wait_oldest(self) -> None:
         future, uids, _ = self._inflight.pop(0)
         start = time.perf_counter()
-        future.result()  # re-raises the writer's CacheWriteError here, on the caller's thread
+        places = future.result()  # re-raises the writer's CacheWriteError here, on the caller's thread
         self.wait_s += time.perf_counter() - start
         if len(uids):
+            for array in (self.offset_of, self.length_of):
+                array.ensure(int(uids.max()) + 1)
+            self.offset_of.data[uids], self.length_of.data[uids] = places[:, 0], places[:, 1]
             self.committed.data[uids] = True
             self._done.append(uids)
 
@@ -194,19 +219,43 @@ class LmdbStore:
 
     # ---- reading -------------------------------------------------------------------------------------------------
     def get_into(self, uids: np.ndarray, out: torch.Tensor) -> None:
-        """Read committed spans into out [N, 2, Hkv, S, D] (a contiguous CPU tensor), verifying each span."""
+        """Read committed spans into out [N, 2, Hkv, S, D] (a contiguous CPU tensor), verifying each span: those whose
+        place in the file is known by pread on the reader threads, the rest through an LMDB read transaction."""
         start = time.perf_counter()
-        record_of, row_of = self.record_of.data[uids], self.row_of.data[uids]
+        self.offset_of.ensure(int(uids.max()) + 1 if len(uids) else 0)
+        placed = np.flatnonzero(self.offset_of.data[uids] >= 0)
+        groups = np.array_split(placed, min(READERS, len(placed))) if len(placed) else []
+        reads = [self._readers.submit(self._pread_into, uids[group], out, group) for group in groups]
+        others = np.setdiff1d(np.arange(len(uids)), placed, assume_unique=True)
+        if len(others):
+            self._txn_read_into(uids, out, others)
+        for read in reads:
+            read.result()
+        self.wait_s += time.perf_counter() - start
+
+    def _pread_into(self, uids: np.ndarray, out: torch.Tensor, positions: np.ndarray) -> None:
+        """Spans uids [M] (placed in the file) -> out[positions] [M, 2, Hkv, S, D], one pread of its record each."""
+        for uid, position in zip(uids.tolist(), positions.tolist()):
+            name = f"{self.path.name}: span {uid} (record {uid})"
+            record = bytearray(int(self.length_of.data[uid]))
+            if os.preadv(self._file, [record], int(self.offset_of.data[uid])) != len(record):
+                raise CorruptCacheError(f"record {name!r} is cut short (the spill file was truncated)")
+            header, payload = records.unpack(record, name)
+            records.read_span(header, payload, 0, out[position], name)
+
+    def _txn_read_into(self, uids: np.ndarray, out: torch.Tensor, positions: np.ndarray) -> None:
+        """Spans uids[positions] -> out[positions] through one LMDB read transaction (py-lmdb reads each whole record)."""
+        record_of, row_of = self.record_of.data[uids[positions]], self.row_of.data[uids[positions]]
         with self._env_lock, self.env.begin(buffers=True) as txn:
             for record in np.unique(record_of).tolist():
                 value = txn.get(batch_key(record))
                 if value is None:
                     raise CorruptCacheError(f"{self.path.name}: spans record {record} is missing")
                 header, payload = records.unpack(value, f"{self.path.name}: spans record {record}")
-                for position in np.flatnonzero(record_of == record).tolist():
+                for index in np.flatnonzero(record_of == record).tolist():
+                    position = int(positions[index])
                     name = f"{self.path.name}: span {uids[position]} (record {record})"
-                    records.read_span(header, payload, int(row_of[position]), out[position], name)
-        self.wait_s += time.perf_counter() - start
+                    records.read_span(header, payload, int(row_of[index]), out[position], name)
 
     def contains(self, uid: int) -> bool:
         return uid < len(self.committed.data) and bool(self.committed.data[uid])
@@ -215,6 +264,7 @@ class LmdbStore:
         """Forget committed spans (their copy above is kept): the writer thread deletes their records, in order with
         its writes."""
         self.committed.data[uids] = False
+        self.offset_of.data[uids] = -1  # LMDB may reuse the pages once the record is deleted
         self.record_bytes -= len(uids) * self.span_bytes
         future = self._writer.submit(self._delete, self.record_of.data[uids].tolist())
         self._inflight.append((future, np.empty(0, dtype=np.int64), 0))
@@ -232,7 +282,9 @@ class LmdbStore:
         if self._writer is not None:
             self._writer.shutdown(wait=True)
             self._encoder.shutdown(wait=True)
-            self._writer = self._encoder = None
+            self._readers.shutdown(wait=True)
+            os.close(self._file)
+            self._writer = self._encoder = self._readers = None
         self._inflight.clear()
         if not self.scratch:
             release_saved(self.env)
