@@ -71,6 +71,23 @@ def _dtype_name(tensor: torch.Tensor) -> str:
 def unpack(record: bytes | memoryview, name: str) -> tuple[dict[str, Any], memoryview]:
     """-> (header, payload view) with the header's checksum and the payload's length verified."""
     view = memoryview(record)
+    header, start = _header(view, name)
+    _check_length(header, len(view) - start, name)
+    return header, view[start:]
+
+
+def unpack_header(head: bytes | bytearray, payload_length: int, name: str) -> dict[str, Any]:
+    """The header of a record from its first bytes, `head` (exactly its prefix and header), its payload of
+    `payload_length` bytes read elsewhere -> the header, checksum and lengths verified."""
+    header, start = _header(memoryview(head), name)
+    if start != len(head):
+        raise CorruptCacheError(f"record {name!r}: the header's length does not match the record's (the file is damaged)")
+    _check_length(header, payload_length, name)
+    return header
+
+
+def _header(view: memoryview, name: str) -> tuple[dict[str, Any], int]:
+    """A record's bytes (at least its prefix and header) -> (its header, checksum verified; where its payload starts)."""
     if len(view) < _PREFIX.size:
         raise CorruptCacheError(f"record {name!r} is truncated ({len(view)} bytes)")
     magic, head_len, head_crc = _PREFIX.unpack_from(view)
@@ -83,10 +100,14 @@ def unpack(record: bytes | memoryview, name: str) -> tuple[dict[str, Any], memor
         header = json.loads(bytes(head))
     except ValueError:
         raise CorruptCacheError(f"record {name!r}: header is not JSON") from None
-    payload = view[_PREFIX.size + head_len :]
-    if not isinstance(header, dict) or len(payload) != header.get("length"):
+    if not isinstance(header, dict):
+        raise CorruptCacheError(f"record {name!r}: header is not a JSON object (the file is damaged)")
+    return header, _PREFIX.size + head_len
+
+
+def _check_length(header: dict[str, Any], payload_length: int, name: str) -> None:
+    if payload_length != header.get("length"):
         raise CorruptCacheError(f"record {name!r}: the payload's length does not match its header (the file is damaged)")
-    return header, payload
 
 
 def decode(record: bytes | memoryview, name: str) -> tuple[dict[str, Any], memoryview]:
@@ -99,16 +120,29 @@ def decode(record: bytes | memoryview, name: str) -> tuple[dict[str, Any], memor
 
 def read_span(header: dict[str, Any], payload: memoryview, row: int, out: torch.Tensor, name: str) -> None:
     """Copy span `row` of an unpacked spans record into out [2, Hkv, S, D] (contiguous, on the host), verified."""
+    crcs = _span_checksums(header, out, name)
+    step = len(payload) // len(crcs)
+    part = payload[row * step : (row + 1) * step]
+    if zlib.crc32(part) != crcs[row]:
+        raise CorruptCacheError(f"record {name!r}: span {row} checksum mismatch (the file is damaged)")
+    decode_into(part, out)
+
+
+def check_span(header: dict[str, Any], row: int, out: torch.Tensor, name: str) -> None:
+    """Span `row` of a spans record, already read into out [2, Hkv, S, D] (contiguous, on the host), against the
+    record's header: shape, dtype and checksum."""
+    if zlib.crc32(tensor_payload(out)) != _span_checksums(header, out, name)[row]:
+        raise CorruptCacheError(f"record {name!r}: span {row} checksum mismatch (the file is damaged)")
+
+
+def _span_checksums(header: dict[str, Any], out: torch.Tensor, name: str) -> list[int]:
+    """A spans record's header, checked against one span's tensor out [2, Hkv, S, D] -> its per-span checksums."""
     shape, crcs = header.get("shape"), header.get("crc32s")
     if header.get("kind") != "spans" or not isinstance(shape, list) or not isinstance(crcs, list) or len(crcs) != shape[0]:
         raise CorruptCacheError(f"record {name!r} does not describe spans")
     if list(out.shape) != shape[1:] or header.get("dtype") != _dtype_name(out):
         raise CorruptCacheError(f"record {name!r} holds spans {shape[1:]} {header.get('dtype')}, expected {list(out.shape)} {out.dtype}")
-    step = len(payload) // shape[0]
-    part = payload[row * step : (row + 1) * step]
-    if zlib.crc32(part) != crcs[row]:
-        raise CorruptCacheError(f"record {name!r}: span {row} checksum mismatch (the file is damaged)")
-    decode_into(part, out)
+    return crcs
 
 
 def decode_tensor(record: bytes | memoryview, name: str) -> torch.Tensor:

@@ -234,14 +234,15 @@ class LmdbStore:
         self.wait_s += time.perf_counter() - start
 
     def _pread_into(self, uids: np.ndarray, out: torch.Tensor, positions: np.ndarray) -> None:
-        """Spans uids [M] (placed in the file) -> out[positions] [M, 2, Hkv, S, D], one pread of its record each."""
+        """Spans uids [M] (placed in the file) -> out[positions] [M, 2, Hkv, S, D], one preadv of its record each:
+        the header into a small buffer, the span straight into its row of out."""
         for uid, position in zip(uids.tolist(), positions.tolist()):
             name = f"{self.path.name}: span {uid} (record {uid})"
-            record = bytearray(int(self.length_of.data[uid]))
-            if os.preadv(self._file, [record], int(self.offset_of.data[uid])) != len(record):
+            head = bytearray(int(self.length_of.data[uid]) - self.span_bytes)  # the record's prefix and header
+            target = records.tensor_payload(out[position])  # the span's bytes land in place
+            if os.preadv(self._file, [head, target], int(self.offset_of.data[uid])) != len(head) + len(target):
                 raise CorruptCacheError(f"record {name!r} is cut short (the spill file was truncated)")
-            header, payload = records.unpack(record, name)
-            records.read_span(header, payload, 0, out[position], name)
+            records.check_span(records.unpack_header(head, len(target), name), 0, out[position], name)
 
     def _txn_read_into(self, uids: np.ndarray, out: torch.Tensor, positions: np.ndarray) -> None:
         """Spans uids[positions] -> out[positions] through one LMDB read transaction (py-lmdb reads each whole record)."""
