@@ -21,7 +21,8 @@ import kvtier
 from kvtier import records
 from kvtier.config import PLACEMENT_FIELDS, ReAttentionConfig
 from kvtier.errors import CacheFileNotFoundError, CacheWriteError, CorruptCacheError, IncompatibleCacheError
-from kvtier.tiers.disk import SPANS_PER_RECORD, WRITE_BATCH_BYTES, LmdbStore, encode_each, open_saved, put_records, release_saved
+from kvtier.tiers.disk import (SPANS_PER_RECORD, WRITE_BATCH_BYTES, LmdbStore, encode_each, open_saved, put_records,
+                               release_saved)
 
 FORMAT = "kvtier-cache"
 VERSION = 1
