@@ -10,7 +10,7 @@
 # (both are bound by the host queueing kernels, one CPU core each): 4 prompts per forward in a 12 GiB span pool
 # beside the 1M stage's 100 GiB.
 set -u
-out=${1:?usage: niah_h200.sh OUT_DIR STAGE... (to512k 1m-a 1m-b 2m keys keys-512k stock policies streaming distractors merge)}
+out=${1:?usage: niah_h200.sh OUT_DIR STAGE... (to512k 1m-a 1m-b 2m 2m-b 2m-c keys keys-512k stock policies streaming distractors merge)}
 shift
 here=$(cd "$(dirname "$0")" && pwd)
 all_depths=0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1
@@ -33,8 +33,11 @@ for stage in "$@"; do
         # 1M: 4 rows of 22.5 GiB of KV per forward; ~3 min per batch, so the 11 depths take two device calls
         1m-a) run 1m-a --lengths 1m --depths 0,0.1,0.2,0.3,0.4,0.5,0.6,0.7 --policy quest --batch 4 --config "$gpu100" ;;
         1m-b) run 1m-b --lengths 1m --depths 0.8,0.9,1 --policy quest --batch 4 --config "$gpu100" ;;
-        # 2M, 3 depths in one forward: 135 GiB of KV, 100 GiB in the GPU pool and the rest in pinned host memory
+        # 2M, 3 depths per forward, one stage per device call (~280 s a batch, plus 74 s compiling the selection kernels
+        # on a fresh machine): 135 GiB of KV, 100 GiB in the GPU pool and the rest in pinned host memory
         2m) run 2m --lengths 2m --depths 0.1,0.5,0.9 --policy quest --batch 3 --config "$gpu100" ;;
+        2m-b) run 2m-b --lengths 2m --depths 0,0.3,0.7 --policy quest --batch 3 --config "$gpu100" ;;
+        2m-c) run 2m-c --lengths 2m --depths 0.2,0.6,0.8 --policy quest --batch 3 --config "$gpu100" ;;
         # two more keys per cell up to 128K (seeds 1 and 2: other passkeys than to512k's seed 0)
         keys) run keys --lengths 8k,32k,128k --depths $all_depths --keys 2 --seed 1 --policy quest --batch 4 --config "$gpu12" ;;
         stock) run stock --lengths 8k,32k --depths $all_depths --policy stock --batch 4 ;;
@@ -47,8 +50,8 @@ for stage in "$@"; do
         distractors) run distractors --lengths 32k,128k --depths $all_depths --policy quest --distractors 1 --batch 4 --config "$gpu12" ;;
         merge)
             # one heatmap per method over every length: the stages that share seed 0 and hold no cell twice
-            parts=$(cd "$out" && ls to512k/results.json 1m-a/results.json 1m-b/results.json stock/results.json 2>/dev/null)
+            parts=$(cd "$out" && ls {to512k,1m-a,1m-b,2m,2m-b,2m-c,stock}/results.json 2>/dev/null)
             (cd "$out" && python3 -m kvtier niah --report $parts --out merged > merged.log 2>&1; tail -n 30 merged.log) ;;
-        *) echo "unknown stage $stage (to512k 1m-a 1m-b 2m keys keys-512k stock policies streaming distractors merge)"; exit 2 ;;
+        *) echo "unknown stage $stage (to512k 1m-a 1m-b 2m 2m-b 2m-c keys keys-512k stock policies streaming distractors merge)"; exit 2 ;;
     esac
 done

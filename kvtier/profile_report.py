@@ -261,7 +261,8 @@ def load_reports(paths: list[Path]) -> list[dict[str, Any]]:
 
 
 def merge_reports(docs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Runs of one model -> one report: per (config, context) the first cell that ran to the end, else the last."""
+    """Runs of one model -> one report: per (config, context) the last cell that ran to the end (a rerun of a cell
+    supersedes it), else the last one."""
     first = docs[0]["meta"]
     identity = ("model", "shape", "dtype")
     for doc in docs[1:]:
@@ -272,7 +273,7 @@ def merge_reports(docs: list[dict[str, Any]]) -> dict[str, Any]:
     for index, doc in enumerate(docs):
         for cell in doc["cells"]:
             key = (cell["config"], cell["context"])
-            if key not in chosen or chosen[key][1]["status"] != "ok":
+            if key not in chosen or cell["status"] == "ok" or chosen[key][1]["status"] != "ok":
                 chosen[key] = (index, cell)
     configs = list(dict.fromkeys(config for doc in docs for config in doc["meta"]["configs"]))
     order = sorted(chosen, key=lambda key: (key[1], configs.index(key[0])))

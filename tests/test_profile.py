@@ -216,7 +216,7 @@ def test_skipped_cells_show_a_dash_and_say_why(tmp_path):
     assert "| host RSS (peak) |" in format_table(doc) and "skipped: stock 4K" in format_table(doc)
 
 
-def test_report_merges_runs_preferring_cells_that_ran(quick, tmp_path, capsys):
+def test_report_merges_runs_preferring_the_last_cell_that_ran(quick, tmp_path, capsys):
     out, doc, _, _ = quick
     partial = copy.deepcopy(doc)
     for cell in partial["cells"]:
@@ -231,6 +231,12 @@ def test_report_merges_runs_preferring_cells_that_ran(quick, tmp_path, capsys):
     assert code == 0
     assert json.loads((tmp_path / "m" / "profile.json").read_text())["meta"]["merged_from"]
     assert (tmp_path / "m" / "profile-timeline.png").is_file()
+    rerun = copy.deepcopy(doc)
+    for cell in rerun["cells"]:
+        cell["decode_ms"] = -1.0
+    merged = merge_reports([doc, rerun, partial])  # partial's stock cells were cut short: rerun's stand
+    assert [cell["decode_ms"] == -1.0 for cell in merged["cells"]] == [
+        cell["config"] == "stock" for cell in merged["cells"]]
     other = copy.deepcopy(doc)
     other["meta"]["model"] = "another model"
     with pytest.raises(ValueError, match="different models"):
