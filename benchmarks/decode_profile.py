@@ -5,7 +5,7 @@ Prints, per configuration: ms per step (median of --steps after a warm-up of one
 copies launched per step and the time the GPU spent in them (CUDA profiler: a step far longer than its GPU time is
 bound by the host), the host time of the step's Python frames (cProfile, top --top by own time), and the same per
 layer. A step is one decoded token, or with --chunk N one prefill forward of N new tokens at the context's depth.
-kvtier's context is filled with recorded K/V (kvtier.longctx); stock's is a real chunked prefill.
+kvtier's context is filled with recorded K/V (kvtier.tools.longctx); stock's is a real chunked prefill.
 
     python benchmarks/decode_profile.py --context 8k --config benchmarks/configs/scope-8k.yaml --out $OUT/decode
     python benchmarks/decode_profile.py --context 128k --chunk 8192 --steps 4 ...   # a prefill forward instead
@@ -29,8 +29,8 @@ from transformers import DynamicCache
 from kvtier.cache import ReAttentionCache
 from kvtier.config import ReAttentionConfig
 from kvtier.hf import cache_keyword
-from kvtier.longctx import fill, record_kv, sync
-from kvtier.model import random_llama
+from kvtier.tools.longctx import fill, record_kv, sync
+from kvtier.tools.model import random_llama
 
 sys.path.insert(0, str(Path(__file__).parent))
 from tiers import parse_tokens  # noqa: E402

@@ -36,7 +36,7 @@ for stage in "$@"; do
     timeout "${PROFILE_LIMIT:-560}" python3 -c "
 import faulthandler, sys
 faulthandler.dump_traceback_later(${PROFILE_STACKS_S:-150}, repeat=True)
-from kvtier.cli import main
+from kvtier.tools.cli import main
 sys.exit(main(sys.argv[1:]))" profile --model llama8b --config "$config" $args --out "$out/$stage" > "$out/$stage.log" 2>&1
     echo "== $stage: exit $?"
     [ -n "${monitor:-}" ] && kill "$monitor" 2>/dev/null

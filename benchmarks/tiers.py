@@ -25,9 +25,9 @@ import numpy as np
 import torch
 
 from kvtier import ReAttentionCache
-from kvtier.bench import measure_ceilings
+from kvtier.tools.bench import measure_ceilings
 from kvtier.config import parse_bytes
-from kvtier.longctx import decode, fill, record_kv, sync
+from kvtier.tools.longctx import decode, fill, record_kv, sync
 
 GiB = 2**30
 
@@ -48,8 +48,8 @@ def load_model(quick: bool, device: str):
                              num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=2048)
         model = LlamaForCausalLM(config).to(device).eval()
         return model, torch.randint(0, 256, (1, 1024)).to(device)
-    from kvtier.haystack import build_sample, draw_key
-    from kvtier.model import load_smollm2, preferred_dtype
+    from kvtier.tools.haystack import build_sample, draw_key
+    from kvtier.tools.model import load_smollm2, preferred_dtype
 
     model, tokenizer = load_smollm2(preferred_dtype(device), device)
     sample = build_sample(tokenizer, 4096, 0.5, draw_key(0, "tiers"))

@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    # Imported on first use, so that `kvtier.cli` can set threading options before torch loads.
+    # Imported on first use, so that `kvtier.tools.cli` can set threading options before torch loads.
     if name == "ReAttentionCache":
         from .cache import ReAttentionCache
 

@@ -1,4 +1,4 @@
 """`python -m kvtier ...` is the `kvtier` command."""
-from kvtier.cli import main
+from kvtier.tools.cli import main
 
 raise SystemExit(main())

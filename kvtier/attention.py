@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from kvtier import backends
+from kvtier import dispatch
 from kvtier.layer import ReAttentionLayer
 from kvtier.rotary import ScopeRotary
 
@@ -41,7 +41,7 @@ def _chunk_attention(layer: ReAttentionLayer, rotary: ScopeRotary, query: torch.
     `[global | spans | local ending with the chunk]` -> [B, c, Hq, D]."""
     layer.ingest(keys, values)
     rotated_keys, scope_values = layer.gather_scope(layer.select(query), rotary)  # [B, Hkv, L, D]
-    rotated_queries = backends.rotate(rotary, query, rotated_keys.shape[2] - query.shape[2], layer.use_kernels)
+    rotated_queries = dispatch.rotate(rotary, query, rotated_keys.shape[2] - query.shape[2], layer.use_kernels)
     return _attend(rotated_queries, rotated_keys, scope_values, scaling)
 
 

@@ -5,7 +5,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers.cache_utils import Cache
 
 from kvtier import hf
 from kvtier.attention import scope_attention
@@ -18,7 +17,7 @@ from kvtier.rotary import ScopeRotary
 from kvtier.tiers.placement import Placement, SharedPlacement
 
 
-class ReAttentionCache(Cache):
+class ReAttentionCache(hf.HostedCache):
     """Drop-in cache for `model.generate(ids, past_key_values=ReAttentionCache(model), max_new_tokens=...)`.
 
     `config` is a ReAttentionConfig, a dict of its fields, or a .yaml/.json path; keyword overrides win over it.

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from transformers import AttentionInterface
+from transformers.cache_utils import Cache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
@@ -39,7 +40,19 @@ class ModelSpec:
     attention_scaling: float
 
 
-def publish(cache: Any, layer_idx: int, key: torch.Tensor) -> None:
+class HostedCache(Cache):
+    """A Cache the hooks below drive: while one is the forward's cache, rotary is neutralised, each forward's input ids
+    are handed to `record_tokens`, and the attention call for a key its `update` published goes to `attend`.
+    ReAttentionCache is the one kvtier ships; this base keeps hf.py from importing it."""
+
+    def record_tokens(self, input_ids: torch.Tensor | None) -> None:
+        raise NotImplementedError
+
+    def attend(self, layer_idx: int, query: torch.Tensor, scaling: float | None) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def publish(cache: HostedCache, layer_idx: int, key: torch.Tensor) -> None:
     _PUBLISHED.set((cache, layer_idx, key))
 
 
@@ -65,9 +78,10 @@ def reattention_mask(*args, **kwargs):
 
 
 def _register_interfaces() -> None:
-    if AttentionInterface._global_mapping.get(ATTENTION_NAME) is not reattention_attention:
+    # the interfaces are mappings; registering the same function again changes nothing
+    if AttentionInterface().get(ATTENTION_NAME) is not reattention_attention:
         AttentionInterface.register(ATTENTION_NAME, reattention_attention)
-    if AttentionMaskInterface._global_mapping.get(ATTENTION_NAME) is not reattention_mask:
+    if AttentionMaskInterface().get(ATTENTION_NAME) is not reattention_mask:
         AttentionMaskInterface.register(ATTENTION_NAME, reattention_mask)
 
 
@@ -84,17 +98,15 @@ def _cache_of(kwargs: dict) -> Any:
 
 
 def _decoder_pre_hook(module, args, kwargs):
-    from kvtier.cache import ReAttentionCache
-
     cache = _cache_of(kwargs)
-    ours = isinstance(cache, ReAttentionCache)
-    module._kvtier_tokens.append(_ACTIVE_CACHE.set(cache if ours else None))  # the post-hook resets it, always
+    ours = isinstance(cache, HostedCache)
+    module._kvtier_context_resets.append(_ACTIVE_CACHE.set(cache if ours else None))  # the post-hook resets it, always
     if ours:
         cache.record_tokens(kwargs.get("input_ids"))
 
 
 def _decoder_post_hook(module, args, kwargs, output):
-    _ACTIVE_CACHE.reset(module._kvtier_tokens.pop())
+    _ACTIVE_CACHE.reset(module._kvtier_context_resets.pop())
     _PUBLISHED.set(None)  # drop the reference to the last key tensor
 
 
@@ -142,7 +154,7 @@ def bind_model(model) -> ModelSpec:
         model.set_attn_implementation(ATTENTION_NAME)
     decoder = model.get_decoder()
     if not getattr(decoder, "_kvtier_hooked", False):
-        decoder._kvtier_tokens = []
+        decoder._kvtier_context_resets = []  # ContextVar reset tokens, one per forward in progress
         decoder.register_forward_pre_hook(_decoder_pre_hook, with_kwargs=True)
         decoder.register_forward_hook(_decoder_post_hook, with_kwargs=True, always_call=True)
         decoder.rotary_emb.register_forward_hook(_rotary_hook)

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
-from kvtier import backends
+from kvtier import dispatch
 from kvtier.buffers import upload
 from kvtier.config import ReAttentionConfig
 from kvtier.policies import Policy
@@ -39,14 +39,14 @@ class ReAttentionLayer(CacheLayerMixin):
         dtype, device = key_states.dtype, key_states.device
         cfg = self.config
         self.dtype, self.device = dtype, device
-        self.shape = (batch, kv_heads, head_dim)
+        self.batch, self.kv_heads, self.head_dim = batch, kv_heads, head_dim
         self.global_region = GlobalRegion(batch, kv_heads, cfg.global_size, head_dim, dtype, device)
         self.local = LocalWindow(batch, kv_heads, cfg.local_size, cfg.chunk_size, head_dim, dtype, device)
         self.table = SpanTable(batch, kv_heads, self.policy.summary_size(cfg.span_size), head_dim, dtype, device)
         selected = cfg.top_k * (kv_heads if cfg.per_kv_head else 1)
         step_spans = batch * (selected + -(-cfg.chunk_size // cfg.span_size))
         self.placement = self.placement_source((2, kv_heads, cfg.span_size, head_dim), dtype, device, step_spans)
-        self.use_kernels = backends.kernels_enabled(cfg, device)
+        self.use_kernels = dispatch.kernels_enabled(cfg, device)
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -54,9 +54,9 @@ class ReAttentionLayer(CacheLayerMixin):
         chunk (so that each query chunk selects among the spans sealed before it). Returns them unchanged."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        elif key_states.shape[0] != self.shape[0]:
+        elif key_states.shape[0] != self.batch:
             raise ValueError(
-                f"this ReAttentionCache holds {self.shape[0]} sequences but got a batch of {key_states.shape[0]}; "
+                f"this ReAttentionCache holds {self.batch} sequences but got a batch of {key_states.shape[0]}; "
                 "use a new cache for a new batch"
             )
         if self._pending is not None:
@@ -117,12 +117,12 @@ class ReAttentionLayer(CacheLayerMixin):
 
     def _seal(self, count: int) -> None:
         span = self.config.span_size
-        batch, kv_heads, head_dim = self.shape
+        batch, kv_heads, head_dim = self.batch, self.kv_heads, self.head_dim
         keys, values = self.local.pop_front(count * span)  # [B, Hkv, count*S, D]
         keys = keys.reshape(batch, kv_heads, count, span, head_dim).transpose(1, 2)  # [B, count, Hkv, S, D]
         values = values.reshape(batch, kv_heads, count, span, head_dim).transpose(1, 2)
         spans = torch.stack((keys, values), dim=2).flatten(0, 1)  # [B*count, 2, Hkv, S, D], span-major
-        summaries = backends.summarise(self.policy, spans[:, 0], self.use_kernels)  # [B*count, Hkv, c, D]
+        summaries = dispatch.summarise(self.policy, spans[:, 0], self.use_kernels)  # [B*count, Hkv, c, D]
         summaries = summaries.view(batch, count, *summaries.shape[1:]).transpose(1, 2)  # [B, Hkv, count, c, D]
         uids = torch.from_numpy(self.placement.add(spans)).view(batch, count)
         self.table.append(uids, summaries)
@@ -130,13 +130,13 @@ class ReAttentionLayer(CacheLayerMixin):
     def select(self, queries: torch.Tensor) -> torch.Tensor:
         """queries [B, Hq, c, D] pre-RoPE -> span ids [B, Hkv, k] ascending (the same ids for every head unless
         per_kv_head)."""
-        ids = backends.select(self.policy, queries, self.table.summaries.view(), self.config, self.use_kernels)
-        return ids.expand(-1, self.shape[1], -1)
+        ids = dispatch.select(self.policy, queries, self.table.summaries.view(), self.config, self.use_kernels)
+        return ids.expand(-1, self.kv_heads, -1)
 
     def gather_scope(self, ids: torch.Tensor, rotary: ScopeRotary) -> tuple[torch.Tensor, torch.Tensor]:
         """ids [B, Hkv, k] -> scope keys (rotated at positions 0..L-1), values [B, Hkv, L, D] in original token
         order: `[global | selected spans | local window]`, L = g + k*S + local."""
-        batch, kv_heads, head_dim = self.shape
+        batch, kv_heads, head_dim = self.batch, self.kv_heads, self.head_dim
         global_kv, local_kv = self.global_region.view(), self.local.view()
         n_global, n_local, n_sel = global_kv[0].shape[2], local_kv[0].shape[2], ids.shape[-1] * self.config.span_size
         length = n_global + n_sel + n_local
@@ -144,11 +144,9 @@ class ReAttentionLayer(CacheLayerMixin):
         keys = torch.empty(batch, kv_heads, length, head_dim, dtype=self.dtype, device=self.device)  # [B, Hkv, L, D]
         values = torch.empty_like(keys)
         if self.use_kernels:
-            from kvtier.kernels.gather import scope_gather
-
             placement = self.placement
-            scope_gather(global_kv, local_kv, placement.gpu.data, placement.host.blocks, self._locate(ids),
-                         rotary.cos, rotary.sin, keys, values)
+            dispatch.scope_gather(global_kv, local_kv, placement.gpu.data, placement.host.blocks, self._locate(ids),
+                                  rotary, keys, values)
             placement.host_reads_launched()
             return keys, values
         keys[:, :, :n_global], values[:, :, :n_global] = global_kv
@@ -180,7 +178,7 @@ class ReAttentionLayer(CacheLayerMixin):
 
     def _uids_of(self, ids: torch.Tensor) -> torch.Tensor:
         """ids [B, Hkv, k] -> the uids of those spans [B, Hkv, k], on the device."""
-        return self.table.uids.view()[:, None, :].expand(-1, self.shape[1], -1).gather(2, ids)
+        return self.table.uids.view()[:, None, :].expand(-1, self.kv_heads, -1).gather(2, ids)
 
     def _pool_slots(self, ids: torch.Tensor) -> torch.Tensor:
         """ids [B, Hkv, k] -> their GPU pool slots [B, Hkv, k], on the device (every span in the pool, slot == uid)."""
@@ -188,7 +186,7 @@ class ReAttentionLayer(CacheLayerMixin):
         return self._uids_of(ids)
 
     def _count_gpu_hits(self, ids: torch.Tensor) -> None:
-        per_row = ids.shape[2] * (self.shape[1] if self.config.per_kv_head else 1)
+        per_row = ids.shape[2] * (self.kv_heads if self.config.per_kv_head else 1)
         self.placement.counters["gpu"].hits += ids.shape[0] * per_row
 
     def _fetch(self, ids: torch.Tensor) -> torch.Tensor:
@@ -199,7 +197,7 @@ class ReAttentionLayer(CacheLayerMixin):
             return self.placement.gpu.gather_heads(self._pool_slots(ids))
         distinct, inverse = self._selected_uids(ids)
         spans = self.placement.fetch(distinct).to(self.device)  # [U, 2, Hkv, S, D]
-        heads = torch.arange(self.shape[1], device=self.device)[None, :, None]
+        heads = torch.arange(self.kv_heads, device=self.device)[None, :, None]
         return spans[upload(inverse, self.device), :, heads]
 
     # ---- accounting ---------------------------------------------------------------------------------------------

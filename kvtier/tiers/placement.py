@@ -17,6 +17,7 @@ import weakref
 import numpy as np
 import torch
 
+from kvtier import dispatch
 from kvtier.buffers import GrowableArray, GrowableTensor, scratch_rows, upload
 from kvtier.config import ReAttentionConfig
 from kvtier.errors import TierFullError
@@ -258,10 +259,8 @@ class Placement:
         the host slots are rewritten only after `host_reads_launched`'s event, which follows that kernel)."""
         self._make_room_on_gpu(len(uids))
         if spans is None:
-            from kvtier.kernels.gather import copy_host_spans
-
             slots = np.stack((self.gpu.reserve(uids), self.host.map.lookup(uids)))  # [2, N]: pool, host
-            copy_host_spans(self.gpu.data, self.host.blocks, upload(slots, self.device))
+            dispatch.copy_host_spans(self.gpu.data, self.host.blocks, upload(slots, self.device))
             self.moved["host->gpu"] += len(uids) * self.span_bytes
         else:
             self.gpu.put(uids, spans)

@@ -1,4 +1,4 @@
-"""Reports of `kvtier profile` runs (the dict kvtier.profile builds: meta, cells, timelines): the goal check and
+"""Reports of `kvtier profile` runs (the dict kvtier.tools.profile builds: meta, cells, timelines): the goal check and
 flatness summary, the table, the memory-vs-context and timeline plots, the JSON, and merging runs into one report."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from kvtier.niah_report import format_length
+from kvtier.tools.niah_report import format_length
 
 GiB = 2**30
 GOAL_HEADROOM = 8 * GiB  # the goal: kvtier-tiers' GPU use at the largest context <= weights + this
@@ -85,7 +85,7 @@ def format_table(doc: dict[str, Any]) -> str:
     goal = summary["goal"]
     verdict = {True: "MET", False: "MISSED", None: "not measured"}[goal["met"]]
     lines.append(f"\nContexts: stock prefills for real ({meta['prefill_chunk']}-token chunks); kvtier is filled with "
-                 f"kvtier.longctx.fill (a {meta['sample_tokens']}-token prefill's K/V, tiled); then "
+                 f"kvtier.tools.longctx.fill (a {meta['sample_tokens']}-token prefill's K/V, tiled); then "
                  f"{meta['decode_steps']} decode steps. kvtier-tiers: gpu_budget {_size(meta['gpu_budget'])}, "
                  f"host_budget {_size(meta['host_budget'])}, LMDB in {meta['disk_path']}.")
     lines.append(f"Goal, kvtier-tiers at {format_length(goal['context'])}: peak GPU {_size(goal['torch_peak_bytes'])} "

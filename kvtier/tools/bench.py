@@ -3,9 +3,9 @@
 Methods: transformers' DynamicCache (`stock`), the same with HF's CPU offloading (`offloaded`), and kvtier's
 ReAttentionCache all on the GPU (`kvtier`), with a GPU budget over pinned host memory (`kvtier-host`), and with a
 host budget over an LMDB file (`kvtier-disk`). Contexts up to --max-prefill are built by a real chunked prefill,
-whose tokens/s is reported; longer kvtier contexts are filled with recorded K/V (kvtier.longctx) up to one prefill
+whose tokens/s is reported; longer kvtier contexts are filled with recorded K/V (kvtier.tools.longctx) up to one prefill
 chunk short, and that last chunk is a real prefill at full depth ("after fill"). Every cell then times greedy decode
-steps. Results, goals, table and plot: kvtier.bench_report.
+steps. Results, goals, table and plot: kvtier.tools.bench_report.
 """
 from __future__ import annotations
 
@@ -25,15 +25,15 @@ import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
-from kvtier.backends import precompile_selection
-from kvtier.bench_report import (KVTIER_METHODS, METHODS, format_report, goals, merge_results, transfer_figures,
+from kvtier.dispatch import precompile_selection
+from kvtier.tools.bench_report import (KVTIER_METHODS, METHODS, format_report, goals, merge_results, transfer_figures,
                                  write_report)
 from kvtier.cache import ReAttentionCache
 from kvtier.config import ReAttentionConfig, parse_bytes
 from kvtier.errors import TierFullError
-from kvtier.longctx import fill, record_kv, sync
+from kvtier.tools.longctx import fill, record_kv, sync
 from kvtier.metrics import DIRECTIONS
-from kvtier.model import load_smollm2, preferred_dtype, random_llama
+from kvtier.tools.model import load_smollm2, preferred_dtype, random_llama
 from kvtier.tiers.gpu import growth_target
 from kvtier.hf import cache_keyword
 
@@ -62,7 +62,7 @@ class BenchError(Exception):
 # ---- command line ---------------------------------------------------------------------------------------------------
 def add_bench_parser(commands) -> argparse.ArgumentParser:
     """Add `bench` to the `kvtier` subcommands (argparse's subparsers object)."""
-    from kvtier.cli import _add_device_options, _length, _lengths, _positive  # here: kvtier.cli imports this module
+    from kvtier.tools.cli import _add_device_options, _length, _lengths, _positive  # here: kvtier.tools.cli imports this module
 
     bench = commands.add_parser(
         "bench", help="prefill tok/s and decode ms/token vs context (8K..1M): stock, HF offloaded, kvtier tiers",
@@ -179,7 +179,7 @@ class Plan:
 
 def make_plan(args: argparse.Namespace) -> Plan:
     """Options -> Plan, with the defaults of --quick or of the model; BenchError names the fix."""
-    from kvtier.cli import _lengths
+    from kvtier.tools.cli import _lengths
 
     if args.quick and args.model is not None:
         raise BenchError("--quick runs a tiny random Llama; drop --model (or drop --quick to bench a real shape)")
@@ -216,7 +216,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    from kvtier.cli import _versions
+    from kvtier.tools.cli import _versions
 
     if args.report:
         return _rereport(args.report, args.out)
@@ -351,7 +351,7 @@ class Bench:
 
     def precompile_kernels(self) -> None:
         """Before the first cell, when kvtier methods run with Triton kernels on CUDA: compile every variant of the
-        selection kernels that the longest context reaches (kvtier.backends.precompile_selection), so that no
+        selection kernels that the longest context reaches (kvtier.dispatch.precompile_selection), so that no
         compile is timed in a cell that first reaches a larger span count; prints how long it took."""
         if not set(self.plan.methods) & set(KVTIER_METHODS):
             return

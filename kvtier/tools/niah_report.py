@@ -1,4 +1,4 @@
-"""Reports of needle-in-a-haystack runs (the dicts `kvtier.niah.run_niah` returns): tables, heatmaps, JSON."""
+"""Reports of needle-in-a-haystack runs (the dicts `kvtier.tools.niah.run_niah` returns): tables, heatmaps, JSON."""
 from __future__ import annotations
 
 import json

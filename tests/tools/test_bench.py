@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from kvtier import bench
-from kvtier.bench import _pool_peak, add_bench_parser, run_bench
-from kvtier.bench_report import KVTIER_METHODS, METHODS, context_label, goals
+from kvtier.tools.bench import _pool_peak, add_bench_parser, run_bench
+from kvtier.tools.bench_report import KVTIER_METHODS, METHODS, context_label, goals
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -24,7 +24,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _run(*argv: str) -> int:
     args = _parser().parse_args(["bench", *argv])
-    args.argv = ["bench", *argv]  # as kvtier.cli.main sets it
+    args.argv = ["bench", *argv]  # as kvtier.tools.cli.main sets it
     return run_bench(args)
 
 

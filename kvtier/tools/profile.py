@@ -2,12 +2,12 @@
 kvtier with every span on the GPU ("kvtier-gpu"), and kvtier with a GPU budget spilling to pinned host memory and an
 LMDB file ("kvtier-tiers") - for contexts up to 1M tokens. Per (configuration, context) cell it reports the GPU
 (torch's peak and the driver's device-used figure), the process's resident host memory and the LMDB file's bytes on
-disk, sampled on a background thread (kvtier.memory) through the prefill (or fill) and decode.
+disk, sampled on a background thread (kvtier.tools.memory) through the prefill (or fill) and decode.
 
 Stock prefills its context for real, in chunks, where the KV fits on the device (and up to --stock-limit: its
-prefill is quadratic). kvtier's caches are filled with kvtier.longctx.fill (the pre-RoPE K/V of a short real
+prefill is quadratic). kvtier's caches are filled with kvtier.tools.longctx.fill (the pre-RoPE K/V of a short real
 prefill, tiled to the context, fed through the cache's own sealing, summaries and placement), then decode.
-The report is kvtier.profile_report's."""
+The report is kvtier.tools.profile_report's."""
 from __future__ import annotations
 
 import argparse
@@ -28,12 +28,12 @@ from kvtier.cache import ReAttentionCache
 from kvtier.config import ReAttentionConfig, parse_bytes
 from kvtier.errors import CacheWriteError, TierFullError
 from kvtier.hf import cache_keyword
-from kvtier.longctx import fill, record_kv, sync
-from kvtier.memory import DeviceMemory, MemorySampler, filesystem_of, host_bytes, release_memory, rss_bytes
-from kvtier.model import load_smollm2, preferred_dtype, random_llama, window_of
-from kvtier.niah_report import format_length
+from kvtier.tools.longctx import fill, record_kv, sync
+from kvtier.tools.memory import DeviceMemory, MemorySampler, filesystem_of, host_bytes, release_memory, rss_bytes
+from kvtier.tools.model import load_smollm2, preferred_dtype, random_llama, window_of
+from kvtier.tools.niah_report import format_length
 from kvtier.policies import build_policy
-from kvtier.profile_report import format_cell, format_table, load_reports, merge_reports, write_json, write_report
+from kvtier.tools.profile_report import format_cell, format_table, load_reports, merge_reports, write_json, write_report
 
 GiB = 2**30
 CONFIGS = ("stock", "kvtier-gpu", "kvtier-tiers")
@@ -59,7 +59,7 @@ class ProfileError(Exception):
 # ---- command line ---------------------------------------------------------------------------------------------------
 def add_profile_parser(commands) -> argparse.ArgumentParser:
     """Add `kvtier profile` to argparse's subparsers object `commands`."""
-    from kvtier.cli import _length, _lengths, _positive  # here, not at the top: kvtier.cli imports this module
+    from kvtier.tools.cli import _length, _lengths, _positive  # here, not at the top: kvtier.tools.cli imports this module
 
     profile = commands.add_parser(
         "profile", help="GPU / host / disk memory of 8K..1M-token contexts: stock vs kvtier vs kvtier with tiers",
@@ -68,7 +68,7 @@ def add_profile_parser(commands) -> argparse.ArgumentParser:
                     "and LMDB (kvtier-tiers): per context, torch's peak GPU allocation, the GPU's device-used "
                     "memory (pynvml), host RSS and LMDB bytes on disk, sampled on a background thread through "
                     "prefill/fill and decode. Stock prefills for real in chunks where its KV fits; kvtier is filled "
-                    "with kvtier.longctx.fill (a short prefill's K/V, tiled). Writes profile.json, "
+                    "with kvtier.tools.longctx.fill (a short prefill's K/V, tiled). Writes profile.json, "
                     "profile-memory.png and profile-timeline.png to --out and prints a table last. The default "
                     "model is Llama-3.1-8B's shape with random weights, built on the GPU; --quick runs a tiny "
                     "random Llama on the CPU in under a minute.")
@@ -426,7 +426,7 @@ def _kvtier(run: Run, config: str, context: int, sampler: MemorySampler) -> dict
         sampler.phase("fill")
         build_s = fill(cache, kv, context)
         del kv
-        figures = {"build": f"kvtier.longctx.fill: a {run.settings.sample_tokens}-token prefill's K/V, tiled",
+        figures = {"build": f"kvtier.tools.longctx.fill: a {run.settings.sample_tokens}-token prefill's K/V, tiled",
                    "build_s": build_s, "torch_peak_build": _take_peak(run.device)}
         figures.update(_decode(run, cache, context, sampler))
         stats = cache.stats()
@@ -465,7 +465,7 @@ def _take_peak(device: torch.device) -> int | None:
 
 
 def _meta(run: Run, command: list[str], idle: dict[str, int | None], started: datetime) -> dict[str, Any]:
-    from kvtier.cli import _versions
+    from kvtier.tools.cli import _versions
 
     settings, model = run.settings, run.model
     cuda = run.device.type == "cuda"

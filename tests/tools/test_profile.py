@@ -19,9 +19,9 @@ import matplotlib.image
 import pytest
 import torch
 
-from kvtier.memory import MemorySampler, disk_bytes, filesystem_of, rss_bytes
-from kvtier.profile import CONFIGS, add_profile_parser, run_profile
-from kvtier.profile_report import GOAL_HEADROOM, format_table, merge_reports, plot_memory, plot_timeline, summarize
+from kvtier.tools.memory import MemorySampler, disk_bytes, filesystem_of, rss_bytes
+from kvtier.tools.profile import CONFIGS, add_profile_parser, run_profile
+from kvtier.tools.profile_report import GOAL_HEADROOM, format_table, merge_reports, plot_memory, plot_timeline, summarize
 
 GiB = 2**30
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -275,7 +275,7 @@ def test_the_8b_shape_asks_for_a_gpu(tmp_path, capsys):
 
 
 def test_a_config_file_sets_the_kvtier_sizes_and_a_bad_one_is_a_message(tmp_path, capsys):
-    from kvtier.cli import main
+    from kvtier.tools.cli import main
 
     config = tmp_path / "kv.yaml"
     config.write_text("global_size: 8\nspan_size: 16\ntop_k: 4\nlocal_size: 256\nchunk_size: 128\n")

@@ -24,9 +24,9 @@ from kvtier.errors import CacheFileNotFoundError, CacheWriteError, CorruptCacheE
 from kvtier.persist import VERSION
 from kvtier.tiers.disk import batch_key, put_records
 from tests.conftest import greedy, random_ids, tiny_model
-from tests.persist_worker import read_records
+from tests.tiers.persist_worker import read_records
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TINY = dict(global_size=4, local_size=24, span_size=4, top_k=3, chunk_size=12)
 SPAN_BYTES = 2 * 2 * 4 * 16 * 4  # K and V, 2 KV heads, 4 tokens, head_dim 16, float32
 NEW_TOKENS = 12
@@ -92,12 +92,12 @@ def saves(model, tmp_path_factory) -> dict[str, Saved]:
 
 
 def _run_worker(jobs: list[dict], tmp: Path) -> tuple[subprocess.CompletedProcess, dict]:
-    """Run tests/persist_worker.py on `jobs` in a fresh interpreter -> (the process, its results by job name)."""
+    """Run tests/tiers/persist_worker.py on `jobs` in a fresh interpreter -> (the process, its results by job name)."""
     jobs_path, results_path = tmp / "jobs.json", tmp / "results.json"
     jobs_path.write_text(json.dumps(jobs))
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_WAIT_POLICY="PASSIVE")
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "persist_worker.py"), str(jobs_path), str(results_path)],
+        [sys.executable, str(ROOT / "tests" / "tiers" / "persist_worker.py"), str(jobs_path), str(results_path)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
     )
     results = json.loads(results_path.read_text()) if results_path.exists() else {}

@@ -28,7 +28,7 @@ def assert_rotates_like_reference(x: torch.Tensor, rotary: ScopeRotary, start: i
     assert out.shape == x.shape and out.dtype == x.dtype and out.is_contiguous()
     assert torch.equal(expected, rotate_reference(x, rotary.cos, rotary.sin, start))
     # the same fp32 math; 1 ulp for the final rounding (the interpreter truncates fp32 -> bf16), and on CUDA a few
-    # fp32 ulps where PyTorch's addcmul_ rounds x2*sin before adding (see tests/test_kernels_gather.py)
+    # fp32 ulps where PyTorch's addcmul_ rounds x2*sin before adding (see tests/kernels/test_gather.py)
     up = torch.nextafter(expected, torch.full_like(expected, float("inf"))) - expected
     down = expected - torch.nextafter(expected, torch.full_like(expected, float("-inf")))
     slack = 2e-6 if DEVICE.type == "cuda" else 0.0

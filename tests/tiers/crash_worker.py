@@ -1,4 +1,4 @@
-"""The process tests/test_crash.py kills: it prefills a tiny model's cache step by step (spilling to LMDB) and saves
+"""The process tests/tiers/test_crash.py kills: it prefills a tiny model's cache step by step (spilling to LMDB) and saves
 it to one path after every step.
 
 It is a small fork server, so that the seconds of importing torch and transformers are paid once, not per trial. It
@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import numpy as np
 import torch

@@ -1,6 +1,6 @@
-"""Runs saved-cache jobs in a fresh Python process for tests/test_persist.py:
+"""Runs saved-cache jobs in a fresh Python process for tests/tiers/test_persist.py:
 
-    python tests/persist_worker.py <jobs.json> <results.json>
+    python tests/tiers/persist_worker.py <jobs.json> <results.json>
 
 jobs.json is a list of {"name", "action", ...}; results.json maps each name to what the job saw. Actions:
 
@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import lmdb
 import numpy as np

@@ -12,15 +12,15 @@ import pytest
 import torch
 
 from kvtier import haystack
-from kvtier.cli import _parser, main
-from kvtier.haystack import (
+from kvtier.tools.cli import _parser, main
+from kvtier.tools.haystack import (
     FILLER, INSTRUCTION, LABELLED_NEEDLE, LABELLED_QUESTION, LABELS, NEEDLE, QUESTION, TAIL_SENTENCES, build_sample,
     draw_key,
     passkey_found,
 )
-from kvtier.model import INSTALL_HINT, MODEL_DIR_ENV, ModelNotInstalledError, find_gguf, load_smollm2
-from kvtier.niah import Method, answer, answer_batch, group_batches, kvtier_method, run_niah
-from kvtier.niah_report import (
+from kvtier.tools.model import INSTALL_HINT, MODEL_DIR_ENV, ModelNotInstalledError, find_gguf, load_smollm2
+from kvtier.tools.niah import Method, answer, answer_batch, group_batches, kvtier_method, run_niah
+from kvtier.tools.niah_report import (
     accuracy_grid, format_comparison, format_table, merge_runs, plot_methods, write_report, write_results,
 )
 from tests.conftest import greedy, tiny_model
@@ -153,7 +153,7 @@ def test_stock_sweep_records_every_cell():
 
 def _tiny_niah(tmp_path, monkeypatch, *args: str) -> tuple[list[str], dict]:
     """`kvtier niah ARGS --policy stock --max-new-tokens 1 --out tmp_path` on a tiny model -> (argv, its first run)."""
-    monkeypatch.setattr("kvtier.cli.load_smollm2", lambda **_: (tiny_model(window=4096), WordTokenizer()))
+    monkeypatch.setattr("kvtier.tools.cli.load_smollm2", lambda **_: (tiny_model(window=4096), WordTokenizer()))
     argv = ["niah", *args, "--policy", "stock", "--max-new-tokens", "1", "--out", str(tmp_path)]
     assert main(argv) == 0
     return argv, json.loads((tmp_path / "results.json").read_text())["runs"][0]
@@ -246,7 +246,7 @@ def test_batches_hold_prompts_of_one_token_count(monkeypatch):
         shapes.append([len(row) for row in ids])
         return answer_batch(model, ids, *args, **kwargs)
 
-    monkeypatch.setattr("kvtier.niah.answer_batch", recording)
+    monkeypatch.setattr("kvtier.tools.niah.answer_batch", recording)
     sweep = dict(lengths=[150], depths=[0.1, 0.3, 0.5, 0.7, 0.9], keys=2, max_new_tokens=2, prefill_chunk=64)
     batched = run_niah(model, SplitSevensTokenizer(), Method(), batch=3, **sweep)
     counts = [s["tokens"] for s in batched["samples"]]
@@ -397,7 +397,7 @@ def test_niah_batch_runs_prompts_together_and_must_be_positive(tmp_path, monkeyp
 
 
 def test_niah_saves_after_every_batch_so_a_killed_sweep_keeps_its_answers(tmp_path, monkeypatch):
-    monkeypatch.setattr("kvtier.cli.load_smollm2", lambda **_: (tiny_model(window=4096), WordTokenizer()))
+    monkeypatch.setattr("kvtier.tools.cli.load_smollm2", lambda **_: (tiny_model(window=4096), WordTokenizer()))
     saved = []
     real_answer_batch = answer_batch
 
@@ -408,7 +408,7 @@ def test_niah_saves_after_every_batch_so_a_killed_sweep_keeps_its_answers(tmp_pa
             raise KeyboardInterrupt
         return real_answer_batch(*args, **kwargs)
 
-    monkeypatch.setattr("kvtier.niah.answer_batch", killed_on_the_third_batch)
+    monkeypatch.setattr("kvtier.tools.niah.answer_batch", killed_on_the_third_batch)
     argv = ["niah", "--lengths", "200,300", "--depths", "0.2,0.5,0.8", "--policy", "stock", "--max-new-tokens", "1",
             "--batch", "2", "--out", str(tmp_path)]  # batches of 2 + 1 prompts per length
     with pytest.raises(KeyboardInterrupt):
@@ -507,7 +507,7 @@ def _refuse_to_load(**_):
 
 
 def test_niah_report_merges_files_into_out_without_loading_the_model(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr("kvtier.cli.load_smollm2", _refuse_to_load)
+    monkeypatch.setattr("kvtier.tools.cli.load_smollm2", _refuse_to_load)
     quest = "quest G32 k63x32 W2048 C512"
     for name, batch, length, depths in (("short", 6, 8192, {"stock": 0.1, quest: 0.1}),
                                         ("long", 4, 1 << 20, {"stock": 0.5, quest: 0.9})):
@@ -533,7 +533,7 @@ def test_niah_report_merges_files_into_out_without_loading_the_model(tmp_path, m
 
 
 def test_niah_report_rejects_runs_of_different_setups_by_name(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr("kvtier.cli.load_smollm2", _refuse_to_load)
+    monkeypatch.setattr("kvtier.tools.cli.load_smollm2", _refuse_to_load)
     for name, seed in (("a", 0), ("b", 1)):
         write_results([_part("stock", {(8192 << seed, 0.5): [True]}, batch=1, seed=seed)], tmp_path / name)
     assert main(["niah", "--report", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "out")]) == 2
@@ -545,7 +545,7 @@ def test_niah_report_rejects_runs_of_different_setups_by_name(tmp_path, monkeypa
 @pytest.mark.parametrize("content, problem", [(None, "cannot read"), ("{not json", "is not JSON"),
                                               ('{"command": ["kvtier"]}', 'needs a "runs" list')])
 def test_niah_report_names_a_bad_file_and_writes_nothing(content, problem, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr("kvtier.cli.load_smollm2", _refuse_to_load)
+    monkeypatch.setattr("kvtier.tools.cli.load_smollm2", _refuse_to_load)
     good = write_results([_part("stock", {(8192, 0.5): [True]}, batch=1)], tmp_path / "good")
     bad = tmp_path / "bad.json"
     if content is not None:

@@ -24,11 +24,11 @@ import torch
 
 from kvtier import ReAttentionCache
 from kvtier.errors import CacheFileNotFoundError
-from tests import crash_worker as worker
+from tests.tiers import crash_worker as worker
 from tests.conftest import greedy
-from tests.persist_worker import read_records
+from tests.tiers.persist_worker import read_records
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SEED = int(os.environ.get("KVTIER_CRASH_SEED", "20250611"))
 IDS_SEED = 5
 TRIALS = 30
@@ -51,7 +51,7 @@ class Worker:
         self.stderr = stderr
         with open(stderr, "wb") as errors:
             self.proc = subprocess.Popen(
-                [sys.executable, str(ROOT / "tests" / "crash_worker.py")],
+                [sys.executable, str(ROOT / "tests" / "tiers" / "crash_worker.py")],
                 cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors, bufsize=0,
             )
         self._buffer = b""

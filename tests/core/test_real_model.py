@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from kvtier import ReAttentionCache
-from kvtier.haystack import build_sample, passkey_found
-from kvtier.model import ModelNotInstalledError, load_smollm2
-from kvtier.niah import answer
+from kvtier.tools.haystack import build_sample, passkey_found
+from kvtier.tools.model import ModelNotInstalledError, load_smollm2
+from kvtier.tools.niah import answer
 
 pytestmark = pytest.mark.real_model
 

@@ -12,8 +12,8 @@ import transformers
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
-import kvtier.model
-from kvtier.model import (CACHE_DIR_ENV, GGUF_NAME, MODEL_DIR_ENV, ModelNotInstalledError, find_gguf, load_smollm2,
+import kvtier.tools.model
+from kvtier.tools.model import (CACHE_DIR_ENV, GGUF_NAME, MODEL_DIR_ENV, ModelNotInstalledError, find_gguf, load_smollm2,
                           model_cache_folder)
 from tests.conftest import tiny_model
 
@@ -49,7 +49,7 @@ def test_real_model_is_read_back_from_its_cache_with_the_same_logits(cache_dir, 
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {file.name for file in folder.iterdir()}
     assert f"MB) in {folder}" in capsys.readouterr().err
 
-    monkeypatch.setattr(kvtier.model, "_load_gguf", _gguf_must_not_load)
+    monkeypatch.setattr(kvtier.tools.model, "_load_gguf", _gguf_must_not_load)
     model, tokenizer = load_smollm2()
     prompt = "The capital of France is"
     assert tokenizer(prompt).input_ids == gguf_tokenizer(prompt).input_ids
@@ -57,7 +57,7 @@ def test_real_model_is_read_back_from_its_cache_with_the_same_logits(cache_dir, 
     ids = torch.tensor([gguf_tokenizer(prompt).input_ids])
     assert torch.equal(logits(model, ids), logits(gguf_model, ids))
     # A bfloat16 load from the GGUF file casts its float32 de-quantised model (loading it again would take ~30 s).
-    kvtier.model._cast_weights(gguf_model, torch.bfloat16)
+    kvtier.tools.model._cast_weights(gguf_model, torch.bfloat16)
     model, _ = load_smollm2(dtype=torch.bfloat16)
     assert model.dtype == gguf_model.dtype == torch.bfloat16
     assert torch.equal(logits(model, ids), logits(gguf_model, ids))
@@ -82,7 +82,7 @@ def stand_in(tmp_path, cache_dir, monkeypatch):
         loaded.append(gguf_file)
         return tiny_model(), tiny_tokenizer()
 
-    monkeypatch.setattr(kvtier.model, "_load_gguf", load_gguf)
+    monkeypatch.setattr(kvtier.tools.model, "_load_gguf", load_gguf)
     return loaded
 
 
@@ -100,7 +100,7 @@ def test_a_damaged_cache_is_rebuilt_from_the_gguf_with_a_warning(stand_in, monke
         model, tokenizer = load_smollm2()
     assert len(stand_in) == 2 and torch.equal(logits(model), logits(tiny_model()))
 
-    monkeypatch.setattr(kvtier.model, "_load_gguf", _gguf_must_not_load)
+    monkeypatch.setattr(kvtier.tools.model, "_load_gguf", _gguf_must_not_load)
     model, tokenizer = load_smollm2()  # the rebuilt cache
     assert torch.equal(logits(model), logits(tiny_model())) and tokenizer("the cat sat").input_ids == [1, 2, 3]
     assert cache_entries() == [folder.name]
@@ -160,7 +160,7 @@ def test_a_cache_another_process_put_in_place_first_is_kept(stand_in, monkeypatc
     assert torch.equal(logits(model), logits(tiny_model()))  # this load returns its own model,
     assert cache_entries() == [folder.name]  # removes its copy, keeps theirs
 
-    monkeypatch.setattr(kvtier.model, "_load_gguf", _gguf_must_not_load)
+    monkeypatch.setattr(kvtier.tools.model, "_load_gguf", _gguf_must_not_load)
     model, _ = load_smollm2()
     assert torch.equal(logits(model), logits(tiny_model(seed=1)))
 

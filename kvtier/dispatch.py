@@ -1,4 +1,5 @@
-"""Which implementation runs each step: the Triton kernels (kvtier.kernels) on CUDA when Triton is installed and the
+"""The one module that chooses, per step, between the Triton kernels and their PyTorch references (the library
+imports kvtier.kernels nowhere else). Which implementation runs each step: the Triton kernels (kvtier.kernels) on CUDA when Triton is installed and the
 config allows them (`kernels="auto"`), the PyTorch references everywhere else (`kernels="reference"` forces them;
 `kernels="triton"` forces the kernels, on a CPU through Triton's interpreter).
 Both compute the same selections, summaries and scopes (the kernels' tests hold them to their references)."""
@@ -48,6 +49,25 @@ def summarise(policy: Policy, keys: torch.Tensor, use_kernels: bool) -> torch.Te
 
         return summarise_spans(keys, policy.kernel_summary, getattr(policy, "representatives", 4))
     return policy.summarise(keys)
+
+
+def scope_gather(global_kv: tuple[torch.Tensor, torch.Tensor], local_kv: tuple[torch.Tensor, torch.Tensor],
+                 pool: torch.Tensor, host_blocks: list[torch.Tensor], loc: torch.Tensor, rotary: ScopeRotary,
+                 out_keys: torch.Tensor, out_values: torch.Tensor) -> None:
+    """The kernel path's scope gather: `[global | spans at loc (GPU slot, or -1 - host slot read in place) | local]`
+    into out_keys (rotated at 0..L-1) / out_values [B, Hkv, L, D], one launch. The reference path assembles the same
+    scope from spans the placement fetched (ReAttentionLayer.gather_scope)."""
+    from kvtier.kernels.gather import scope_gather as gather_kernel
+
+    gather_kernel(global_kv, local_kv, pool, host_blocks, loc, rotary.cos, rotary.sin, out_keys, out_values)
+
+
+def copy_host_spans(pool: torch.Tensor, host_blocks: list[torch.Tensor], slots: torch.Tensor) -> None:
+    """The kernel path's promotion: pool[slots[0, i]] = host slot slots[1, i], read in place through UVA (one launch).
+    The reference path promotes spans it has already copied to the device (Placement.fetch)."""
+    from kvtier.kernels.gather import copy_host_spans as copy_kernel
+
+    copy_kernel(pool, host_blocks, slots)
 
 
 def precompile_selection(model_config, config: ReAttentionConfig, max_tokens: int, device: torch.device,

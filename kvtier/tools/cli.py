@@ -17,15 +17,15 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
-from kvtier.backends import precompile_selection
-from kvtier.bench import add_bench_parser
-from kvtier.profile import add_profile_parser
+from kvtier.dispatch import precompile_selection
+from kvtier.tools.bench import add_bench_parser
+from kvtier.tools.profile import add_profile_parser
 from kvtier.config import ReAttentionConfig
 
-from kvtier.haystack import build_sample, draw_key, passkey_found
-from kvtier.model import GGUF_NAME, ModelNotInstalledError, load_smollm2, preferred_dtype, window_of
-from kvtier.niah import PREFILL_CHUNK, STOCK, Method, answer, kvtier_method, run_comparison
-from kvtier.niah_report import format_comparison, format_table, load_results, merge_runs, write_report, write_results
+from kvtier.tools.haystack import build_sample, draw_key, passkey_found
+from kvtier.tools.model import GGUF_NAME, ModelNotInstalledError, load_smollm2, preferred_dtype, window_of
+from kvtier.tools.niah import PREFILL_CHUNK, STOCK, Method, answer, kvtier_method, run_comparison
+from kvtier.tools.niah_report import format_comparison, format_table, load_results, merge_runs, write_report, write_results
 from kvtier.policies import policy_names
 
 
@@ -190,7 +190,7 @@ def _run_niah(args: argparse.Namespace) -> int:
 
 
 def _rereport_niah(args: argparse.Namespace) -> int:
-    """--report: earlier runs' results.json files merged (kvtier.niah_report.merge_runs) into one report."""
+    """--report: earlier runs' results.json files merged (kvtier.tools.niah_report.merge_runs) into one report."""
     try:
         runs, merged = merge_runs(load_results(args.report))
     except ValueError as err:
@@ -247,7 +247,7 @@ def _kvtier_method(model, base: ReAttentionConfig | None = None, **overrides: An
 
 def _precompile(model, methods: list[Method], max_tokens: int, batch: int) -> None:
     """On CUDA, compile the Triton selection kernels every kvtier method reaches up to max_tokens before the first
-    prompt (kvtier.backends.precompile_selection): otherwise each new span-count bucket compiles mid-sweep."""
+    prompt (kvtier.dispatch.precompile_selection): otherwise each new span-count bucket compiles mid-sweep."""
     for method in methods:
         if method.config is None:
             continue

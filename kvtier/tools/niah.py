@@ -12,9 +12,9 @@ from transformers import DynamicCache
 from kvtier.cache import ReAttentionCache
 from kvtier.hf import cache_keyword
 from kvtier.config import ReAttentionConfig
-from kvtier.haystack import build_sample, draw_key, passkey_found
-from kvtier.memory import release_memory
-from kvtier.model import window_of
+from kvtier.tools.haystack import build_sample, draw_key, passkey_found
+from kvtier.tools.memory import release_memory
+from kvtier.tools.model import window_of
 
 STOCK = "stock"
 # Bounds the activations of a long prefill (the KV of a 135M model is small; a 16K-token forward is not).
@@ -135,7 +135,7 @@ def run_niah(model, tokenizer, method: Method, lengths: Iterable[int], depths: I
              distractors: int = 0, batch: int = 1,
              on_batch: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Passkey accuracy of `method` on every (length, depth) cell, `keys` prompts per cell, greedy decoding; with
-    `distractors`, each prompt also holds that many other labelled keys (kvtier.haystack.build_sample).
+    `distractors`, each prompt also holds that many other labelled keys (kvtier.tools.haystack.build_sample).
 
     With `batch` > 1, the prompts of one length are run up to `batch` at a time, those of the same token count
     together (`group_batches`): one cache, one chunked prefill and one `generate` per batch, each row scored on its
