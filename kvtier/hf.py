@@ -150,8 +150,7 @@ def bind_model(model) -> ModelSpec:
     switched model computes exactly what stock SDPA does."""
     spec = model_spec(model)
     _register_interfaces()
-    if model.config._attn_implementation != ATTENTION_NAME:
-        model.set_attn_implementation(ATTENTION_NAME)
+    model.set_attn_implementation(ATTENTION_NAME)  # changes nothing when the model already uses it
     decoder = model.get_decoder()
     if not getattr(decoder, "_kvtier_hooked", False):
         decoder._kvtier_context_resets = []  # ContextVar reset tokens, one per forward in progress

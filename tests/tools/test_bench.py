@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from kvtier import bench
+from kvtier.tools import bench
 from kvtier.tools.bench import _pool_peak, add_bench_parser, run_bench
 from kvtier.tools.bench_report import KVTIER_METHODS, METHODS, context_label, goals
 

@@ -11,7 +11,7 @@ import weakref
 import pytest
 import torch
 
-from kvtier import haystack
+from kvtier.tools import haystack
 from kvtier.tools.cli import _parser, main
 from kvtier.tools.haystack import (
     FILLER, INSTRUCTION, LABELLED_NEEDLE, LABELLED_QUESTION, LABELS, NEEDLE, QUESTION, TAIL_SENTENCES, build_sample,
