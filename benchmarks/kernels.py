@@ -1,15 +1,15 @@
 """Kernel benchmark: span scoring, top-k and the scope gather at 1M tokens of Llama-3.1-8B (Hq 32, Hkv 8, D 128,
 spans of 32, bf16), against ceilings measured in the same run (device copy, pinned host->GPU copy) and against one
 SDPA decode call over the ~8K-token scope that selection + gather feed. Timings: triton.testing.do_bench medians
-(warm-up first, L2 flushed between calls) on fresh random inputs.
+(warm-up first, L2 flushed between calls) on fresh random inputs. Writes kernels.json and kernels.png (ms per
+measurement) into --out; prints the table last.
 
-    python benchmarks/kernels.py --out benchmarks/results/kernels-h200/kernels.json
+    python benchmarks/kernels.py --out benchmarks/results/kernels-h200
     python benchmarks/kernels.py --quick     # tiny shapes on the CPU (Triton interpreter): checks the script
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -23,10 +23,13 @@ if not torch.cuda.is_available():
 
 import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
 
 from kvtier.kernels.scoring import score_spans, score_spans_reference  # noqa: E402
 from kvtier.kernels.select import select_spans  # noqa: E402
 from kvtier.kernels.topk import top_k_spans, top_k_spans_reference  # noqa: E402
+from kvtier.tools.output import default_out, print_report, unwind_on_sigterm, write_json  # noqa: E402
+from kvtier.tools.plots import bar_chart  # noqa: E402
 
 GiB = 2**30
 BLOCK_VECTORS = (32, 64, 128, 256)  # scoring configurations swept
@@ -304,10 +307,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--out", default="benchmarks/results/kernels.json", help="where the JSON goes")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="folder for kernels.json and kernels.png (default runs/kernels-<timestamp>)")
     parser.add_argument("--quick", action="store_true", help="tiny shapes, no sweeps: on the CPU, under a minute")
     parser.add_argument("--no-sweep", action="store_true", help="skip the block-size sweeps (about a minute)")
     args = parser.parse_args(argv)
+    unwind_on_sigterm()  # stopped by `timeout` or a scheduler, the run unwinds
     device = "cuda" if torch.cuda.is_available() else "cpu"
     shape = QUICK if args.quick else FULL
     sweep = not (args.quick or args.no_sweep)
@@ -323,23 +328,26 @@ def main(argv: list[str] | None = None) -> int:
     else:
         scope = build_scope(shape, device)
     rows, details = [], {}
-    for section, run in (
+    sections = (
         ("scoring", lambda: bench_scoring(shape, device, ceiling, sweep)),
         ("top-k", lambda: bench_top_k(shape, device, sweep)),
         ("gather", lambda: bench_gather(shape, ceiling, scope)),
         ("decode step", lambda: bench_decode_step(shape, device, scope)),
         ("prefill chunk", lambda: bench_prefill_chunk(shape, device)),
-    ):
+    )
+    for section, run in tqdm(sections, desc="kernels", unit="section"):
         section_rows, details[section] = run()
         rows += section_rows
-        print(f"{section}: done", file=sys.stderr)
     meta = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu (Triton interpreter)",
             "torch": torch.__version__, "triton": triton.__version__, "date": time.strftime("%Y-%m-%d"),
             "argv": sys.argv[1:], "seed": seed, "shape": asdict(shape), "ceilings_gbps": ceiling}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"meta": meta, "rows": [asdict(row) for row in rows], "details": details}, indent=1))
-    print(format_table(rows, ceiling))
+    out = args.out or default_out("kernels")
+    doc = {"meta": meta, "rows": [asdict(row) for row in rows], "details": details}
+    paths = [write_json(out / "kernels.json", doc),
+             bar_chart(out / "kernels.png", [f"{row.section}: {row.name.strip()}" for row in rows],
+                       [row.ms for row in rows], "ms (median; log scale)",
+                       f"kernels on {meta['device']}: {shape.tokens:,} tokens of context", log=True)]
+    print_report(paths, format_table(rows, ceiling))
     return 0
 
 

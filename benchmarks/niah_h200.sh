@@ -1,18 +1,39 @@
 #!/usr/bin/env bash
 # The needle-in-a-haystack runs of benchmarks/RESULTS.md on one H200 (SmolLM2-135M-Instruct joined at
 # $KVTIER_MODEL_DIR; see README, "Measuring on the GPU"), in stages small enough for one device call each.
-# Usage: bash benchmarks/niah_h200.sh OUT_DIR STAGE...   (stages below; `merge` last joins what OUT_DIR holds)
-# Each stage writes OUT_DIR/<stage>/results.json (saved after every batch) and OUT_DIR/<stage>.log under its own time
-# limit (seconds, $NIAH_LIMIT_<stage>, default 590); with $NIAH_TAR set, both are appended to that tar file
-# afterwards, so a later stage cut short loses nothing of the earlier ones.
+# `--help` lists the stages. With $NIAH_TAR set, each stage's folder and log are appended to that tar file afterwards,
+# so a later stage cut short loses nothing of the earlier ones.
 # The stages up to 128K (keys stock policies distractors) are sized to run beside a 1M stage on the same GPU, e.g.
 #   NIAH_TAR=a.tar bash niah_h200.sh OUT 1m-a & NIAH_TAR=b.tar bash niah_h200.sh OUT keys stock distractors; wait
 # (both are bound by the host queueing kernels, one CPU core each): 4 prompts per forward in a 12 GiB span pool
 # beside the 1M stage's 100 GiB.
 set -u
-out=${1:?usage: niah_h200.sh OUT_DIR STAGE... (to512k 1m-a 1m-b 2m 2m-b 2m-c keys keys-512k stock policies streaming distractors merge)}
-shift
+usage() {
+    cat <<'USAGE'
+usage: bash benchmarks/niah_h200.sh OUT_DIR STAGE...
+The needle runs of benchmarks/RESULTS.md on one H200 (kvtier niah, SmolLM2-135M-Instruct), one device call per stage:
+each writes OUT_DIR/STAGE/results.json (after every batch) and OUT_DIR/STAGE.log.
+stages:
+  to512k       quest at 8K, 32K, 128K and 512K, 11 depths, 6 prompts per forward (section 8)
+  1m-a         quest at 1M, depths 0 to 0.7, 4 prompts per forward
+  1m-b         quest at 1M, depths 0.8 to 1
+  2m           quest at 2M, depths 0.1, 0.5, 0.9, 3 prompts per forward (100 GiB GPU pool, the rest pinned host)
+  2m-b         quest at 2M, depths 0, 0.3, 0.7
+  2m-c         quest at 2M, depths 0.2, 0.6, 0.8
+  keys         two more keys per cell (seeds 1 and 2) at 8K, 32K and 128K, 11 depths
+  keys-512k    two more keys per cell at 512K
+  stock        transformers' DynamicCache at 8K and 32K, 11 depths
+  policies     every policy at 128K, 11 depths (section 8b)
+  streaming    streaming at 128K, the depths 0.4 to 1 that policies did not reach
+  distractors  quest with one labelled distractor key at 32K and 128K
+  merge        join what OUT_DIR holds of to512k 1m-a 1m-b 2m 2m-b 2m-c stock (seed 0) into OUT_DIR/merged
+environment: NIAH_LIMIT_<stage> seconds per stage (default 590, '-' written '_'); NIAH_TAR=FILE appends each stage's
+folder and log to that tar file. An unknown stage runs nothing and exits 2.
+USAGE
+}
+known=" to512k 1m-a 1m-b 2m 2m-b 2m-c keys keys-512k stock policies streaming distractors merge "
 here=$(cd "$(dirname "$0")" && pwd)
+source "$here/stages.sh"
 all_depths=0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1
 gpu100=$here/configs/niah-gpu100.yaml
 gpu12=$here/configs/niah-gpu12.yaml
@@ -52,6 +73,5 @@ for stage in "$@"; do
             # one heatmap per method over every length: the stages that share seed 0 and hold no cell twice
             parts=$(cd "$out" && ls {to512k,1m-a,1m-b,2m,2m-b,2m-c,stock}/results.json 2>/dev/null)
             (cd "$out" && python3 -m kvtier niah --report $parts --out merged > merged.log 2>&1; tail -n 30 merged.log) ;;
-        *) echo "unknown stage $stage (to512k 1m-a 1m-b 2m 2m-b 2m-c keys keys-512k stock policies streaming distractors merge)"; exit 2 ;;
     esac
 done

@@ -1,15 +1,26 @@
 #!/usr/bin/env bash
 # The memory profile of benchmarks/RESULTS.md section 10 on one H200, alone on the GPU (pynvml reads the whole device).
-# Usage: bash benchmarks/profile_h200.sh OUT_DIR STAGE...   (stages: to512k, 1m)
-# Each stage writes OUT_DIR/<stage>/ (profile.json after every cell, the PNGs at the end) and OUT_DIR/<stage>.log.
-# The 1m stage first measures the disk the LMDB tier writes to (4 GiB direct write and read) and the kernel's dirty-page
-# limits, and dumps every thread's stack to its log every $PROFILE_STACKS_S seconds (default 150) and
-# samples /proc/meminfo and /proc/vmstat every 20 s into OUT_DIR/meminfo.log: its first decode
-# step ran past a device call twice (section 10), and the stacks say where.
+# `--help` lists the stages. Each stage writes OUT_DIR/<stage>/ (profile.json after every cell, the PNGs at the end).
+# The 1m stage measures the disk the LMDB tier writes to (4 GiB direct write and read) and the kernel's dirty-page
+# limits, and logs memory and stacks as it goes: its first decode step ran past a device call twice (section 10), and
+# the stacks say where.
 set -u
-out=${1:?usage: profile_h200.sh OUT_DIR STAGE... (to512k 1m)}
-shift
+usage() {
+    cat <<'USAGE'
+usage: bash benchmarks/profile_h200.sh OUT_DIR STAGE...
+kvtier profile of benchmarks/RESULTS.md section 10 on one H200 (the Llama-3.1-8B shape, random weights,
+benchmarks/configs/scope-8k.yaml), one device call per stage: each writes OUT_DIR/STAGE/ and OUT_DIR/STAGE.log.
+stages:
+  to512k  stock, kvtier-gpu and kvtier-tiers at 8K, 32K, 128K and 512K
+  1m      kvtier-tiers at 1M, 4 decode steps (the LMDB tier): first measures the disk (OUT_DIR/disk.log), logs
+          /proc/meminfo and /proc/vmstat every 20 s (OUT_DIR/meminfo.log) and dumps every thread's stack to its log
+          every $PROFILE_STACKS_S seconds (default 150)
+environment: PROFILE_LIMIT seconds per stage (default 560). An unknown stage runs nothing and exits 2.
+USAGE
+}
+known=" to512k 1m "
 here=$(cd "$(dirname "$0")" && pwd)
+source "$here/stages.sh"
 config=$here/configs/scope-8k.yaml
 mkdir -p "$out"
 for stage in "$@"; do
@@ -30,7 +41,6 @@ for stage in "$@"; do
             (while sleep 20; do echo "== $(date +%T)"; grep -E "^(MemAvailable|Cached|Dirty|Writeback|Mlocked):" /proc/meminfo
                  grep -E "^(pgpgin|pgpgout|pgmajfault) " /proc/vmstat; done) > "$out/meminfo.log" 2>&1 &
             monitor=$! ;;
-        *) echo "unknown stage $stage (to512k 1m)"; exit 2 ;;
     esac
     echo "== $stage: kvtier profile --model llama8b --config $config $args"
     timeout "${PROFILE_LIMIT:-560}" python3 -c "

@@ -4,17 +4,18 @@ to the commit), against ceilings measured in the same run on the same folder: LM
 records (encode_each); and how fast they come back (LmdbStore.get_into of random batches of spans, as a decode
 step's layers ask for them): cold, a random 1/8 of them from the disk (the file's cached pages dropped with
 posix_fadvise first) with the bytes the disk read for them (Linux), then warm, all of them from the page cache.
-Spans of the Llama-3.1-8B shape (2 x 8 KV heads x 32 tokens x 128, bf16: 128 KiB each) unless --quick.
+Spans of the Llama-3.1-8B shape (2 x 8 KV heads x 32 tokens x 128, bf16: 128 KiB each) unless --quick. Writes
+spill.json and spill.png (GB/s per stage) into --out; prints the table last.
 
-    python benchmarks/spill.py --gib 4 --dir /tmp          # the writer at 4 GiB of spans
+    python benchmarks/spill.py --gib 4 --dir /tmp --out $OUT/spill    # the writer at 4 GiB of spans
     python benchmarks/spill.py --read-path lmdb             # reads through LMDB transactions instead of pread
     python benchmarks/spill.py --quick                      # tiny shapes, a few MiB (CI)
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
+import shutil
 import statistics
 import tempfile
 import threading
@@ -23,8 +24,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from kvtier.tiers.disk import WRITE_BATCH_BYTES, LmdbStore, encode_each, put_records
+from kvtier.tools.args import positive
+from kvtier.tools.output import default_out, print_report, unwind_on_sigterm, write_json
+from kvtier.tools.plots import bar_chart
 
 SPAN_SHAPE = (2, 8, 32, 128)  # one span of the Llama-3.1-8B shape: K and V, Hkv, S, D
 QUICK_SPAN_SHAPE = (2, 2, 8, 16)
@@ -37,13 +42,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--gib", type=float, default=2.0, help="GiB of spans written per measurement (default 2)")
     parser.add_argument("--dir", type=Path, default=None, help="folder for the LMDB files (default: the temp folder)")
-    parser.add_argument("--repeats", type=int, default=3, help="measurements of each kind; the median is reported")
-    parser.add_argument("--out", type=Path, default=None, help="where the JSON goes (default: print only)")
+    parser.add_argument("--repeats", type=positive, default=3,
+                        help="measurements of each kind; the median is reported")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="folder for spill.json and spill.png (default runs/spill-<timestamp>)")
     parser.add_argument("--quick", action="store_true", help="tiny spans, 4 MiB: a CPU smoke run (CI)")
     parser.add_argument("--read-path", choices=("pread", "lmdb"), default="pread",
                         help="how spans are read back: pread of each record at its noted place (the store's way), or "
                              "through LMDB read transactions (its place forgotten), to compare the two")
     args = parser.parse_args(argv)
+    unwind_on_sigterm()  # stopped by `timeout` or a scheduler, the run unwinds: no spill file stays behind
     shape = QUICK_SPAN_SHAPE if args.quick else SPAN_SHAPE
     gib = 4 / 1024 if args.quick else args.gib
     span_bytes = int(np.prod(shape)) * 2
@@ -51,36 +59,43 @@ def main(argv: list[str] | None = None) -> int:
     count = max(put_spans, int(gib * 2**30) // span_bytes // put_spans * put_spans)
     spans = torch.randn(count, *shape).to(torch.bfloat16)  # [N, 2, Hkv, S, D], the host copies being spilled
     folder = Path(tempfile.mkdtemp(prefix="kvtier-spill-bench-", dir=args.dir))
-    measured = {
-        "encode_each": _median(args.repeats, lambda: _encode(spans, span_bytes)),
-        "lmdb_put": _median(args.repeats, lambda: _lmdb_put(spans, span_bytes, folder)),
-        "writer": _median(args.repeats, lambda: _writer(spans, shape, put_spans, folder)),
+    batch = 16 if args.quick else READ_SPANS
+    stages = {
+        "encode_each": lambda: _encode(spans, span_bytes),
+        "lmdb_put": lambda: _lmdb_put(spans, span_bytes, folder),
+        "writer": lambda: _writer(spans, shape, put_spans, folder),
+        "reads": lambda: _read_twice(spans, shape, put_spans, folder, batch, args.read_path),
     }
-    reads, disk_per_byte = _reads(spans, shape, put_spans, folder, 16 if args.quick else READ_SPANS, args.repeats,
-                                  args.read_path)
+    runs = {name: [] for name in stages}
+    try:
+        with tqdm(total=len(stages) * args.repeats, desc="spill", unit="run") as bar:
+            for name, measure in stages.items():
+                bar.set_postfix_str(name)
+                for _ in range(args.repeats):
+                    runs[name].append(measure())
+                    bar.update()
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    measured = {name: statistics.median(runs[name]) for name in ("encode_each", "lmdb_put", "writer")}
+    reads, disk_per_byte = _reads(runs["reads"], spans.shape[0])
     measured.update(reads)
-    folder.rmdir()
     gb = spans.numel() * 2 / 1e9
     rates = {name: gb / seconds for name, seconds in measured.items()}
     result = {"span_shape": list(shape), "gb": round(gb, 3), "seconds": measured, "gb_per_s": rates,
               "writer_vs_lmdb_put": rates["writer"] / rates["lmdb_put"], "read_cold_disk_bytes_per_byte": disk_per_byte,
               "read_path": args.read_path, "torch": torch.__version__,
               "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d")}
-    print(f"{gb:.2f} GB of spans {tuple(shape)} bf16, median of {args.repeats}:")
-    print("| stage | GB/s |\n|---|---|")
-    for name, rate in rates.items():
-        print(f"| {name} | {rate:.2f} |")
-    print(f"writer at {result['writer_vs_lmdb_put']:.0%} of LMDB's own put; reads ({args.read_path}): random batches "
-          f"of spans, cold a random 1/{COLD_SHARE} of them, warm all; cold, the disk read "
-          f"{disk_per_byte if disk_per_byte is not None else float('nan'):.2f} bytes per byte of spans asked")
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    out = args.out or default_out("spill")
+    paths = [write_json(out / "spill.json", result, indent=2),
+             bar_chart(out / "spill.png", list(rates), list(rates.values()), "GB/s (median)",
+                       f"LMDB spill tier: {gb:.2f} GB of spans {tuple(shape)} bf16, {args.read_path} reads")]
+    table = [f"{gb:.2f} GB of spans {tuple(shape)} bf16, median of {args.repeats}:", "| stage | GB/s |", "|---|---|"]
+    table += [f"| {name} | {rate:.2f} |" for name, rate in rates.items()]
+    table.append(f"writer at {result['writer_vs_lmdb_put']:.0%} of LMDB's own put; reads ({args.read_path}): random "
+                 f"batches of spans, cold a random 1/{COLD_SHARE} of them, warm all; cold, the disk read "
+                 f"{disk_per_byte if disk_per_byte is not None else float('nan'):.2f} bytes per byte of spans asked")
+    print_report(paths, "\n".join(table))
     return 0
-
-
-def _median(repeats: int, measure) -> float:
-    return statistics.median(measure() for _ in range(repeats))
 
 
 def _batches_of(spans: torch.Tensor, span_bytes: int) -> list[tuple[np.ndarray, torch.Tensor]]:
@@ -131,16 +146,13 @@ def _writer(spans: torch.Tensor, shape: tuple[int, ...], put_spans: int, folder:
         store.close()
 
 
-def _reads(spans: torch.Tensor, shape: tuple[int, ...], put_spans: int, folder: Path, batch: int,
-           repeats: int, path: str) -> tuple[dict[str, float], float | None]:
-    """Median seconds to read spans back in random batches of `batch` (verified against what was written) from a
-    fresh spill file: cold, a random 1/COLD_SHARE of them from the disk (the file's pages dropped from the page cache
-    first), as a decode step asks a few spans of many; then warm, every span from the page cache. Also: the bytes the
-    disk read per byte of spans asked in the cold pass (Linux), the price of read-ahead."""
-    runs = [_read_twice(spans, shape, put_spans, folder, batch, path) for _ in range(repeats)]
-    asked = {"read_cold": spans.shape[0] // COLD_SHARE, "read_warm": spans.shape[0]}  # spans read per pass
-    seconds = {name: statistics.median(run[index] for run in runs) * spans.shape[0] / asked[name]
-               for index, name in enumerate(asked)}  # scaled to every span, so GB/s divides like the other stages
+def _reads(runs: list[tuple[float, float, float | None]], count: int) -> tuple[dict[str, float], float | None]:
+    """_read_twice's repeated runs over `count` spans -> median seconds of the cold and of the warm pass, each scaled
+    to every span (so GB/s divides like the other stages), and the median disk bytes read per byte of spans asked in
+    the cold pass (None where /proc/self/io is missing)."""
+    asked = {"read_cold": count // COLD_SHARE, "read_warm": count}  # spans read per pass
+    seconds = {name: statistics.median(run[index] for run in runs) * count / asked[name]
+               for index, name in enumerate(asked)}
     disk = [run[2] for run in runs]
     return seconds, None if None in disk else statistics.median(disk)
 
@@ -156,7 +168,10 @@ def _disk_read_bytes() -> int | None:
 
 def _read_twice(spans: torch.Tensor, shape: tuple[int, ...], put_spans: int, folder: Path,
                 batch: int, path: str) -> tuple[float, float, float | None]:
-    """-> (cold seconds, warm seconds, disk bytes read per byte of spans asked in the cold pass)."""
+    """Seconds to read spans back in random batches of `batch` (verified against what was written) from a fresh spill
+    file: cold, a random 1/COLD_SHARE of them from the disk (the file's pages dropped from the page cache first), as a
+    decode step asks a few spans of many; then warm, every span from the page cache. -> (cold seconds, warm seconds,
+    the bytes the disk read per byte of spans asked in the cold pass (Linux): the price of read-ahead)."""
     store = LmdbStore.spill(folder, shape, spans.dtype, None)
     try:
         for first in range(0, spans.shape[0], put_spans):

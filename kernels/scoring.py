@@ -1,5 +1,5 @@
 """Span scoring: one pass over the summaries scores every (query, query head) of a chunk against every span and
-aggregates per KV head into (primary, secondary) [B, Hkv, n] fp32, as kvtier.policies' Policy._aggregate does.
+aggregates per KV head into (primary, secondary) [B, Hkv, n] fp32, as kvtier.policies' Policy.aggregate does.
 
 Summary kinds: "dot" (each of a span's c summary vectors is a candidate, score q . s: mean, infllm, reattention) and
 "bound" (quest: c = 2, s[0] = per-channel min, s[1] = max; one candidate, sum_d max(q_d lo_d, q_d hi_d)
@@ -26,8 +26,9 @@ import torch
 import triton
 import triton.language as tl
 
+from kvtier.policies import AGGREGATIONS, MeanPolicy, QuestPolicy
+
 KINDS = ("dot", "bound")
-AGGREGATIONS = ("vote", "max", "sum")  # kvtier.policies.base.AGGREGATIONS; not imported: policies import this module
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 TILE_BYTES = 32 * 1024  # summary bytes one program loads: one tile in registers, enough programs to fill the GPU
 VOTE_SCRATCH_BYTES = 256 * 1024 * 1024  # per-block vote picks kept between the two kernels; more queries: more launches
@@ -318,15 +319,13 @@ def score_spans_reference(
     *,
     out: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """score_spans through the policies' own PyTorch code (Policy._aggregate of mean for "dot", quest for "bound")."""
-    from kvtier.policies import MeanPolicy, QuestPolicy  # here, not at the top: the policies import this module
-
+    """score_spans through the policies' own PyTorch code (Policy.aggregate of mean for "dot", quest for "bound")."""
     _validate(queries, summaries, kind, aggregation, votes, out, need_triton_device=False)
     batch, hq, n_queries, dim = queries.shape
     kv_heads = summaries.shape[1]
     policy = (QuestPolicy if kind == "bound" else MeanPolicy)(aggregation=aggregation, votes=votes)
     grouped = queries.float().reshape(batch, kv_heads, hq // kv_heads, n_queries, dim)  # [B, Hkv, g, q, D]
-    primary, best = policy._aggregate(grouped, summaries.float())
+    primary, best = policy.aggregate(grouped, summaries.float())
     if out is None:
         return primary, best
     out[0].copy_(primary)

@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kvtier.policies import InfLLMPolicy, MeanPolicy, QuestPolicy
+
 METHODS = ("mean", "minmax", "representatives")
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -84,11 +86,7 @@ def summarise_spans(keys: torch.Tensor, method: str, representatives: int = 4) -
 
 
 def summarise_spans_reference(keys: torch.Tensor, method: str, representatives: int = 4) -> torch.Tensor:
-    """summarise_spans through the policies' own `summarise` (imported here: policies may import this module)."""
-    from kvtier.policies.infllm import InfLLMPolicy
-    from kvtier.policies.mean import MeanPolicy
-    from kvtier.policies.quest import QuestPolicy
-
+    """summarise_spans through the policies' own `summarise`."""
     policy = {
         "mean": MeanPolicy(),
         "minmax": QuestPolicy(),

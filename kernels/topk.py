@@ -1,4 +1,4 @@
-"""Top-k spans: the k best of each row of (primary, secondary) [B, H, n] fp32 under kvtier.policies.base._rank's
+"""Top-k spans: the k best of each row of (primary, secondary) [B, H, n] fp32 under kvtier.policies.rank_spans'
 order (primary desc, then secondary desc, then id asc), returned as ids [B, Hsel, k] int64 ascending, optionally
 after merging the heads (primary summed or maxed over H, secondary maxed) into one row per sequence.
 
@@ -17,6 +17,8 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
+
+from kvtier.policies import best_spans
 
 from .scoring import span_bucket, triton_device
 
@@ -161,14 +163,9 @@ def top_k_spans_reference(
     *,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """top_k_spans through Policy.select's PyTorch steps (kvtier.policies.base._rank)."""
-    from kvtier.policies.base import _rank  # here, not at the top: the policies import this module
-
+    """top_k_spans through Policy.select's PyTorch step (kvtier.policies.best_spans)."""
     _validate(primary, secondary, k, merge_heads, out, need_triton_device=False)
-    if merge_heads is not None:
-        primary = primary.sum(1, keepdim=True) if merge_heads == "sum" else primary.amax(1, keepdim=True)
-        secondary = secondary.amax(1, keepdim=True)
-    ids = _rank(primary, secondary)[..., :k].sort(dim=-1).values
+    ids = best_spans(primary, secondary, k, merge_heads)
     if out is None:
         return ids
     return out.copy_(ids)

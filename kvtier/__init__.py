@@ -4,12 +4,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .config import ReAttentionConfig
+from .version import __version__
 
 if TYPE_CHECKING:
     from .cache import ReAttentionCache
 
 __all__ = ["ReAttentionCache", "ReAttentionConfig"]
-__version__ = "0.1.0"
 
 
 def __getattr__(name: str):

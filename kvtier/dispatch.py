@@ -1,7 +1,10 @@
 """The one module that chooses, per step, between the Triton kernels and their PyTorch references (the library
-imports kvtier.kernels nowhere else). Which implementation runs each step: the Triton kernels (kvtier.kernels) on CUDA when Triton is installed and the
+imports kvtier.kernels nowhere else, and here only inside the kernel path: they need the optional triton package).
+Which implementation runs each step: the Triton kernels (kvtier.kernels) on CUDA when Triton is installed and the
 config allows them (`kernels="auto"`), the PyTorch references everywhere else (`kernels="reference"` forces them;
-`kernels="triton"` forces the kernels, on a CPU through Triton's interpreter).
+`kernels="triton"` forces the kernels, on a CPU through Triton's interpreter). A policy's summaries and selections
+take the kernel path only where it declares a kernel for them (Policy.kernel_summary / kernel_scoring, which a
+subclass overriding the methods they replace does not inherit); otherwise its own methods run.
 Both compute the same selections, summaries and scopes (the kernels' tests hold them to their references)."""
 from __future__ import annotations
 
@@ -47,7 +50,7 @@ def summarise(policy: Policy, keys: torch.Tensor, use_kernels: bool) -> torch.Te
     if use_kernels and policy.kernel_summary is not None:
         from kvtier.kernels.summarise import summarise_spans
 
-        return summarise_spans(keys, policy.kernel_summary, getattr(policy, "representatives", 4))
+        return summarise_spans(keys, policy.kernel_summary, **policy.kernel_summary_options())
     return policy.summarise(keys)
 
 

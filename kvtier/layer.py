@@ -144,10 +144,10 @@ class ReAttentionLayer(CacheLayerMixin):
         keys = torch.empty(batch, kv_heads, length, head_dim, dtype=self.dtype, device=self.device)  # [B, Hkv, L, D]
         values = torch.empty_like(keys)
         if self.use_kernels:
-            placement = self.placement
-            dispatch.scope_gather(global_kv, local_kv, placement.gpu.data, placement.host.blocks, self._locate(ids),
-                                  rotary, keys, values)
-            placement.host_reads_launched()
+            loc = self._locate(ids)  # first: locating may promote spans into a grown pool
+            pool, host_blocks = self.placement.gather_sources()
+            dispatch.scope_gather(global_kv, local_kv, pool, host_blocks, loc, rotary, keys, values)
+            self.placement.host_reads_launched()
             return keys, values
         keys[:, :, :n_global], values[:, :, :n_global] = global_kv
         if n_sel:
@@ -164,37 +164,25 @@ class ReAttentionLayer(CacheLayerMixin):
         distinct, inverse = np.unique(uids, return_inverse=True)
         return distinct, inverse.reshape(uids.shape)
 
+    def _uids_of(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """ids [B, Hkv, k] -> (the uids of those spans [B, Hkv, k], on the device; the same uids once per selection:
+        all of them per KV head, else [B, 1, k], as every head shares the selection)."""
+        uids = self.table.uids.view()[:, None, :].expand(-1, self.kv_heads, -1).gather(2, ids)
+        return uids, uids if self.config.per_kv_head else uids[:, :1]
+
     def _locate(self, ids: torch.Tensor) -> torch.Tensor:
         """ids [B, Hkv, k] -> loc [B, Hkv, k] on the device for the gather kernel (GPU slot, or -1 - host slot)."""
-        placement = self.placement
-        if placement.unbounded:
-            return self._pool_slots(ids)
-        if placement.located_on_device:  # no round trip to the CPU: the placement books the selection later
-            uids = self._uids_of(ids)
-            placement.note(uids if self.config.per_kv_head else uids[:, :1])
-            return placement.where.data[uids]
+        if self.placement.locates_on_device:  # no round trip to the CPU
+            return self.placement.device_locations(*self._uids_of(ids))
         distinct, inverse = self._selected_uids(ids)
-        return upload(placement.locate(distinct)[inverse], self.device)
-
-    def _uids_of(self, ids: torch.Tensor) -> torch.Tensor:
-        """ids [B, Hkv, k] -> the uids of those spans [B, Hkv, k], on the device."""
-        return self.table.uids.view()[:, None, :].expand(-1, self.kv_heads, -1).gather(2, ids)
-
-    def _pool_slots(self, ids: torch.Tensor) -> torch.Tensor:
-        """ids [B, Hkv, k] -> their GPU pool slots [B, Hkv, k], on the device (every span in the pool, slot == uid)."""
-        self._count_gpu_hits(ids)
-        return self._uids_of(ids)
-
-    def _count_gpu_hits(self, ids: torch.Tensor) -> None:
-        per_row = ids.shape[2] * (self.kv_heads if self.config.per_kv_head else 1)
-        self.placement.counters["gpu"].hits += ids.shape[0] * per_row
+        return upload(self.placement.locate(distinct)[inverse], self.device)
 
     def _fetch(self, ids: torch.Tensor) -> torch.Tensor:
         """ids [B, Hkv, k] -> the spans [B, Hkv, k, 2, S, D], each row and KV head reading its own head. With every
         span in the GPU pool at slot == uid this is one indexing op on the device; otherwise the placement brings the
         distinct selected spans up in one batch."""
-        if self.placement.unbounded:
-            return self.placement.gpu.gather_heads(self._pool_slots(ids))
+        if self.placement.slot_is_uid:
+            return self.placement.pool_heads(*self._uids_of(ids))
         distinct, inverse = self._selected_uids(ids)
         spans = self.placement.fetch(distinct).to(self.device)  # [U, 2, Hkv, S, D]
         heads = torch.arange(self.kv_heads, device=self.device)[None, :, None]

@@ -17,26 +17,25 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-import kvtier
 from kvtier import records
 from kvtier.config import PLACEMENT_FIELDS, ReAttentionConfig
 from kvtier.errors import CacheFileNotFoundError, CacheWriteError, CorruptCacheError, IncompatibleCacheError
-from kvtier.tiers.disk import (SPANS_PER_RECORD, WRITE_BATCH_BYTES, LmdbStore, encode_each, open_saved, put_records,
-                               release_saved)
+from kvtier.tiers.disk import WRITE_BATCH_BYTES, LmdbStore, encode_each, open_saved, put_records, release_saved
+from kvtier.version import __version__
 
 FORMAT = "kvtier-cache"
-VERSION = 1
+VERSION = 2
 _PAGE = 4096
-_META_KEYS = {"config", "fingerprint", "dtype", "batch", "tokens", "token_ids", "span_shape", "spans",
-              "spans_per_record", "layers"}
+_META_KEYS = {"config", "fingerprint", "dtype", "batch", "tokens", "token_ids", "span_shape", "spans", "layers"}
 _LAYER_TENSORS = ("global_keys", "global_values", "local_keys", "local_values", "summaries")
 
 
 def fingerprint(model) -> dict[str, Any]:
-    """What a saved cache's model must match: family, shapes, and a hash of the weights' names and shapes."""
+    """What a saved cache's model must match: family, shapes, and a hash of the parameters' names and shapes (not
+    of their values: the same model with other weights loads, and continues with its own)."""
     config = model.config
     heads = config.num_attention_heads
-    names = "\n".join(f"{name}:{tuple(param.shape)}" for name, param in model.named_parameters())
+    shapes = "\n".join(f"{name}:{tuple(param.shape)}" for name, param in model.named_parameters())
     return {
         "family": config.model_type,
         "layers": config.num_hidden_layers,
@@ -46,7 +45,7 @@ def fingerprint(model) -> dict[str, Any]:
         "hidden_size": config.hidden_size,
         "vocab_size": config.vocab_size,
         "window": config.max_position_embeddings,
-        "weights_sha256": hashlib.sha256(names.encode()).hexdigest(),
+        "parameter_shapes_sha256": hashlib.sha256(shapes.encode()).hexdigest(),
     }
 
 
@@ -122,7 +121,7 @@ def _layer_tensors(layer) -> dict[str, torch.Tensor]:
 
 def _write_spans(placement, layers, env, span_count: int, lock) -> None:
     """Every span, in the order (layer, row, span): saved uid 0, 1, 2, ... - the uids a load gives them back -
-    one record each (SPANS_PER_RECORD), a batch of records per transaction."""
+    one record each, a batch of records per transaction."""
     per_batch = max(1, WRITE_BATCH_BYTES // placement.span_bytes)
     uids = np.concatenate([layer.table.uids_host.view().flatten().numpy() for layer in layers])
     with tqdm(total=span_count, unit="span", desc="saving spans", disable=span_count < 50_000) as progress:
@@ -137,7 +136,7 @@ def _meta(cache, layers, span_count: int, has_tokens: bool) -> dict[str, Any]:
     return {
         "format": FORMAT,
         "version": VERSION,
-        "kvtier": kvtier.__version__,
+        "kvtier": __version__,
         "config": config.to_dict(),
         "fingerprint": cache.model_fingerprint,
         "dtype": str(layers[0].dtype).removeprefix("torch."),
@@ -146,7 +145,6 @@ def _meta(cache, layers, span_count: int, has_tokens: bool) -> dict[str, Any]:
         "token_ids": has_tokens,
         "span_shape": list(cache.placement.span_shape),
         "spans": span_count,
-        "spans_per_record": SPANS_PER_RECORD,
         "layers": [
             {"seen": layer.seen, "largest_scope": layer.largest_scope, "spans": len(layer.table)} for layer in layers
         ],
@@ -216,7 +214,7 @@ def _read_meta(env: lmdb.Environment, path: Path) -> dict[str, Any]:
     missing = sorted(_META_KEYS - set(meta))
     if missing:
         raise CorruptCacheError(f"{str(path)!r}: the metadata lacks {missing}")
-    expected = -(-meta["spans"] // meta["spans_per_record"]) + len(meta["layers"]) * len(_LAYER_TENSORS) + 1 + bool(meta["token_ids"])
+    expected = meta["spans"] + len(meta["layers"]) * len(_LAYER_TENSORS) + 1 + bool(meta["token_ids"])
     if env.stat()["entries"] != expected:
         raise CorruptCacheError(f"{str(path)!r} holds {env.stat()['entries']} records, its metadata says {expected}")
     return meta
@@ -254,5 +252,5 @@ def _restore(cache, env: lmdb.Environment, meta: dict[str, Any], path: Path, mod
             cache.record_tokens(tensor(b"tokens"))
     span_shape = tuple(meta["span_shape"])
     dtype = records.DTYPES[meta["dtype"]]
-    store = LmdbStore.archive(env, path, span_shape, dtype, meta["spans"], meta["spans_per_record"])
-    cache.placement.attach_archive(store, meta["spans"])
+    store = LmdbStore.saved(env, path, span_shape, dtype, meta["spans"])
+    cache.placement.attach_saved(store, meta["spans"])

@@ -1,7 +1,7 @@
 """The on-disk record format: tensors as raw bytes with dtype and shape, metadata as JSON, each record checksummed.
 No pickle: a record is `MAGIC | u32 header length | u32 header crc32 | header JSON | payload`, and the header holds
-the payload's length and crc32 (a record of spans: one crc32 per span, so one span is read and verified alone).
-Decoding checks every field and raises CorruptCacheError naming the record."""
+the payload's length and crc32. A span is one tensor record. Decoding checks every field and raises
+CorruptCacheError naming the record."""
 from __future__ import annotations
 
 import json
@@ -46,15 +46,6 @@ def encode(header: dict[str, Any], payload: bytes | memoryview = b"") -> bytes:
 def encode_tensor(tensor: torch.Tensor) -> bytes:
     """A CPU tensor -> record bytes."""
     return encode({"kind": "tensor", "dtype": _dtype_name(tensor), "shape": list(tensor.shape)}, tensor_payload(tensor.cpu()))
-
-
-def encode_spans(spans: torch.Tensor) -> bytes:
-    """Spans [N, 2, Hkv, S, D] on the host -> one record with a checksum per span, so that one span can be read and
-    verified without touching the others."""
-    payload = tensor_payload(spans)
-    step = len(payload) // max(spans.shape[0], 1)
-    crcs = [zlib.crc32(payload[row * step : (row + 1) * step]) for row in range(spans.shape[0])]
-    return _pack({"kind": "spans", "dtype": _dtype_name(spans), "shape": list(spans.shape), "crc32s": crcs}, payload)
 
 
 def encode_json(data: Any) -> bytes:
@@ -118,45 +109,45 @@ def decode(record: bytes | memoryview, name: str) -> tuple[dict[str, Any], memor
     return header, payload
 
 
-def read_span(header: dict[str, Any], payload: memoryview, row: int, out: torch.Tensor, name: str) -> None:
-    """Copy span `row` of an unpacked spans record into out [2, Hkv, S, D] (contiguous, on the host), verified."""
-    crcs = _span_checksums(header, out, name)
-    step = len(payload) // len(crcs)
-    part = payload[row * step : (row + 1) * step]
-    if zlib.crc32(part) != crcs[row]:
-        raise CorruptCacheError(f"record {name!r}: span {row} checksum mismatch (the file is damaged)")
-    decode_into(part, out)
-
-
-def check_span(header: dict[str, Any], row: int, out: torch.Tensor, name: str) -> None:
-    """Span `row` of a spans record, already read into out [2, Hkv, S, D] (contiguous, on the host), against the
-    record's header: shape, dtype and checksum."""
-    if zlib.crc32(tensor_payload(out)) != _span_checksums(header, out, name)[row]:
-        raise CorruptCacheError(f"record {name!r}: span {row} checksum mismatch (the file is damaged)")
-
-
-def _span_checksums(header: dict[str, Any], out: torch.Tensor, name: str) -> list[int]:
-    """A spans record's header, checked against one span's tensor out [2, Hkv, S, D] -> its per-span checksums."""
-    shape, crcs = header.get("shape"), header.get("crc32s")
-    if header.get("kind") != "spans" or not isinstance(shape, list) or not isinstance(crcs, list) or len(crcs) != shape[0]:
-        raise CorruptCacheError(f"record {name!r} does not describe spans")
-    if list(out.shape) != shape[1:] or header.get("dtype") != _dtype_name(out):
-        raise CorruptCacheError(f"record {name!r} holds spans {shape[1:]} {header.get('dtype')}, expected {list(out.shape)} {out.dtype}")
-    return crcs
+def _tensor_layout(header: dict[str, Any], name: str) -> tuple[torch.dtype, list[int]]:
+    """A tensor record's header -> (dtype, shape)."""
+    dtype, shape = DTYPES.get(header.get("dtype")), header.get("shape")
+    if header.get("kind") != "tensor" or dtype is None or not isinstance(shape, list):
+        raise CorruptCacheError(f"record {name!r} does not describe a tensor")
+    return dtype, shape
 
 
 def decode_tensor(record: bytes | memoryview, name: str) -> torch.Tensor:
     """Record bytes -> a new CPU tensor (owning its memory)."""
     header, payload = decode(record, name)
-    dtype, shape = DTYPES.get(header.get("dtype")), header.get("shape")
-    if header.get("kind") != "tensor" or dtype is None or not isinstance(shape, list):
-        raise CorruptCacheError(f"record {name!r} does not describe a tensor")
+    dtype, shape = _tensor_layout(header, name)
     count = int(np.prod(shape, dtype=np.int64))
     if count * dtype.itemsize != len(payload):
         raise CorruptCacheError(f"record {name!r}: {len(payload)} bytes do not hold a {dtype} tensor of shape {shape}")
     out = torch.empty(shape, dtype=dtype)
     decode_into(payload, out)
     return out
+
+
+def decode_tensor_into(record: bytes | memoryview, out: torch.Tensor, name: str) -> None:
+    """Record bytes of a tensor of out's shape and dtype -> out (contiguous, on the host), every checksum verified."""
+    header, payload = decode(record, name)
+    _check_layout(header, out, name)
+    decode_into(payload, out)
+
+
+def check_tensor(header: dict[str, Any], out: torch.Tensor, name: str) -> None:
+    """A tensor record's payload, already read into out (contiguous, on the host), against the record's header:
+    shape, dtype and checksum."""
+    _check_layout(header, out, name)
+    if zlib.crc32(tensor_payload(out)) != header.get("crc32"):
+        raise CorruptCacheError(f"record {name!r}: payload checksum mismatch (the file is damaged)")
+
+
+def _check_layout(header: dict[str, Any], out: torch.Tensor, name: str) -> None:
+    dtype, shape = _tensor_layout(header, name)
+    if shape != list(out.shape) or dtype != out.dtype:
+        raise CorruptCacheError(f"record {name!r} holds a {dtype} tensor {shape}, expected {out.dtype} {list(out.shape)}")
 
 
 def decode_into(payload: memoryview, out: torch.Tensor) -> None:

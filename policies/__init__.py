@@ -1,10 +1,12 @@
-"""Selection policies, chosen by name in ReAttentionConfig.policy; `register_policy` adds your own."""
+"""Selection policies, chosen by name in ReAttentionConfig.policy; `register_policy` adds your own, which can build
+on the helpers every policy uses: `dot_scores` (a candidate_scores), `rank_spans` and `best_spans` (the selection
+order and the top k in it)."""
 from __future__ import annotations
 
 import dataclasses
 from typing import Any
 
-from .base import AGGREGATIONS, Policy
+from .base import AGGREGATIONS, Policy, best_spans, dot_scores, rank_spans
 from .infllm import InfLLMPolicy
 from .mean import MeanPolicy
 from .quest import QuestPolicy
@@ -46,6 +48,9 @@ def build_policy(name: str, options: dict[str, Any] | None = None) -> Policy:
 for _cls in (ReAttentionPolicy, MeanPolicy, QuestPolicy, InfLLMPolicy, StreamingPolicy):
     register_policy(_cls)
 
-__all__ = ["AGGREGATIONS", "Policy", "build_policy", "policy_names", "register_policy"] + [
+__all__ = [
+    "AGGREGATIONS", "Policy", "best_spans", "build_policy", "dot_scores", "policy_names", "rank_spans",
+    "register_policy",
+] + [
     c.__name__ for c in (ReAttentionPolicy, MeanPolicy, QuestPolicy, InfLLMPolicy, StreamingPolicy)
 ]

@@ -2,11 +2,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
 AGGREGATIONS = ("vote", "max", "sum")
+
+# Each kernel declaration and the methods whose work its kernel does instead of them.
+_KERNEL_REPLACES = {
+    "kernel_summary": ("summarise", "summary_size"),
+    "kernel_scoring": ("candidate_scores", "aggregate", "select"),
+}
 
 
 @dataclass
@@ -19,6 +25,13 @@ class Policy:
         to the higher best score, then to the earlier span;
       - "max":  a span's best candidate score over the chunk's queries and the heads;
       - "sum":  the sum over queries and heads of the span's best candidate score.
+
+    Kernels: `kernel_summary` names the Triton kernel (kvtier.kernels) that computes `summarise` and `summary_size`,
+    `kernel_scoring` the one that computes `candidate_scores`, `aggregate` and `select`; on the kernel path
+    (kvtier.dispatch) it runs in their place, and None keeps the methods. A declaration covers only the methods it
+    was declared with: a class that defines one of them (or gets it from a base listed before the declaring class)
+    without declaring that kernel in its own body gets None, and runs its own methods. A subclass that only changes
+    parameters keeps its parent's kernels, which take them from `aggregation`, `votes` and `kernel_summary_options`.
     """
 
     aggregation: str = "max"
@@ -26,9 +39,16 @@ class Policy:
     query_block: int = 64  # queries scored at once: bounds the [B, Hkv, g, q, n, m] score tensor
 
     name: ClassVar[str] = ""
-    # What the Triton kernels (kvtier.kernels) need to run this policy; None keeps it on the PyTorch path.
+    kernel_summary: ClassVar[str | None] = None  # "mean", "minmax" or "representatives" (kvtier.kernels.summarise)
     kernel_scoring: ClassVar[str | None] = None  # "dot" (best candidate's dot product) or "bound" (min/max bound)
-    kernel_summary: ClassVar[str | None] = None  # "mean", "minmax" or "representatives"
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        mro = cls.__mro__
+        for declaration, methods in _KERNEL_REPLACES.items():
+            declared_at = _defined_at(mro, declaration)
+            if getattr(cls, declaration) is not None and any(_defined_at(mro, m) < declared_at for m in methods):
+                setattr(cls, declaration, None)
 
     def __post_init__(self) -> None:
         if self.aggregation not in AGGREGATIONS:
@@ -54,6 +74,11 @@ class Policy:
         -> scores [B, Hkv, g, q, n, m] fp32, m candidates per span."""
         raise NotImplementedError
 
+    def kernel_summary_options(self) -> dict[str, Any]:
+        """The keyword arguments that kernel_summary's kernel (kvtier.kernels.summarise.summarise_spans) takes
+        from this policy's parameters; none by default."""
+        return {}
+
     # ---- shared machinery ---------------------------------------------------------------------------------------
     def select(self, queries: torch.Tensor, summaries: torch.Tensor, top_k: int, per_kv_head: bool) -> torch.Tensor:
         """queries [B, Hq, q, D] pre-RoPE, summaries [B, Hkv, n, c, D] -> span ids [B, Hsel, k] int64, ascending
@@ -61,22 +86,19 @@ class Policy:
         Query head h reads KV head h // (Hq // Hkv)."""
         batch, hq, _, dim = queries.shape
         hkv, n_spans = summaries.shape[1], summaries.shape[2]
-        k = min(top_k, n_spans)
-        h_sel = hkv if per_kv_head else 1
-        if k == 0:
-            return torch.empty(batch, h_sel, 0, dtype=torch.long, device=queries.device)
+        if min(top_k, n_spans) == 0:
+            return torch.empty(batch, hkv if per_kv_head else 1, 0, dtype=torch.long, device=queries.device)
         if hq % hkv:
             raise ValueError(f"{hq} query heads cannot be grouped over {hkv} KV heads")
         grouped = queries.float().view(batch, hkv, hq // hkv, -1, dim)  # [B, Hkv, g, q, D]
-        primary, secondary = self._aggregate(grouped, summaries.float())  # each [B, Hkv, n]
-        if not per_kv_head:
-            primary = primary.sum(1, keepdim=True) if self.aggregation != "max" else primary.amax(1, keepdim=True)
-            secondary = secondary.amax(1, keepdim=True)
-        order = _rank(primary, secondary)[..., :k]
-        return order.sort(dim=-1).values
+        primary, secondary = self.aggregate(grouped, summaries.float())  # each [B, Hkv, n]
+        merge_heads = None if per_kv_head else ("max" if self.aggregation == "max" else "sum")
+        return best_spans(primary, secondary, top_k, merge_heads)
 
-    def _aggregate(self, grouped: torch.Tensor, summaries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (primary, secondary) [B, Hkv, n] fp32: the ranking key and its tie-break (the best score)."""
+    def aggregate(self, grouped: torch.Tensor, summaries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """grouped queries [B, Hkv, g, q, D] fp32, summaries [B, Hkv, n, c, D] fp32 -> (primary, secondary)
+        [B, Hkv, n] fp32: each KV head's ranking key of every span under `aggregation`, and its tie-break (the span's
+        best candidate score). Scores `query_block` queries at a time."""
         batch, hkv, _, n_queries, _ = grouped.shape
         n_spans = summaries.shape[2]
         primary = torch.zeros(batch, hkv, n_spans, dtype=torch.float32, device=grouped.device)
@@ -96,8 +118,30 @@ class Policy:
         return primary, best
 
 
-def _rank(primary: torch.Tensor, secondary: torch.Tensor) -> torch.Tensor:
-    """Span ids ordered by primary desc, then secondary desc, then id asc (stable sorts) -> [B, H, n] int64."""
+def dot_scores(queries: torch.Tensor, summaries: torch.Tensor) -> torch.Tensor:
+    """candidate_scores for summaries whose every vector is a candidate: queries [B, Hkv, g, q, D] . summaries
+    [B, Hkv, n, c, D] -> [B, Hkv, g, q, n, c] (the `mean`, `infllm` and `reattention` score)."""
+    return torch.einsum("bkgqd,bkncd->bkgqnc", queries, summaries)
+
+
+def rank_spans(primary: torch.Tensor, secondary: torch.Tensor) -> torch.Tensor:
+    """primary, secondary [..., n] -> span ids [..., n] int64 ordered by primary desc, then secondary desc, then
+    id asc (stable sorts): the order every policy selects in."""
     by_secondary = secondary.argsort(dim=-1, descending=True, stable=True)
     by_primary = primary.gather(-1, by_secondary).argsort(dim=-1, descending=True, stable=True)
     return by_secondary.gather(-1, by_primary)
+
+
+def best_spans(primary: torch.Tensor, secondary: torch.Tensor, k: int, merge_heads: str | None = None) -> torch.Tensor:
+    """primary, secondary [B, H, n] -> the first min(k, n) ids of rank_spans' order, ascending: [B, Hsel, k] int64.
+    merge_heads None: one selection per head (Hsel = H); "sum" / "max": one for all heads (Hsel = 1), ranked by
+    primary summed / maxed over the heads, ties by secondary maxed."""
+    if merge_heads is not None:
+        primary = primary.sum(1, keepdim=True) if merge_heads == "sum" else primary.amax(1, keepdim=True)
+        secondary = secondary.amax(1, keepdim=True)
+    return rank_spans(primary, secondary)[..., :k].sort(dim=-1).values
+
+
+def _defined_at(mro: tuple[type, ...], attribute: str) -> int:
+    """The position in `mro` of the class whose own body defines `attribute` (len(mro) where none does)."""
+    return next((at for at, cls in enumerate(mro) if attribute in vars(cls)), len(mro))

@@ -4,10 +4,11 @@ score = the best representative's dot product with the query."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from .base import Policy
+from .base import Policy, dot_scores
 
 
 @dataclass
@@ -27,6 +28,9 @@ class InfLLMPolicy(Policy):
     def summary_size(self, span_size: int) -> int:
         return min(self.representatives, span_size)
 
+    def kernel_summary_options(self) -> dict[str, Any]:
+        return {"representatives": self.representatives}
+
     def summarise(self, keys: torch.Tensor) -> torch.Tensor:
         centre = keys.float().mean(dim=2, keepdim=True)  # [N, Hkv, 1, D]
         closeness = (keys.float() * centre).sum(-1)  # [N, Hkv, S]
@@ -34,4 +38,4 @@ class InfLLMPolicy(Policy):
         return keys.gather(2, picks.unsqueeze(-1).expand(-1, -1, -1, keys.shape[-1]))
 
     def candidate_scores(self, queries: torch.Tensor, summaries: torch.Tensor) -> torch.Tensor:
-        return torch.einsum("bkgqd,bkncd->bkgqnc", queries, summaries)
+        return dot_scores(queries, summaries)

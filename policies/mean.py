@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import Policy
+from .base import Policy, dot_scores
 
 
 @dataclass
@@ -23,4 +23,4 @@ class MeanPolicy(Policy):
         return keys.float().mean(dim=2, keepdim=True).to(keys.dtype)
 
     def candidate_scores(self, queries: torch.Tensor, summaries: torch.Tensor) -> torch.Tensor:
-        return torch.einsum("bkgqd,bkncd->bkgqnc", queries, summaries)
+        return dot_scores(queries, summaries)

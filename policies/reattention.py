@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import Policy
+from .base import Policy, dot_scores
 
 
 @dataclass
@@ -25,4 +25,4 @@ class ReAttentionPolicy(Policy):
         return keys.clone()
 
     def candidate_scores(self, queries: torch.Tensor, summaries: torch.Tensor) -> torch.Tensor:
-        return torch.einsum("bkgqd,bkncd->bkgqnc", queries, summaries)
+        return dot_scores(queries, summaries)

@@ -5,7 +5,7 @@ unique within its cache. Stores hold whole spans; batches of spans travel as `[N
 """
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -13,15 +13,22 @@ import torch
 from kvtier.buffers import GrowableArray
 
 
+@runtime_checkable
 class SpanStore(Protocol):
+    """One tier's storage. The GPU pool, the host pool and the LMDB files all keep it; the placement moves spans
+    between them through it (and through a few pool-only methods where the gather kernel needs slots)."""
+
     def put(self, uids: np.ndarray, spans: torch.Tensor) -> None:
-        """Store spans [N, 2, Hkv, S, D] under uids [N]."""
+        """Store spans [N, 2, Hkv, S, D] under uids [N] (not yet held here)."""
 
     def get_into(self, uids: np.ndarray, out: torch.Tensor) -> None:
-        """Copy the spans of uids [N] into out [N, 2, Hkv, S, D]."""
+        """Copy the spans of uids [N] (all held here) into out [N, 2, Hkv, S, D]."""
 
     def contains(self, uid: int) -> bool:
         """Whether the span of uid is held here (complete: copied, committed)."""
+
+    def holds(self, uids: np.ndarray) -> np.ndarray:
+        """contains for many: uids [N] -> [N] bool."""
 
     def evict(self, uids: np.ndarray) -> None:
         """Forget the spans of uids (their room is reused)."""
@@ -29,6 +36,14 @@ class SpanStore(Protocol):
     @property
     def nbytes(self) -> int:
         """Bytes this store holds now."""
+
+
+def entries(array: GrowableArray, uids: np.ndarray) -> np.ndarray:
+    """A per-uid array's entries at uids [N] -> [N], its fill value for uids beyond its end."""
+    out = np.full(len(uids), array.fill, dtype=array.data.dtype)
+    known = uids < len(array.data)
+    out[known] = array.data[uids[known]]
+    return out
 
 
 class SlotMap:
@@ -84,22 +99,37 @@ class SlotMap:
 
     def holds(self, uids: np.ndarray) -> np.ndarray:
         """uids [N] -> whether each has a slot here [N] bool."""
-        known = uids < len(self.slot_of.data)
-        held = np.zeros(len(uids), dtype=bool)
-        held[known] = self.slot_of.data[uids[known]] >= 0
-        return held
+        return entries(self.slot_of, uids) >= 0
 
 
 class SlotPool:
-    """What the GPU and host pools share: a SlotMap `map` deciding where each uid's span sits in the pool."""
+    """What the GPU and host pools share: the SpanStore methods a slot map answers, and the pool-only questions the
+    placement asks (a span's slot, for the gather kernel's table; how much room is left)."""
 
-    map: SlotMap
+    def __init__(self, capacity: int | None):
+        self._map = SlotMap(capacity)
+
+    @property
+    def capacity(self) -> int | None:
+        """Slots this pool may hold at most (None: no limit)."""
+        return self._map.capacity
+
+    def free_slots(self) -> int | float:
+        """Slots free now (infinite without a capacity)."""
+        return self._map.free_count()
+
+    def slots_of(self, uids: np.ndarray) -> np.ndarray:
+        """uids [N] (all held) -> their slots in this pool [N]."""
+        return self._map.lookup(uids)
 
     def contains(self, uid: int) -> bool:
-        return self.map.contains(uid)
+        return self._map.contains(uid)
+
+    def holds(self, uids: np.ndarray) -> np.ndarray:
+        return self._map.holds(uids)
 
     def evict(self, uids: np.ndarray) -> None:
-        self.map.release(uids)
+        self._map.release(uids)
 
     def __len__(self) -> int:
-        return self.map.used
+        return self._map.used

@@ -1,13 +1,11 @@
-"""The disk tier: spans in an LMDB file, each span its own record (checksummed). Writes run on a background thread,
+"""Spans in an LMDB file, each span its own record (checksummed), keyed by its uid. Writes run on a background thread,
 a batch of spans per transaction; a span counts as on disk only once the transaction holding it has committed. The
-same store reads a saved cache's spans (read-only; a file saved by an earlier version may hold several per record).
+same store reads a saved cache's spans (read-only).
 
-One span per record because py-lmdb touches every page of a value it returns (its `preload`, so that no page fault
-is taken with the GIL held): reading one 128 KiB span from a 64 MiB record of 512 read all 64 MiB, and a decode step
-of the 8B shape at 1M tokens, ~1,000 spans from disk, read ~450 GB in 321 s (RESULTS section 10). And a spilled span
-is read back with one pread of exactly its record, at the place in the file the writer noted after the commit
-(kvtier.tiers.lmdb_pages), several at once, with LMDB's readahead off: a page fault in LMDB's map reads the block
-device's whole read-ahead window (8 MiB on the H200 machine), which a short page cache drops before it is used."""
+One span per record, because py-lmdb touches every page of a value it returns: a read must fetch only the span it
+asks for. A spilled span is read back by one pread of exactly its record, at the place the writer noted after the
+commit (kvtier.tiers.lmdb_pages), with LMDB's readahead off: a page fault in LMDB's map would read the device's whole
+read-ahead window. (Measured in benchmarks/RESULTS.md, sections 9b, 9c and 10.)"""
 from __future__ import annotations
 
 import os
@@ -24,6 +22,7 @@ import torch
 from kvtier import records
 from kvtier.buffers import GrowableArray
 from kvtier.errors import CacheWriteError, CorruptCacheError, TierFullError
+from kvtier.tiers.base import entries
 from kvtier.tiers.lmdb_pages import file_offset
 
 INITIAL_MAP_BYTES = 64 * 2**20
@@ -31,13 +30,13 @@ INITIAL_MAP_BYTES = 64 * 2**20
 # 2 x placement.HEADROOM_BYTES) is queued whole and the caller goes on
 MAX_PENDING_BYTES = 2 * 2**30
 WRITE_BATCH_BYTES = 64 * 2**20  # spans written in one transaction (encoded by one task), at most this many bytes
-SPANS_PER_RECORD = 1  # what this version writes (see above); a saved file's meta says what it holds
 ENCODERS = 2  # threads encoding records ahead of the writer (zlib's crc32 runs without the GIL)
 READERS = 8  # threads reading spilled spans, one pread each: several disk reads in flight at once
 
 
-def batch_key(batch: int) -> bytes:
-    return b"B" + int(batch).to_bytes(8, "big")
+def span_key(uid: int) -> bytes:
+    """The key of span uid's record."""
+    return b"S" + int(uid).to_bytes(8, "big")
 
 
 def grow_map(env: lmdb.Environment, needed: int = 0) -> None:
@@ -94,29 +93,27 @@ def release_saved(env: lmdb.Environment) -> None:
 
 
 def encode_each(uids: np.ndarray, spans: torch.Tensor) -> list[tuple[bytes, bytes]]:
-    """Spans [N, 2, Hkv, S, D] on the host -> (key, record) per span: span uid as record uid."""
-    return [(batch_key(uid), records.encode_spans(spans[row : row + 1])) for row, uid in enumerate(uids.tolist())]
+    """Spans [N, 2, Hkv, S, D] on the host -> (key, record) per span."""
+    return [(span_key(uid), records.encode_tensor(spans[row])) for row, uid in enumerate(uids.tolist())]
 
 
 class LmdbStore:
-    """Spans by uid in one LMDB file: uid -> (record, row). `spill(directory)` makes a scratch file removed on close,
-    whose span u is record u; `archive(env, ...)` reads a saved cache, whose span u sits at row u % n of record u // n."""
+    """Spans by uid in one LMDB file, a SpanStore: `spill(directory)` makes a scratch file, written in the background
+    and removed on close; `saved(env, ...)` reads a saved cache's spans 0..count-1, read-only."""
 
     def __init__(self, env: lmdb.Environment, path: Path, span_shape, dtype, budget: int | None, scratch: bool):
         self.env, self.path, self.scratch = env, path, scratch
         self.span_shape, self.dtype = tuple(span_shape), dtype
         self.span_bytes = int(np.prod(span_shape)) * dtype.itemsize
         self.budget = budget
-        self.record_bytes = 0  # bytes of live spans written or queued
-        self.record_of = GrowableArray(np.int64, -1)  # per uid: its record ...
-        self.row_of = GrowableArray(np.int64, -1)  # ... and its row there
+        self._held_bytes = 0  # bytes of live spans written or queued
         self.committed = GrowableArray(np.bool_, False)  # per uid: its record is committed
         self.offset_of = GrowableArray(np.int64, -1)  # per uid: where its record lies in the spill file (-1: unknown)
         self.length_of = GrowableArray(np.int64, 0)  # ... and its length
         self._env_lock = threading.Lock()  # readers vs. map resizes
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvtier-disk") if scratch else None
         # records are encoded (checksums, one contiguous value) ahead of the writer, which puts them in queue order:
-        # encoding and LMDB's copy into its map each run at ~0.8 GB/s on one core, overlapped they double the rate
+        # encoding and LMDB's copy into its map each keep a core busy, so they run side by side
         self._encoder = ThreadPoolExecutor(max_workers=ENCODERS, thread_name_prefix="kvtier-encode") if scratch else None
         self._inflight: list[tuple[Future, np.ndarray, int]] = []
         self._done: list[np.ndarray] = []
@@ -139,13 +136,12 @@ class LmdbStore:
         return cls(env, Path(name), span_shape, dtype, budget, scratch=True)
 
     @classmethod
-    def archive(cls, env: lmdb.Environment, path: Path, span_shape, dtype, uids: int, per_record: int) -> "LmdbStore":
-        """A saved cache's spans 0..uids-1, `per_record` to a record, read-only."""
+    def saved(cls, env: lmdb.Environment, path: Path, span_shape, dtype, count: int) -> "LmdbStore":
+        """A saved cache's spans 0..count-1, read-only."""
         store = cls(env, path, span_shape, dtype, None, scratch=False)
-        for array in (store.record_of, store.row_of, store.committed):
-            array.ensure(uids)
-        store.record_of.data[:uids], store.row_of.data[:uids] = np.divmod(np.arange(uids), per_record)
-        store.committed.data[:uids] = True
+        store.committed.ensure(count)
+        store.committed.data[:count] = True
+        store._held_bytes = count * store.span_bytes
         return store
 
     # ---- writing (background thread) ---------------------------------------------------------------------------
@@ -154,20 +150,18 @@ class LmdbStore:
         if not self.scratch:
             raise CacheWriteError(f"{self.path} is a saved cache, opened read-only")
         size = len(uids) * self.span_bytes
-        if self.budget is not None and self.record_bytes + size > self.budget:
+        if self.budget is not None and self._held_bytes + size > self.budget:
             raise TierFullError(
-                f"the disk tier is full: disk_budget={self.budget} bytes already holds {self.record_bytes} bytes of "
+                f"the disk tier is full: disk_budget={self.budget} bytes already holds {self._held_bytes} bytes of "
                 f"spans; raise disk_budget (or gpu_budget / host_budget)"
             )
-        self.record_bytes += size
+        self._held_bytes += size
         while sum(pending for _, _, pending in self._inflight) > MAX_PENDING_BYTES:
             self._wait_oldest()
         per_batch = max(1, WRITE_BATCH_BYTES // self.span_bytes)
         for start in range(0, len(uids), per_batch):
             part = uids[start : start + per_batch].copy()
-            for array in (self.record_of, self.row_of, self.committed):
-                array.ensure(int(part.max()) + 1)
-            self.record_of.data[part], self.row_of.data[part] = part, 0
+            self.committed.ensure(int(part.max()) + 1)
             encoded = self._encoder.submit(encode_each, part, spans[start : start + per_batch])
             future = self._writer.submit(self._write, encoded)
             self._inflight.append((future, part, len(part) * self.span_bytes))
@@ -237,47 +231,49 @@ class LmdbStore:
         """Spans uids [M] (placed in the file) -> out[positions] [M, 2, Hkv, S, D], one preadv of its record each:
         the header into a small buffer, the span straight into its row of out."""
         for uid, position in zip(uids.tolist(), positions.tolist()):
-            name = f"{self.path.name}: span {uid} (record {uid})"
+            name = self._record_name(uid)
             head = bytearray(int(self.length_of.data[uid]) - self.span_bytes)  # the record's prefix and header
             target = records.tensor_payload(out[position])  # the span's bytes land in place
             if os.preadv(self._file, [head, target], int(self.offset_of.data[uid])) != len(head) + len(target):
                 raise CorruptCacheError(f"record {name!r} is cut short (the spill file was truncated)")
-            records.check_span(records.unpack_header(head, len(target), name), 0, out[position], name)
+            records.check_tensor(records.unpack_header(head, len(target), name), out[position], name)
 
     def _txn_read_into(self, uids: np.ndarray, out: torch.Tensor, positions: np.ndarray) -> None:
-        """Spans uids[positions] -> out[positions] through one LMDB read transaction (py-lmdb reads each whole record)."""
-        record_of, row_of = self.record_of.data[uids[positions]], self.row_of.data[uids[positions]]
+        """Spans uids[positions] -> out[positions] through one LMDB read transaction."""
         with self._env_lock, self.env.begin(buffers=True) as txn:
-            for record in np.unique(record_of).tolist():
-                value = txn.get(batch_key(record))
+            for position in positions.tolist():
+                uid = int(uids[position])
+                value = txn.get(span_key(uid))
                 if value is None:
-                    raise CorruptCacheError(f"{self.path.name}: spans record {record} is missing")
-                header, payload = records.unpack(value, f"{self.path.name}: spans record {record}")
-                for index in np.flatnonzero(record_of == record).tolist():
-                    position = int(positions[index])
-                    name = f"{self.path.name}: span {uids[position]} (record {record})"
-                    records.read_span(header, payload, int(row_of[index]), out[position], name)
+                    raise CorruptCacheError(f"{self.path.name}: the record of span {uid} is missing")
+                records.decode_tensor_into(value, out[position], self._record_name(uid))
+
+    def _record_name(self, uid: int) -> str:
+        return f"{self.path.name}: span {uid} (record {uid})"
 
     def contains(self, uid: int) -> bool:
         return uid < len(self.committed.data) and bool(self.committed.data[uid])
+
+    def holds(self, uids: np.ndarray) -> np.ndarray:
+        return entries(self.committed, uids)
 
     def evict(self, uids: np.ndarray) -> None:
         """Forget committed spans (their copy above is kept): the writer thread deletes their records, in order with
         its writes."""
         self.committed.data[uids] = False
         self.offset_of.data[uids] = -1  # LMDB may reuse the pages once the record is deleted
-        self.record_bytes -= len(uids) * self.span_bytes
-        future = self._writer.submit(self._delete, self.record_of.data[uids].tolist())
+        self._held_bytes -= len(uids) * self.span_bytes
+        future = self._writer.submit(self._delete, uids.tolist())
         self._inflight.append((future, np.empty(0, dtype=np.int64), 0))
 
     def _delete(self, doomed: list[int]) -> None:
         with self.env.begin(write=True) as txn:
-            for record in doomed:
-                txn.delete(batch_key(record))
+            for uid in doomed:
+                txn.delete(span_key(uid))
 
     @property
     def nbytes(self) -> int:
-        return self.record_bytes
+        return self._held_bytes
 
     def close(self) -> None:
         if self._writer is not None:

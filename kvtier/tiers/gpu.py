@@ -6,7 +6,7 @@ import torch
 
 from kvtier.buffers import buffer, upload
 from kvtier.errors import TierFullError
-from kvtier.tiers.base import SlotMap, SlotPool
+from kvtier.tiers.base import SlotPool
 
 
 FULL_AT = 8  # a budgeted pool past 1/FULL_AT of its capacity takes all of it in one step
@@ -35,21 +35,19 @@ class DevicePool(SlotPool):
     (see growth_target), so a budget is never exceeded and a small context does not reserve it all."""
 
     def __init__(self, span_shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, capacity: int | None):
-        self.map = SlotMap(capacity)
-        self.capacity = capacity
+        super().__init__(capacity)
         first = 16 if capacity is None else min(16, capacity)
         self.data = buffer((first, *span_shape), dtype, device)  # [slots, 2, Hkv, S, D]
 
-    def put(self, uids: np.ndarray, spans: torch.Tensor) -> np.ndarray:
-        """spans [N, 2, Hkv, S, D] on the device -> the slots [N] they now occupy."""
-        slots = self.reserve(uids)
+    def put(self, uids: np.ndarray, spans: torch.Tensor) -> None:
+        """spans [N, 2, Hkv, S, D] on the device, written into the slots reserved for uids [N]."""
+        slots = self.reserve(uids)  # first: it may grow (replace) self.data
         self.data.index_copy_(0, upload(slots, self.data.device), spans)
-        return slots
 
     def reserve(self, uids: np.ndarray) -> np.ndarray:
-        """Slots [N] for uids [N], allocated but not written: the caller fills them (see Placement._promote)."""
-        self._grow_to(self.map.created_after(len(uids)))  # first: a failed growth leaves the map as it was
-        return self.map.assign(uids)
+        """Slots [N] for uids [N], allocated but not written: the caller fills them (see Copies.host_to_pool)."""
+        self._grow_to(self._map.created_after(len(uids)))  # first: a failed growth leaves the map as it was
+        return self._map.assign(uids)
 
     def _grow_to(self, rows: int) -> None:
         have = self.data.shape[0]
@@ -74,9 +72,10 @@ class DevicePool(SlotPool):
 
     def take(self, uids: np.ndarray) -> torch.Tensor:
         """uids [N] -> a new tensor of their spans [N, 2, Hkv, S, D] on the device."""
-        return self.data[upload(self.map.lookup(uids), self.data.device)]
+        return self.data[upload(self.slots_of(uids), self.data.device)]
 
     def get_into(self, uids: np.ndarray, out: torch.Tensor) -> None:
+        """out [N, 2, Hkv, S, D] on any device (a copy to the host waits for it)."""
         out.copy_(self.take(uids))
 
     def gather_heads(self, slots: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from kvtier.buffers import buffer
-from kvtier.tiers.base import SlotMap, SlotPool
+from kvtier.tiers.base import SlotPool
 
 BLOCK_BYTES = 256 * 2**20
 
@@ -25,7 +25,7 @@ def contiguous_runs(slots: np.ndarray, blocks: np.ndarray) -> list[tuple[int, in
 
 class HostPool(SlotPool):
     def __init__(self, span_shape: tuple[int, ...], dtype: torch.dtype, capacity: int | None, pinned: bool):
-        self.map = SlotMap(capacity)
+        super().__init__(capacity)
         self.span_shape, self.dtype, self.pinned = span_shape, dtype, pinned
         span_bytes = int(np.prod(span_shape)) * dtype.itemsize
         self.block_slots = max(1, BLOCK_BYTES // span_bytes)
@@ -37,16 +37,16 @@ class HostPool(SlotPool):
         while len(self.blocks) * self.block_slots < slots:
             self.blocks.append(buffer((self.block_slots, *self.span_shape), self.dtype, pin_memory=self.pinned))
 
-    def locate(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _block_and_row(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """slots [N] -> (block index [N], row in the block [N])."""
         return np.divmod(slots, self.block_slots)
 
     def put(self, uids: np.ndarray, spans: torch.Tensor) -> None:
         """spans [N, 2, Hkv, S, D] from the device or the host; from CUDA the copy is asynchronous on the current
         stream (the caller records an event before it drops the source)."""
-        slots = self.map.assign(uids)
-        self._grow_to(self.map.created)
-        blocks, rows = self.locate(slots)
+        slots = self._map.assign(uids)
+        self._grow_to(self._map.created)
+        blocks, rows = self._block_and_row(slots)
         for start, end in contiguous_runs(slots, blocks):
             first = int(rows[start])
             self.blocks[blocks[start]][first : first + end - start].copy_(spans[start:end], non_blocking=True)
@@ -54,7 +54,7 @@ class HostPool(SlotPool):
     def get_into(self, uids: np.ndarray, out: torch.Tensor) -> None:
         """out [N, 2, Hkv, S, D] on the host (pinned staging for a later copy to the GPU): one indexing op per block
         touched."""
-        blocks, rows = self.locate(self.map.lookup(uids))
+        blocks, rows = self._block_and_row(self.slots_of(uids))
         for block in np.unique(blocks):
             where = np.flatnonzero(blocks == block)
             out[torch.from_numpy(where)] = self.blocks[block][torch.from_numpy(rows[where])]

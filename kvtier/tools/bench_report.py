@@ -1,8 +1,11 @@
 """What `kvtier bench` reports: the goals (ratios between cells of one run), bench.json, bench.png, the tables."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from kvtier.tools.args import format_length
+from kvtier.tools.output import write_json
+from kvtier.tools.plots import pyplot, save_figure
 
 METHODS = ("stock", "offloaded", "kvtier", "kvtier-host", "kvtier-disk")  # run order, and the rows of every table
 KVTIER_METHODS = METHODS[2:]
@@ -47,10 +50,10 @@ def _goal(name: str, text: str, top: tuple, bottom: tuple, metric, op: str, targ
     """ratio = metric(top cell) / metric(bottom cell), each given as (cell or None, context, method named when the
     cell is None); `missing` says why the goal cannot be computed in this run."""
     sides = [(cell, context, cell["method"] if cell else method) for cell, context, method in (top, bottom)]
-    compared = " / ".join(f"{method} @ {context_label(context)}" for _, context, method in sides)
+    compared = " / ".join(f"{method} @ {format_length(context)}" for _, context, method in sides)
     goal = {"name": name, "goal": text, "compared": compared, "ratio": None, "op": op, "target": target,
             "met": None, "note": missing}
-    absent = [f"{method} @ {context_label(context)}" for cell, context, method in sides if cell is None]
+    absent = [f"{method} @ {format_length(context)}" for cell, context, method in sides if cell is None]
     if missing or absent:
         goal["note"] = missing or f"not measured: no {' and no '.join(absent)}"
         return goal
@@ -136,11 +139,7 @@ def merge_results(results: list[dict]) -> dict:
 # ---- files ----------------------------------------------------------------------------------------------------------
 def write_report(result: dict, out: Path, plot: bool = True) -> list[Path]:
     """bench.json (replaced atomically) and, with `plot`, bench.png into `out` -> the paths written."""
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "bench.json"
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(result, indent=1) + "\n")
-    partial.replace(path)
+    path = write_json(out / "bench.json", result)
     if not plot:
         return [path]
     return [path, plot_cells(result, out / "bench.png")]
@@ -148,11 +147,7 @@ def write_report(result: dict, out: Path, plot: bool = True) -> list[Path]:
 
 def plot_cells(result: dict, path: Path) -> Path:
     """Two panels against context (log x): decode ms/token and prefill tok/s, one line per method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, (decode, prefill) = plt.subplots(1, 2, figsize=(11, 4))
     for method in METHODS:
         cells = [c for c in result["cells"] if c["method"] == method and c["status"] == "ok"]
@@ -168,7 +163,7 @@ def plot_cells(result: dict, path: Path) -> Path:
     for axis, title in ((decode, "decode ms / token (median)"),
                         (prefill, "prefill tokens / s (ringed: last chunk after a fill)")):
         axis.set_xscale("log", base=2)
-        axis.set_xticks(contexts, [context_label(c) for c in contexts])
+        axis.set_xticks(contexts, [format_length(c) for c in contexts])
         axis.set_xlabel("context (tokens)")
         axis.set_title(title, fontsize=10)
         axis.grid(alpha=0.3)
@@ -176,10 +171,7 @@ def plot_cells(result: dict, path: Path) -> Path:
     decode.legend(fontsize=8)
     meta = result["meta"]
     fig.suptitle(f"kvtier bench: {meta['model']}, {meta['device']}, {meta['dtype']}", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 # ---- tables ---------------------------------------------------------------------------------------------------------
@@ -216,7 +208,7 @@ def format_report(result: dict) -> str:
                  "|---|---|---|---|---|---|---|"]
         for c in transfers:
             t, moved = c["transfer"], c["transfer"]["bytes_per_token"]
-            lines.append(f"| {c['method']} | {context_label(c['context'])} | {moved['host->gpu'] / MiB:,.1f} | "
+            lines.append(f"| {c['method']} | {format_length(c['context'])} | {moved['host->gpu'] / MiB:,.1f} | "
                          f"{moved['gpu->host'] / MiB:,.1f} | {moved.get('disk->host', 0) / MiB:,.1f} | "
                          f"{_or_dash(t['floor_ms'], '{:.2f}')} | {_or_dash(t['pct_of_ceiling'], '{:.0f}%')} "
                          f"({t['ceiling']}) |")
@@ -227,7 +219,7 @@ def format_report(result: dict) -> str:
     missing = [c for c in result["cells"] if c["status"] != "ok"]
     if missing:
         parts.append("not measured\n" + "\n".join(
-            f"- {c['method']} @ {context_label(c['context'])}: {c['status']}: {c['reason']}" for c in missing))
+            f"- {c['method']} @ {format_length(c['context'])}: {c['status']}: {c['reason']}" for c in missing))
     if result["goals"]:
         lines = ["| goal | compared | ratio | target | result |", "|---|---|---|---|---|"]
         for g in result["goals"]:
@@ -239,7 +231,7 @@ def format_report(result: dict) -> str:
 
 
 def _grid(result: dict, methods: list[str], contexts: list[int], show) -> str:
-    lines = ["| method | " + " | ".join(context_label(c) for c in contexts) + " |", "|---" * (len(contexts) + 1) + "|"]
+    lines = ["| method | " + " | ".join(format_length(c) for c in contexts) + " |", "|---" * (len(contexts) + 1) + "|"]
     for method in methods:
         row = [show(cell) if (cell := _ok(result, method, c)) else "-" for c in contexts]
         lines.append(f"| {method} | " + " | ".join(row) + " |")
@@ -249,12 +241,3 @@ def _grid(result: dict, methods: list[str], contexts: list[int], show) -> str:
 def _or_dash(value, spec: str) -> str:
     return "-" if value is None else spec.format(value)
 
-
-def context_label(tokens: int | None) -> str:
-    """1048576 -> '1M', 131072 -> '128K', 5000 -> '5000'."""
-    if tokens is None:
-        return "-"
-    for unit, size in (("M", 1 << 20), ("K", 1 << 10)):
-        if tokens % size == 0:
-            return f"{tokens // size}{unit}"
-    return str(tokens)

@@ -3,9 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
-import threading
 import time
 from datetime import datetime
 from pathlib import Path
@@ -17,16 +15,24 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
-from kvtier.dispatch import precompile_selection
-from kvtier.tools.bench import add_bench_parser
-from kvtier.tools.profile import add_profile_parser
 from kvtier.config import ReAttentionConfig
-
-from kvtier.tools.haystack import build_sample, draw_key, passkey_found
-from kvtier.tools.model import GGUF_NAME, ModelNotInstalledError, load_smollm2, preferred_dtype, window_of
-from kvtier.tools.niah import PREFILL_CHUNK, STOCK, Method, answer, kvtier_method, run_comparison
-from kvtier.tools.niah_report import format_comparison, format_table, load_results, merge_runs, write_report, write_results
+from kvtier.dispatch import precompile_selection
 from kvtier.policies import policy_names
+from kvtier.tools.args import (add_device_options, apply_device_options, fraction, fractions, length, lengths, positive,
+                               versions)
+from kvtier.tools.bench import add_bench_parser
+from kvtier.tools.haystack import build_sample, draw_key, passkey_found
+from kvtier.tools.model import GGUF_NAME, ByteTokenizer, ModelNotInstalledError, load_smollm2, random_llama, window_of
+from kvtier.tools.niah import PREFILL_CHUNK, STOCK, Method, answer, kvtier_method, run_comparison
+from kvtier.tools.niah_report import (format_comparison, format_table, load_results, merge_runs, write_report,
+                                      write_results)
+from kvtier.tools.output import default_out, print_report, unwind_on_sigterm
+from kvtier.tools.profile import add_profile_parser
+
+# kvtier niah's sweep: the defaults, and --quick's (a tiny random Llama with a 2K window, on the CPU)
+NIAH = {"lengths": [12 << 10, 16 << 10], "depths": [0.1, 0.3, 0.5, 0.7, 0.9]}
+NIAH_QUICK = {"lengths": [1 << 10, 4 << 10], "depths": [0.1, 0.5, 0.9]}
+TINY = "tiny random Llama (--quick)"
 
 
 class _ConfigError(Exception):
@@ -35,24 +41,13 @@ class _ConfigError(Exception):
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    _exit_cleanly_on_sigterm()
+    unwind_on_sigterm()
     args.argv = sys.argv[1:] if argv is None else list(argv)
     try:
         return args.run(args)
     except (ModelNotInstalledError, _ConfigError) as err:
         print(f"kvtier: error: {err}", file=sys.stderr)
         return 2
-
-
-def _exit_cleanly_on_sigterm() -> None:
-    """`timeout`, job schedulers and `kill` stop a run with SIGTERM, which ends Python at once by default: finally
-    blocks and finalizers would not run and a cut run would leave its LMDB spill files (tens of GiB at 1M tokens)
-    behind. Raising SystemExit instead unwinds the run: spill files are removed, results saved so far stay whole."""
-    def stop(signum, frame):
-        raise SystemExit(128 + signum)
-
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, stop)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -70,9 +65,9 @@ def _parser() -> argparse.ArgumentParser:
                     "the stock cache (which fails past the window) and with ReAttentionCache(model), and prints "
                     "both answers and timings. About 2.5 minutes on 2 CPU cores with native bfloat16 (AMX), 6 in "
                     "float32.")
-    demo.add_argument("--length", type=_length, default=None,
+    demo.add_argument("--length", type=length, default=None,
                       help="prompt length in tokens, e.g. 16k or 12000 (default: twice the model's window)")
-    demo.add_argument("--depth", type=_fraction, default=0.5,
+    demo.add_argument("--depth", type=fraction, default=0.5,
                       help="where the needle sits, 0 = start of the filler, 1 = end (default 0.5)")
     demo.add_argument("--seed", type=int, default=0, help="picks the passkey (default 0)")
     demo.add_argument("--policy", default=None,
@@ -88,12 +83,14 @@ def _parser() -> argparse.ArgumentParser:
                     "methods share a length, one with them side by side into --out, and prints the accuracy tables "
                     "last. kvtier's sizes default to those derived from the model's "
                     "window; --config, then the size options, override them. --report merges earlier runs' "
-                    "results.json files into one report without running anything.")
-    niah.add_argument("--lengths", type=_lengths, default=[12 << 10, 16 << 10],
-                      help="comma list of prompt lengths in tokens, k = 1024, m = 1024k (default 12k,16k)")
-    niah.add_argument("--depths", type=_fractions, default=[0.1, 0.3, 0.5, 0.7, 0.9],
-                      help="comma list of needle depths in [0, 1] (default 0.1,0.3,0.5,0.7,0.9)")
-    niah.add_argument("--keys", type=_positive, default=1, help="prompts (passkeys) per length x depth (default 1)")
+                    "results.json files into one report without running anything. --quick: a tiny random Llama "
+                    "on the CPU in well under a minute.")
+    niah.add_argument("--lengths", type=lengths, default=None,
+                      help="comma list of prompt lengths in tokens, k = 1024, m = 1024k (default 12k,16k; --quick: "
+                           "1k,4k)")
+    niah.add_argument("--depths", type=fractions, default=None,
+                      help="comma list of needle depths in [0, 1] (default 0.1,0.3,0.5,0.7,0.9; --quick: 0.1,0.5,0.9)")
+    niah.add_argument("--keys", type=positive, default=1, help="prompts (passkeys) per length x depth (default 1)")
     niah.add_argument("--distractors", type=int, default=0,
                       help="the harder variant: labelled keys (boxes), the asked-for one at each depth plus this many "
                            "other boxes' keys spread through the haystack (0-11; default 0, the classic passkey)")
@@ -115,10 +112,13 @@ def _parser() -> argparse.ArgumentParser:
                            "holding one; e.g. 8k..512k run with --batch 6 and 1m with --batch 4) into --out's "
                            "results.json, heatmaps and tables. Runs merge by method label and must share their setup; "
                            "a prompt in two files is an error. Options other than --out are ignored")
+    niah.add_argument("--quick", action="store_true",
+                      help="a tiny random Llama (2 layers, 2K window, one token per byte) on the CPU, lengths 1k,4k, "
+                           "depths 0.1,0.5,0.9: the CI smoke run (its answers are noise)")
     niah.add_argument("--seed", type=int, default=0, help="picks the passkeys (default 0)")
-    niah.add_argument("--prefill-chunk", type=_positive, default=PREFILL_CHUNK,
+    niah.add_argument("--prefill-chunk", type=positive, default=PREFILL_CHUNK,
                       help=f"prompt tokens per prefill forward (default {PREFILL_CHUNK})")
-    niah.add_argument("--batch", type=_positive, default=1, metavar="N",
+    niah.add_argument("--batch", type=positive, default=1, metavar="N",
                       help="prompts per forward: up to N prompts of the same token count (one length's depths and "
                            "keys) share one cache, prefill and generate, which on a GPU costs about the time of one "
                            "(a long prefill is bound by per-layer host overhead); prefill_s and decode_s are then the "
@@ -132,17 +132,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _add_runtime_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--max-new-tokens", type=_positive, default=10, help="answer length (default 10)")
-    _add_device_options(parser)
-
-
-def _add_device_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                        help="auto = cuda when available, else cpu")
-    parser.add_argument("--dtype", choices=("auto", "bfloat16", "float32"), default="auto",
-                        help="auto = bfloat16 on cuda and on CPUs with native bfloat16 (AMX, AVX512-BF16), "
-                             "else float32")
-    parser.add_argument("--threads", type=_positive, default=None, help="CPU threads for torch (default: torch's)")
+    parser.add_argument("--max-new-tokens", type=positive, default=10, help="answer length (default 10)")
+    add_device_options(parser)  # with --quick, auto means the CPU in float32
 
 
 # ---- commands -------------------------------------------------------------------------------------------------------
@@ -174,13 +165,15 @@ def _run_niah(args: argparse.Namespace) -> int:
     if not 0 <= args.distractors <= 11:
         raise _ConfigError(f"--distractors must be between 0 and 11 (one box per label), got {args.distractors}")
     sizes = {name: getattr(args, name) for name in ("global_size", "local_size", "span_size", "top_k", "chunk_size")}
-    model, tokenizer = _load(args)
+    grid = {name: getattr(args, name) or (NIAH_QUICK if args.quick else NIAH)[name] for name in NIAH}
+    model, tokenizer = _load(args, quick=args.quick)
     methods = [Method() if name == STOCK else _kvtier_method(model, base, policy=name, **sizes) for name in names]
     out = _niah_out(args)
-    meta = {"command": ["kvtier", *args.argv], "model": GGUF_NAME, "device": str(model.device),
-            "dtype": str(model.dtype), "torch_threads": torch.get_num_threads(), "versions": _versions()}
-    _precompile(model, methods, max(args.lengths) + args.max_new_tokens + 1, args.batch)
-    runs = run_comparison(model, tokenizer, methods, args.lengths, args.depths, keys=args.keys, seed=args.seed,
+    meta = {"command": ["kvtier", *args.argv], "model": TINY if args.quick else GGUF_NAME,
+            "device": str(model.device), "dtype": str(model.dtype), "torch_threads": torch.get_num_threads(),
+            "versions": versions()}
+    _precompile(model, methods, max(grid["lengths"]) + args.max_new_tokens + 1, args.batch)
+    runs = run_comparison(model, tokenizer, methods, grid["lengths"], grid["depths"], keys=args.keys, seed=args.seed,
                           max_new_tokens=args.max_new_tokens, prefill_chunk=args.prefill_chunk,
                           distractors=args.distractors, batch=args.batch,
                           on_batch=lambda partial: write_results(partial, out, meta))
@@ -201,29 +194,27 @@ def _rereport_niah(args: argparse.Namespace) -> int:
 
 def _report_niah(runs: list[dict[str, Any]], out: Path, meta: dict[str, Any]) -> None:
     """results.json and the heatmaps into `out`, then each run's table and, for several runs, the comparison."""
-    for path in write_report(runs, out, meta):
-        print(f"wrote {path}")
-    for run in runs:
-        print("\n" + format_table(run))
-    if len(runs) > 1:
-        print("\n" + format_comparison(runs))
+    tables = [format_table(run) for run in runs] + ([format_comparison(runs)] if len(runs) > 1 else [])
+    print_report(write_report(runs, out, meta), "\n\n".join(tables))
 
 
 def _niah_out(args: argparse.Namespace) -> Path:
-    return args.out or Path("runs") / f"niah-{datetime.now():%Y%m%d-%H%M%S}"
+    return args.out or default_out("niah")
 
 
 # ---- helpers --------------------------------------------------------------------------------------------------------
-def _load(args: argparse.Namespace):
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = preferred_dtype(device) if args.dtype == "auto" else getattr(torch, args.dtype)
+def _load(args: argparse.Namespace, quick: bool = False):
+    """(model, tokenizer): SmolLM2-135M-Instruct, or with `quick` a tiny random Llama reading bytes."""
+    try:
+        device, dtype = apply_device_options(args, quick)
+    except ValueError as err:
+        raise _ConfigError(str(err)) from None
     began = time.perf_counter()
-    model, tokenizer = load_smollm2(dtype=dtype, device=device)
-    print(f"loaded SmolLM2-135M-Instruct ({window_of(model)}-token window, {device}, {str(dtype)[6:]}, "
+    if quick:
+        model, tokenizer, name = random_llama("tiny", device, dtype), ByteTokenizer(), TINY
+    else:
+        (model, tokenizer), name = load_smollm2(dtype=dtype, device=device), "SmolLM2-135M-Instruct"
+    print(f"loaded {name} ({window_of(model)}-token window, {device}, {str(dtype)[6:]}, "
           f"{torch.get_num_threads()} threads) in {time.perf_counter() - began:.1f} s", flush=True)
     return model, tokenizer
 
@@ -269,58 +260,3 @@ def _method_names(policy: str | None) -> list[str | None]:
     if unknown:
         raise _ConfigError(f"unknown --policy {unknown}; choose from stock, all, {', '.join(policy_names())}")
     return expanded
-
-
-
-
-def _versions() -> dict[str, str]:
-    import platform
-
-    import transformers
-
-    import kvtier
-
-    return {"kvtier": kvtier.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version()}
-
-
-# ---- argument types -------------------------------------------------------------------------------------------------
-def _length(text: str) -> int:
-    """'16k' -> 16384, '1m' -> 1048576, '7900' -> 7900."""
-    scale = {"k": 1 << 10, "m": 1 << 20}.get(text.strip()[-1:].lower(), 1)
-    number = text.strip()[:-1] if scale > 1 else text.strip()
-    try:
-        tokens = int(float(number) * scale)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a length; write e.g. 16k, 1m or 12000") from None
-    if tokens <= 0:
-        raise argparse.ArgumentTypeError(f"length must be positive, got {text!r}")
-    return tokens
-
-
-def _lengths(text: str) -> list[int]:
-    return [_length(part) for part in text.split(",") if part.strip()]
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number; write a depth like 0.5") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"depth {text} is outside [0, 1]; 0 = start, 1 = end of the filler")
-    return value
-
-
-def _fractions(text: str) -> list[float]:
-    return [_fraction(part) for part in text.split(",") if part.strip()]
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
-    return value

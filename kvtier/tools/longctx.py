@@ -1,5 +1,5 @@
 """Long contexts without a long prefill, for benchmarks: record a model's pre-RoPE K/V once, feed it (tiled) into a
-ReAttentionCache's layers until the cache holds N tokens, then time real decode steps.
+ReAttentionCache's layers until the cache holds N tokens; then time real decode steps (kvtier.tools.measure).
 
 The model's own chunked prefill to 1M tokens costs O(N^2 / span) selections; filling the layers directly exercises
 the same sealing, summaries and placement, so decode, memory and tier traffic are measured at full context."""
@@ -11,7 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from kvtier.cache import ReAttentionCache
-from kvtier.hf import cache_keyword
+from kvtier.tools.measure import prefill, sync
 
 
 def record_kv(model, ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -25,9 +25,7 @@ def record_kv(model, ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor
         return update(keys, values, layer_idx, *args, **kwargs)
 
     cache.update = recording
-    with torch.inference_mode():
-        for start in range(0, ids.shape[1], 1024):
-            model(input_ids=ids[:, start : start + 1024], logits_to_keep=1, **{cache_keyword(model): cache})
+    prefill(model, cache, ids, 1024)
     return [tuple(torch.cat(parts, dim=2) for parts in zip(*seen[i])) for i in sorted(seen)]
 
 
@@ -44,23 +42,3 @@ def fill(cache: ReAttentionCache, kv, context: int) -> float:
                 layer.ingest(*layer.take_pending())
     sync()
     return time.perf_counter() - began
-
-
-def decode(model, cache, token: torch.Tensor, steps: int, warmup: int) -> list[float]:
-    """Greedy steps from `token` [1, 1] -> milliseconds of each measured step."""
-    times = []
-    with torch.inference_mode():
-        for step in range(warmup + steps):
-            began = time.perf_counter()
-            logits = model(input_ids=token, logits_to_keep=1, **{cache_keyword(model): cache}).logits
-            token = logits[:, -1:].argmax(-1)
-            sync()
-            if step >= warmup:
-                times.append((time.perf_counter() - began) * 1e3)
-    return times
-
-
-def sync() -> None:
-    """Wait for the GPU's queued work (no-op without CUDA)."""
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()

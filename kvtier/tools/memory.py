@@ -1,5 +1,6 @@
-"""Memory readings for profiles: the GPU (the driver's view through pynvml, torch's allocator), the process's resident
-host memory, and the bytes a folder really occupies on disk - and a background thread that samples them all."""
+"""Memory readings for profiles: the GPU (the driver's view through pynvml, torch's allocator and its peak), the
+process's resident host memory, and the bytes a folder really occupies on disk - and a background thread that samples
+them all; freeing what a finished cache left; and how far kvtier's GPU span pool grows for a context."""
 from __future__ import annotations
 
 import gc
@@ -10,6 +11,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+
+from kvtier.tiers.gpu import growth_target
 
 
 class Sample(NamedTuple):
@@ -92,6 +95,36 @@ def release_memory(device: torch.device) -> None:
     if empty_host is not None:
         empty_host()
     torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory(device: torch.device, reset: bool = False) -> int | None:
+    """Bytes torch allocated at most on a CUDA `device` since the last reset (None elsewhere); `reset` starts a new
+    period."""
+    if device.type != "cuda":
+        return None
+    peak = torch.cuda.max_memory_allocated(device)
+    if reset:
+        torch.cuda.reset_peak_memory_stats(device)
+    return peak
+
+
+class PoolGrowth(NamedTuple):
+    slots: int  # the allocation once it holds every span
+    peak: int  # the most slots allocated at once: growing copies the old allocation into the new one
+
+
+def pool_growth(spans: int, capacity: int | None = None, first: int = 16) -> PoolGrowth:
+    """How kvtier.tiers.gpu.DevicePool's allocation grows while `spans` spans are added a few at a time: from `first`
+    slots (at most `capacity`, the budget's slots; None: no budget) by growth_target - doubling, or straight to the
+    capacity once past 1/8 of it - the old and the new allocation both held during each growth's copy. With no
+    capacity this is also how the span table's GrowableTensor (the summaries) grows."""
+    need = spans if capacity is None else min(spans, capacity)
+    have = first if capacity is None else min(first, capacity)
+    peak = have
+    while have < need:
+        grown = growth_target(have, have + 1, capacity)
+        peak, have = have + grown, grown
+    return PoolGrowth(have, peak)
 
 
 class DeviceMemory:

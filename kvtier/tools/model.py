@@ -195,6 +195,17 @@ LLAMA_SHAPES = {
 }
 
 
+class ByteTokenizer:
+    """The tiny random Llama's tokenizer (LLAMA_SHAPES["tiny"], 256 ids): one token per UTF-8 byte, so text
+    tokenized in pieces gives the ids of the whole."""
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict[str, list[int]]:
+        return {"input_ids": list(text.encode())}
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return bytes(ids).decode(errors="replace")
+
+
 def random_llama(shape: str, device: str | torch.device, dtype: torch.dtype, seed: int = 0):
     """A Llama of LLAMA_SHAPES[shape] with random weights, in eval mode, built directly on `device` (the 16 GB of an
     8B model in bf16 never exist in host memory)."""

@@ -163,7 +163,7 @@ def run_niah(model, tokenizer, method: Method, lengths: Iterable[int], depths: I
         for group in group_batches([prompt.length for prompt in prompts], batch):
             cache = method.new_cache(model)
             result = answer_batch(model, [prompts[position].ids for position in group], cache, max_new_tokens,
-                                  prefill_chunk)
+                                  prefill_chunk, progress=True)  # a bar per batch's prefill: minutes at 1M tokens
             stats = cache.stats() if method.config is not None else None
             for position, tokens in zip(group, result.tokens):
                 sample, depth = prompts[position], cells[position][0]

@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 from typing import Any, Sequence
+
+from kvtier.tools.args import format_length
+from kvtier.tools.output import write_json
+from kvtier.tools.plots import pyplot, save_figure
 
 # What older results.json files lack, with the value their runs had: no --distractors, one prompt per forward, and
 # no "complete" key (only files written whole, at the end of a sweep, existed then).
@@ -23,14 +26,6 @@ def accuracy_grid(run: dict[str, Any]) -> list[list[tuple[int, int]]]:
         cell[0] += bool(sample["hit"])
         cell[1] += 1
     return [[tuple(counts[(length, depth)]) for depth in run["depths"]] for length in run["lengths"]]
-
-
-def format_length(tokens: int) -> str:
-    """12288 -> '12K', 1048576 -> '1M', 7900 -> '7900'."""
-    for unit, size in (("M", 1 << 20), ("K", 1 << 10)):
-        if tokens % size == 0:
-            return f"{tokens // size}{unit}"
-    return str(tokens)
 
 
 def format_table(run: dict[str, Any]) -> str:
@@ -96,11 +91,7 @@ def _task(run: dict[str, Any]) -> str:
 def _plot_grid(by_depth: list[list[tuple[int, int]]], columns: list[str], depths: list[float], xlabel: str,
                title: str, path: str | Path) -> Path:
     """A red (0) to green (1) accuracy grid, by_depth[depth][column] = (hits, prompts), written to `path`."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     accuracy = [[hits / count if count else float("nan") for hits, count in row] for row in by_depth]
     colors = plt.get_cmap("RdYlGn").with_extremes(bad="lightgrey")  # NaN: a cell without prompts
     # wide enough for the title even with one or two columns
@@ -117,11 +108,7 @@ def _plot_grid(by_depth: list[list[tuple[int, int]]], columns: list[str], depths
     ax.set_ylabel("needle depth")
     ax.set_title(title, fontsize=9)
     fig.colorbar(image, ax=ax, label="accuracy")
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def write_report(runs: list[dict[str, Any]], out_dir: str | Path, meta: dict[str, Any] | None = None) -> list[Path]:
@@ -151,12 +138,7 @@ def _runs_by_length(runs: list[dict[str, Any]]) -> dict[tuple[int, int], list[di
 def write_results(runs: list[dict[str, Any]], out_dir: str | Path, meta: dict[str, Any] | None = None) -> Path:
     """`out_dir`/results.json (`meta` and every run), replaced whole: written beside it, then renamed over it, so a
     run killed mid-write leaves the previous version, never half a file."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    results, partial = out_dir / "results.json", out_dir / "results.json.partial"
-    partial.write_text(json.dumps({**(meta or {}), "runs": runs}, indent=2, default=str) + "\n")
-    os.replace(partial, results)
-    return results
+    return write_json(Path(out_dir) / "results.json", {**(meta or {}), "runs": runs}, indent=2)
 
 
 def load_results(paths: Sequence[Path]) -> list[tuple[Path, dict[str, Any]]]:

@@ -23,17 +23,21 @@ from typing import Any
 
 import torch
 from tqdm.auto import tqdm
+from transformers import DynamicCache
 
 from kvtier.cache import ReAttentionCache
-from kvtier.config import ReAttentionConfig, parse_bytes
+from kvtier.config import ReAttentionConfig
 from kvtier.errors import CacheWriteError, TierFullError
-from kvtier.hf import cache_keyword
-from kvtier.tools.longctx import fill, record_kv, sync
-from kvtier.tools.memory import DeviceMemory, MemorySampler, filesystem_of, host_bytes, release_memory, rss_bytes
-from kvtier.tools.model import load_smollm2, preferred_dtype, random_llama, window_of
-from kvtier.tools.niah_report import format_length
 from kvtier.policies import build_policy
-from kvtier.tools.profile_report import format_cell, format_table, load_reports, merge_reports, write_json, write_report
+from kvtier.tools.args import byte_budget, format_length, length, lengths, milliseconds, positive, versions
+from kvtier.tools.longctx import fill, record_kv
+from kvtier.tools.measure import decode, prefill
+from kvtier.tools.memory import (DeviceMemory, MemorySampler, filesystem_of, host_bytes, peak_memory, pool_growth,
+                                 release_memory, rss_bytes)
+from kvtier.tools.model import load_smollm2, preferred_dtype, random_llama, window_of
+from kvtier.tools.output import default_out, print_report
+from kvtier.tools.profile_report import (format_cell, format_table, load_reports, merge_reports, write_profile,
+                                         write_report)
 
 GiB = 2**30
 CONFIGS = ("stock", "kvtier-gpu", "kvtier-tiers")
@@ -59,8 +63,6 @@ class ProfileError(Exception):
 # ---- command line ---------------------------------------------------------------------------------------------------
 def add_profile_parser(commands) -> argparse.ArgumentParser:
     """Add `kvtier profile` to argparse's subparsers object `commands`."""
-    from kvtier.tools.cli import _length, _lengths, _positive  # here, not at the top: kvtier.tools.cli imports this module
-
     profile = commands.add_parser(
         "profile", help="GPU / host / disk memory of 8K..1M-token contexts: stock vs kvtier vs kvtier with tiers",
         description="Memory of a long context held by transformers' DynamicCache (stock), by kvtier with every "
@@ -75,29 +77,30 @@ def add_profile_parser(commands) -> argparse.ArgumentParser:
     profile.add_argument("--model", choices=MODELS, default=None,
                          help="llama8b: Llama-3.1-8B's shape, random bf16 weights, needs a CUDA GPU (default); "
                               "smollm2: SmolLM2-135M-Instruct (see `kvtier demo`)")
-    profile.add_argument("--contexts", type=_lengths, default=None,
+    profile.add_argument("--contexts", type=lengths, default=None,
                          help="comma list of context lengths, k = 1024, m = 1024k (default 8k,32k,128k,512k,1m; "
                               "--quick: 1k,4k)")
     profile.add_argument("--configs", type=_configs, default=list(CONFIGS),
                          help=f"comma list of {', '.join(CONFIGS)} (default: all)")
-    profile.add_argument("--gpu-budget", type=_budget, default=None,
+    profile.add_argument("--gpu-budget", type=byte_budget, default=None,
                          help="kvtier-tiers' span pool on the GPU, e.g. 1GiB (default 1GiB; --quick 256KiB): at 1M "
                               "tokens of Llama-8B kvtier also keeps ~6 GiB of span summaries and local windows on "
                               "the GPU, and the goal is weights + 8 GiB")
-    profile.add_argument("--host-budget", type=_budget, default=None,
+    profile.add_argument("--host-budget", type=byte_budget, default=None,
                          help="kvtier-tiers' pinned host pool; the rest goes to LMDB (default 96GiB; --quick 512KiB)")
     profile.add_argument("--disk-path", type=Path, default=None,
                          help="folder for kvtier-tiers' LMDB spill file (default: the system's temp folder); a "
                               "private subfolder is made there and removed at the end")
-    profile.add_argument("--decode-steps", type=_positive, default=None,
+    profile.add_argument("--decode-steps", type=positive, default=None,
                          help="greedy tokens decoded after each context is built (default 16; --quick 4)")
-    profile.add_argument("--interval", type=_milliseconds, default=None,
+    profile.add_argument("--interval", type=milliseconds, default=None,
                          help="milliseconds between memory samples (default 100; --quick 20)")
-    profile.add_argument("--prefill-chunk", type=_positive, default=2048,
+    profile.add_argument("--prefill-chunk", type=positive, default=2048,
                          help="tokens per forward of stock's prefill (default 2048)")
-    profile.add_argument("--stock-limit", type=_length, default=128 << 10,
+    profile.add_argument("--stock-limit", type=length, default=128 << 10,
                          help="largest context stock prefills (default 128k: its prefill is quadratic, 512k is "
-                              "estimated at ~6 min on an H200); beyond it the table shows '-' and the JSON the KV it would need")
+                              "estimated at ~6 min on an H200); beyond it the table shows '-' and the JSON the KV it "
+                              "would need")
     profile.add_argument("--config", type=Path, default=None,
                          help="a ReAttentionConfig (.yaml/.json) for the kvtier configurations (default: derived from "
                               "the model's window; for the 8B shape see benchmarks/configs/scope-8k.yaml)")
@@ -157,7 +160,7 @@ def _settings(args: argparse.Namespace) -> Settings:
                     decode_steps=value["decode_steps"], interval_s=value["interval"] / 1e3,
                     prefill_chunk=args.prefill_chunk, stock_limit=args.stock_limit,
                     sample_tokens=value["sample_tokens"], config=_read_config(args.config),
-                    out=args.out or Path("runs") / f"profile-{datetime.now():%Y%m%d-%H%M%S}")
+                    out=args.out or default_out("profile"))
 
 
 def _read_config(path: Path | None) -> ReAttentionConfig:
@@ -176,23 +179,6 @@ def _configs(text: str) -> list[str]:
         raise argparse.ArgumentTypeError(f"unknown configuration(s) {unknown or [text]}; choose from "
                                          f"{', '.join(CONFIGS)}")
     return list(dict.fromkeys(names))
-
-
-def _budget(text: str) -> int:
-    try:
-        return parse_bytes(text, "budget")
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-
-
-def _milliseconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of milliseconds") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"the sampling interval must be positive, got {text} ms")
-    return value
 
 
 # ---- the model and the run ------------------------------------------------------------------------------------------
@@ -251,15 +237,15 @@ class Run:
         spans = shape["layers"] * -(-context // cfg.span_size)
         summary = build_policy(cfg.policy, cfg.policy_options).summary_size(cfg.span_size)
         fixed = (2 * self.kv_bytes(cfg.local_size + cfg.chunk_size)  # local windows with their growth slack
-                 + shape["layers"] * _doubled(spans // shape["layers"]) * shape["kv_heads"] * summary
-                 * shape["head_dim"] * itemsize  # summaries
+                 + shape["layers"] * pool_growth(spans // shape["layers"]).slots * shape["kv_heads"] * summary
+                 * shape["head_dim"] * itemsize  # summaries, a doubling table per layer
                  + 4 * cfg.scope_bound * shape["heads"] * shape["head_dim"] * itemsize  # one layer's scope
                  + self.kv_bytes(self.settings.sample_tokens))  # the sample, during the fill
-        if config == "kvtier-gpu":  # the pool doubles as it grows: old and new allocation at once
-            return {"device": fixed + 3 * _doubled(spans) * span_bytes // 2, "host": 0, "disk": 0}
+        if config == "kvtier-gpu":  # growing copies the pool: old and new allocation at once
+            return {"device": fixed + pool_growth(spans).peak * span_bytes, "host": 0, "disk": 0}
         gpu, host = self.settings.gpu_budget, self.settings.host_budget
-        return {"device": fixed + 2 * min(gpu, spans * span_bytes), "host": min(host, max(kv - gpu, 0)),
-                "disk": max(kv - gpu - host, 0) * 21 // 20}
+        pool = pool_growth(spans, gpu // span_bytes).peak * span_bytes
+        return {"device": fixed + pool, "host": min(host, max(kv - gpu, 0)), "disk": max(kv - gpu - host, 0) * 21 // 20}
 
     def skip_reason(self, config: str, context: int, needs: dict[str, int]) -> str | None:
         if config == "stock" and context > self.settings.stock_limit:
@@ -280,20 +266,10 @@ class Run:
         return None
 
 
-def _doubled(count: int, start: int = 16) -> int:
-    """The capacity a buffer that starts at `start` rows and doubles reaches to hold `count` rows."""
-    capacity = start
-    while capacity < count:
-        capacity *= 2
-    return capacity
-
-
 # ---- measuring ------------------------------------------------------------------------------------------------------
 def _profile(settings: Settings, command: list[str]) -> int:
     doc, paths = _measure(settings, command)
-    for path in paths:
-        print(f"wrote {path}")
-    print("\n" + format_table(doc))
+    print_report(paths, format_table(doc))
     return 0
 
 
@@ -325,7 +301,7 @@ def _measure(settings: Settings, command: list[str]) -> tuple[dict[str, Any], li
             if timeline is not None:
                 doc["timelines"].append({"config": config, "context": context, **timeline})
             tqdm.write(format_cell(cell), file=sys.stderr)
-            write_json(doc, settings.out)  # after every cell: a run cut short keeps what it measured
+            write_profile(doc, settings.out)  # after every cell: a run cut short keeps what it measured
         doc["meta"]["finished"] = datetime.now().isoformat(timespec="seconds")
         doc["meta"]["wall_s"] = round(time.perf_counter() - began, 1)
         return doc, write_report(doc, settings.out)
@@ -338,11 +314,9 @@ def _rereport(args: argparse.Namespace) -> int:
         doc = merge_reports(load_reports(args.report))
     except ValueError as err:
         raise ProfileError(str(err)) from None
-    out = args.out or Path("runs") / f"profile-{datetime.now():%Y%m%d-%H%M%S}"
+    out = args.out or default_out("profile")
     out.mkdir(parents=True, exist_ok=True)
-    for path in write_report(doc, out):
-        print(f"wrote {path}")
-    print("\n" + format_table(doc))
+    print_report(write_report(doc, out), format_table(doc))
     return 0
 
 
@@ -400,22 +374,15 @@ def run_cell(run: Run, config: str, context: int) -> tuple[dict[str, Any], dict[
 
 
 def _stock(run: Run, config: str, context: int, sampler: MemorySampler) -> dict[str, Any]:
-    from transformers import DynamicCache
-
     model, chunk = run.model, run.settings.prefill_chunk
     model.set_attn_implementation(run.attention)  # stock attention (kvtier's next cache switches it back)
     cache = DynamicCache(config=model.config)
     generator = torch.Generator().manual_seed(context)
+    ids = torch.randint(0, model.config.vocab_size, (1, context), generator=generator).to(model.device)  # [1, T]
     sampler.phase("prefill")
-    began = time.perf_counter()
-    with torch.inference_mode():
-        for start in tqdm(range(0, context, chunk), desc=f"stock prefill {format_length(context)}", unit="chunk",
-                          leave=False):
-            ids = torch.randint(0, model.config.vocab_size, (1, min(chunk, context - start)), generator=generator)
-            model(input_ids=ids.to(model.device), logits_to_keep=1, **{cache_keyword(model): cache})  # ids [1, c]
-    sync()
-    figures = {"build": f"prefill, {chunk}-token chunks of random ids", "build_s": time.perf_counter() - began,
-               "torch_peak_build": _take_peak(run.device)}
+    build_s = prefill(model, cache, ids, chunk, f"stock prefill {format_length(context)}")
+    figures = {"build": f"prefill, {chunk}-token chunks of random ids", "build_s": build_s,
+               "torch_peak_build": peak_memory(run.device, reset=True)}
     return {**figures, **_decode(run, cache, context, sampler), "kvtier": None}
 
 
@@ -427,7 +394,7 @@ def _kvtier(run: Run, config: str, context: int, sampler: MemorySampler) -> dict
         build_s = fill(cache, kv, context)
         del kv
         figures = {"build": f"kvtier.tools.longctx.fill: a {run.settings.sample_tokens}-token prefill's K/V, tiled",
-                   "build_s": build_s, "torch_peak_build": _take_peak(run.device)}
+                   "build_s": build_s, "torch_peak_build": peak_memory(run.device, reset=True)}
         figures.update(_decode(run, cache, context, sampler))
         stats = cache.stats()
     finally:
@@ -441,32 +408,13 @@ def _decode(run: Run, cache, context: int, sampler: MemorySampler) -> dict[str, 
     model = run.model
     sampler.phase("decode")
     token = torch.randint(0, model.config.vocab_size, (1, 1), device=model.device)  # [1, 1]
-    times = []
-    with torch.inference_mode():
-        for _ in tqdm(range(run.settings.decode_steps), desc=f"decode {format_length(context)}", unit="token",
-                      leave=False):
-            began = time.perf_counter()
-            logits = model(input_ids=token, logits_to_keep=1, **{cache_keyword(model): cache}).logits  # [1, 1, V]
-            token = logits[:, -1:].argmax(-1)
-            sync()
-            times.append((time.perf_counter() - began) * 1e3)
+    times, _ = decode(model, cache, token, run.settings.decode_steps, desc=f"decode {format_length(context)}")
     cuda = run.device.type == "cuda"
-    return {"decode_ms": statistics.median(times), "torch_peak_decode": _take_peak(run.device),
+    return {"decode_ms": statistics.median(times), "torch_peak_decode": peak_memory(run.device, reset=True),
             "torch_end": torch.cuda.memory_allocated(run.device) if cuda else None}
 
 
-def _take_peak(device: torch.device) -> int | None:
-    """torch's peak GPU allocation since the last reset, and reset it (None off CUDA)."""
-    if device.type != "cuda":
-        return None
-    peak = torch.cuda.max_memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    return peak
-
-
 def _meta(run: Run, command: list[str], idle: dict[str, int | None], started: datetime) -> dict[str, Any]:
-    from kvtier.tools.cli import _versions
-
     settings, model = run.settings, run.model
     cuda = run.device.type == "cuda"
     return {
@@ -495,7 +443,7 @@ def _meta(run: Run, command: list[str], idle: dict[str, int | None], started: da
         "host_total_bytes": host_bytes("MemTotal"),
         "disk_free_bytes": shutil.disk_usage(run.spill).free,
         "disk_filesystem": filesystem_of(run.spill),
-        "versions": _versions(),
+        "versions": versions(),
         "torch_threads": torch.get_num_threads(),
         "started": started.isoformat(timespec="seconds"),
     }

@@ -7,7 +7,9 @@ import math
 from pathlib import Path
 from typing import Any
 
-from kvtier.tools.niah_report import format_length
+from kvtier.tools.args import format_bytes, format_length
+from kvtier.tools.output import write_json
+from kvtier.tools.plots import pyplot, save_figure
 
 GiB = 2**30
 GOAL_HEADROOM = 8 * GiB  # the goal: kvtier-tiers' GPU use at the largest context <= weights + this
@@ -47,23 +49,14 @@ def summarize(doc: dict[str, Any]) -> dict[str, Any]:
 
 
 # ---- text -----------------------------------------------------------------------------------------------------------
-def _size(value: int | None) -> str:
-    """Bytes -> '22.45 GiB', '1010 MiB', '3.1 KiB', '0 B'; None -> '-'."""
-    if value is None:
-        return "-"
-    for unit, scale in (("GiB", GiB), ("MiB", 2**20), ("KiB", 2**10)):
-        if value >= scale:
-            return f"{value / scale:.4g} {unit}"
-    return f"{value} B"
-
-
 def format_cell(cell: dict[str, Any]) -> str:
     """One line per cell, for the log."""
     name = f"{cell['config']} {format_length(cell['context'])}"
     if cell["status"] == "skipped":
         return f"{name}: skipped, {cell['reason']}"
-    figures = (f"peak GPU {_size(cell.get('torch_peak'))} (torch), device used {_size(cell['device_used_peak'])}, "
-               f"RSS {_size(cell['rss_peak'])}, LMDB {_size(cell['lmdb_peak'])}")
+    figures = (f"peak GPU {format_bytes(cell.get('torch_peak'))} (torch), device used "
+               f"{format_bytes(cell['device_used_peak'])}, RSS {format_bytes(cell['rss_peak'])}, LMDB "
+               f"{format_bytes(cell['lmdb_peak'])}")
     if cell["status"] == "failed":
         return f"{name}: FAILED ({cell['reason']}); {figures}"
     return f"{name}: built in {cell['build_s']:.1f} s, decode {cell['decode_ms']:.1f} ms/token; {figures}"
@@ -74,8 +67,8 @@ def format_table(doc: dict[str, Any]) -> str:
     meta, summary = doc["meta"], summarize(doc)
     contexts = meta["contexts"]
     cells = {(cell["config"], cell["context"]): cell for cell in doc["cells"]}
-    lines = [f"{meta['model']}, {meta['dtype']} on {meta['device']}: weights {_size(meta['weights_bytes'])}, KV "
-             f"{_size(meta['kv_bytes_per_token'])} per token",
+    lines = [f"{meta['model']}, {meta['dtype']} on {meta['device']}: weights {format_bytes(meta['weights_bytes'])}, "
+             f"KV {format_bytes(meta['kv_bytes_per_token'])} per token",
              "| config | measure | " + " | ".join(format_length(context) for context in contexts) + " |",
              "|---|---|" + "---|" * len(contexts)]
     for config in meta["configs"]:
@@ -86,11 +79,12 @@ def format_table(doc: dict[str, Any]) -> str:
     verdict = {True: "MET", False: "MISSED", None: "not measured"}[goal["met"]]
     lines.append(f"\nContexts: stock prefills for real ({meta['prefill_chunk']}-token chunks); kvtier is filled with "
                  f"kvtier.tools.longctx.fill (a {meta['sample_tokens']}-token prefill's K/V, tiled); then "
-                 f"{meta['decode_steps']} decode steps. kvtier-tiers: gpu_budget {_size(meta['gpu_budget'])}, "
-                 f"host_budget {_size(meta['host_budget'])}, LMDB in {meta['disk_path']}.")
-    lines.append(f"Goal, kvtier-tiers at {format_length(goal['context'])}: peak GPU {_size(goal['torch_peak_bytes'])} "
-                 f"<= weights + 8 GiB = {_size(goal['limit_bytes'])}: {verdict} (stock would need "
-                 f"{_size(goal['stock_kv_bytes'])} of KV alone).")
+                 f"{meta['decode_steps']} decode steps. kvtier-tiers: gpu_budget "
+                 f"{format_bytes(meta['gpu_budget'])}, host_budget {format_bytes(meta['host_budget'])}, LMDB in "
+                 f"{meta['disk_path']}.")
+    lines.append(f"Goal, kvtier-tiers at {format_length(goal['context'])}: peak GPU "
+                 f"{format_bytes(goal['torch_peak_bytes'])} <= weights + 8 GiB = {format_bytes(goal['limit_bytes'])}: "
+                 f"{verdict} (stock would need {format_bytes(goal['stock_kv_bytes'])} of KV alone).")
     flat = summary["flatness"]
     if flat is not None:
         lines.append(f"Flatness, kvtier-tiers' peak GPU once spilling ({format_length(flat['contexts'][0])}.."
@@ -105,20 +99,11 @@ def format_table(doc: dict[str, Any]) -> str:
 def _table_value(cell: dict[str, Any] | None, field: str) -> str:
     if cell is None or cell["status"] == "skipped":
         return "-"
-    value = _size(cell.get(field))
+    value = format_bytes(cell.get(field))
     return value if cell["status"] == "ok" else f"{value} (failed)"
 
 
 # ---- plots ----------------------------------------------------------------------------------------------------------
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _unit(largest: float) -> tuple[str, int]:
     """The unit to plot bytes in whose largest value is `largest`."""
     return next((name, scale) for name, scale in (("GiB", GiB), ("MiB", 2**20), ("KiB", 2**10), ("bytes", 1))
@@ -127,7 +112,7 @@ def _unit(largest: float) -> tuple[str, int]:
 
 def plot_memory(doc: dict[str, Any], path: Path) -> None:
     """Four panels (torch's GPU peak, device used, host RSS, LMDB bytes) against the context, one line per config."""
-    plt = _pyplot()
+    plt = pyplot()
     meta = doc["meta"]
     contexts, weights = meta["contexts"], meta["weights_bytes"]
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5), sharex=True)
@@ -161,14 +146,12 @@ def plot_memory(doc: dict[str, Any], path: Path) -> None:
     for ax in axes[1]:
         ax.set_xlabel("context (tokens)")
     fig.suptitle(f"Memory vs context - {meta['model']}, {meta['dtype']} on {meta['device']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def plot_timeline(doc: dict[str, Any], path: Path) -> None:
     """The sampled timeline of every config at the largest context measured, one after the other, phases shaded."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(2, 1, figsize=(11, 6.5), sharex=True)
     context = max((timeline["context"] for timeline in doc["timelines"]), default=None)
     timelines = [timeline for timeline in doc["timelines"] if timeline["context"] == context]
@@ -208,9 +191,7 @@ def plot_timeline(doc: dict[str, Any], path: Path) -> None:
     axes[1].set_xlabel("seconds (configurations run one after the other)")
     title = "" if context is None else f" at {format_length(context)} tokens"
     fig.suptitle(f"Memory timeline{title} - {doc['meta']['model']}", y=0.995)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def _phase_runs(times: list[float], phases: list[str]) -> list[tuple[float, float, str]]:
@@ -227,19 +208,15 @@ def _phase_runs(times: list[float], phases: list[str]) -> list[tuple[float, floa
 
 
 # ---- files ----------------------------------------------------------------------------------------------------------
-def write_json(doc: dict[str, Any], out: Path) -> Path:
-    """profile.json in `out` (meta, summary, cells, then the timelines), replaced atomically."""
-    path = out / "profile.json"
+def write_profile(doc: dict[str, Any], out: Path) -> Path:
+    """profile.json in `out` (meta, summary, cells, then the timelines), replaced whole."""
     ordered = {"meta": doc["meta"], "summary": summarize(doc), "cells": doc["cells"], "timelines": doc["timelines"]}
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(ordered, indent=1) + "\n")
-    tmp.replace(path)
-    return path
+    return write_json(out / "profile.json", ordered)
 
 
 def write_report(doc: dict[str, Any], out: Path) -> list[Path]:
     """profile.json, profile-memory.png and profile-timeline.png in `out` -> their paths."""
-    paths = [write_json(doc, out), out / "profile-memory.png", out / "profile-timeline.png"]
+    paths = [write_profile(doc, out), out / "profile-memory.png", out / "profile-timeline.png"]
     plot_memory(doc, paths[1])
     plot_timeline(doc, paths[2])
     return paths

@@ -13,8 +13,7 @@ from kvtier.kernels import scoring, topk
 from kvtier.kernels.scoring import AGGREGATIONS, score_spans, score_spans_reference
 from kvtier.kernels.select import select_spans
 from kvtier.kernels.topk import MERGES, top_k_spans, top_k_spans_reference
-from kvtier.policies import build_policy
-from kvtier.policies.base import _rank
+from kvtier.policies import build_policy, rank_spans
 
 VOTES = 4
 GAP = 1e-5  # a decision closer than GAP x the scores' scale is a near-tie: fp32 accumulation errs by ~1e-7 of it
@@ -72,14 +71,14 @@ def _votes_are_clear(queries, summaries, kind, votes=VOTES) -> bool:
 
 
 def _boundary_is_clear(primary, secondary, k, merge_heads, exact_primary) -> bool:
-    """The k-th and (k+1)-th spans of _rank's order differ by more than GAP in primary, or (exact_primary: vote
+    """The k-th and (k+1)-th spans of rank_spans' order differ by more than GAP in primary, or (exact_primary: vote
     counts) tie in primary and differ by more than GAP in secondary."""
     if merge_heads is not None:
         primary = primary.sum(1, keepdim=True) if merge_heads == "sum" else primary.amax(1, keepdim=True)
         secondary = secondary.amax(1, keepdim=True)
     if k >= primary.shape[-1]:
         return True
-    order = _rank(primary, secondary)[..., k - 1 : k + 1]
+    order = rank_spans(primary, secondary)[..., k - 1 : k + 1]
     (p_in, p_out), (s_in, s_out) = primary.gather(-1, order).unbind(-1), secondary.gather(-1, order).unbind(-1)
     gap = GAP * torch.cat((primary.abs(), secondary.abs())).amax().clamp(min=1)
     clear = p_in - p_out > gap
@@ -230,6 +229,13 @@ def _clear_selection(policy, kind, top_k, per_kv_head):
     return clear
 
 
+def _select_cases(cases):
+    """Parametrise a test over `case`: one row of SELECT_CASES / GPU_SELECT_CASES, named by what it selects."""
+    return pytest.mark.parametrize(
+        "case", cases, ids=[f"{c[0]}-{c[1]}-{'per_head' if c[2] else 'shared'}-n{c[7]}-q{c[8]}" for c in cases]
+    )
+
+
 def _check_select(
     seed, name, aggregation, per_kv_head, hq, hkv, dim, span, n_spans, n_queries, dtype, top_k, *, device
 ):
@@ -244,15 +250,9 @@ def _check_select(
     assert torch.equal(ids, policy.select(queries, summaries, top_k, per_kv_head))
 
 
-@pytest.mark.parametrize(
-    "name, aggregation, per_kv_head, hq, hkv, dim, span, n_spans, n_queries, dtype, top_k", SELECT_CASES,
-    ids=[f"{c[0]}-{c[1]}-{'per_head' if c[2] else 'shared'}-n{c[7]}-q{c[8]}" for c in SELECT_CASES],
-)
-def test_select_spans_picks_what_policy_select_picks(
-    seed, name, aggregation, per_kv_head, hq, hkv, dim, span, n_spans, n_queries, dtype, top_k
-):
-    shape = (hq, hkv, dim, span, n_spans, n_queries, dtype, top_k)
-    _check_select(seed, name, aggregation, per_kv_head, *shape, device="cpu")
+@_select_cases(SELECT_CASES)
+def test_select_spans_picks_what_policy_select_picks(seed, case):
+    _check_select(seed, *case, device="cpu")
 
 
 def test_select_spans_without_triton_is_policy_select(seed):
@@ -337,15 +337,9 @@ GPU_SELECT_CASES = [  # Llama-3.1-8B at 1M tokens (n = 32768 spans of 32), decod
 
 @needs_cuda
 @pytest.mark.gpu
-@pytest.mark.parametrize(
-    "name, aggregation, per_kv_head, hq, hkv, dim, span, n_spans, n_queries, dtype, top_k", GPU_SELECT_CASES,
-    ids=[f"{c[0]}-{c[1]}-{'per_head' if c[2] else 'shared'}-n{c[7]}-q{c[8]}" for c in GPU_SELECT_CASES],
-)
-def test_full_size_select_spans_on_gpu(
-    seed, name, aggregation, per_kv_head, hq, hkv, dim, span, n_spans, n_queries, dtype, top_k
-):
-    shape = (hq, hkv, dim, span, n_spans, n_queries, dtype, top_k)
-    _check_select(seed, name, aggregation, per_kv_head, *shape, device="cuda")
+@_select_cases(GPU_SELECT_CASES)
+def test_full_size_select_spans_on_gpu(seed, case):
+    _check_select(seed, *case, device="cuda")
 
 
 @needs_cuda

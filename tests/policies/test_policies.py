@@ -8,8 +8,9 @@ import pytest
 import torch
 
 import kvtier.policies as policies
-from kvtier.policies import AGGREGATIONS, Policy, build_policy, policy_names, register_policy
-from kvtier.policies.base import _rank
+from kvtier.policies import (
+    AGGREGATIONS, Policy, best_spans, build_policy, dot_scores, policy_names, rank_spans, register_policy,
+)
 
 BATCH = 2
 HEADS = [(9, 3), (4, 4), (8, 2)]  # (query heads, KV heads): a non-power-of-two group, MHA, GQA
@@ -368,17 +369,32 @@ def test_kv_head_selection_depends_only_on_its_own_query_heads(name, aggregation
 def test_rank_orders_by_primary_then_secondary_then_id():
     primary = torch.tensor([1.0, 2.0, 2.0, 2.0, 0.0, 2.0])
     secondary = torch.tensor([5.0, 1.0, 3.0, 3.0, 9.0, 3.0])
-    assert _rank(primary, secondary).tolist() == [2, 3, 5, 1, 0, 4]
+    assert rank_spans(primary, secondary).tolist() == [2, 3, 5, 1, 0, 4]
 
 
 def test_rank_all_equal_keeps_id_order():
-    assert _rank(torch.zeros(7), torch.full((7,), float("-inf"))).tolist() == list(range(7))
+    assert rank_spans(torch.zeros(7), torch.full((7,), float("-inf"))).tolist() == list(range(7))
 
 
 def test_rank_is_per_row():
     primary = torch.tensor([[[0.0, 1.0, 1.0]], [[1.0, 1.0, 0.0]]])  # [B=2, H=1, n=3]
     secondary = torch.tensor([[[9.0, 2.0, 4.0]], [[2.0, 2.0, 9.0]]])
-    assert _rank(primary, secondary).tolist() == [[[2, 1, 0]], [[0, 1, 2]]]
+    assert rank_spans(primary, secondary).tolist() == [[[2, 1, 0]], [[0, 1, 2]]]
+
+
+def test_best_spans_are_the_first_k_of_the_rank_order_in_id_order():
+    primary = torch.tensor([[[1.0, 2.0, 2.0, 2.0, 0.0, 2.0]]])  # [B=1, H=1, n=6]
+    secondary = torch.tensor([[[5.0, 1.0, 3.0, 3.0, 9.0, 3.0]]])
+    assert best_spans(primary, secondary, 3).tolist() == [[[2, 3, 5]]]
+    assert best_spans(primary, secondary, 9).tolist() == [[[0, 1, 2, 3, 4, 5]]]
+
+
+def test_best_spans_merge_heads_by_summed_or_maxed_primary():
+    primary = torch.tensor([[[3.0, 0.0, 2.0], [0.0, 2.0, 2.0]]])  # [B=1, H=2, n=3]: sums 3, 2, 4; maxima 3, 2, 2
+    secondary = torch.tensor([[[0.0, 0.0, 0.0], [0.0, 5.0, 1.0]]])  # maxima 0, 5, 1
+    assert best_spans(primary, secondary, 1, "sum").tolist() == [[[2]]]
+    assert best_spans(primary, secondary, 2, "max").tolist() == [[[0, 1]]]
+    assert best_spans(primary, secondary, 1).tolist() == [[[0], [1]]]
 
 
 def test_vote_ties_go_to_the_best_score_then_the_lower_span():
@@ -416,7 +432,7 @@ class _LastKeyPolicy(Policy):
         return keys[:, :, -1:].clone()
 
     def candidate_scores(self, queries: torch.Tensor, summaries: torch.Tensor) -> torch.Tensor:
-        return self.scale * torch.einsum("bkgqd,bkncd->bkgqnc", queries, summaries)
+        return self.scale * dot_scores(queries, summaries)
 
 
 def test_registered_policy_is_built_by_name_with_options(registry):

@@ -22,7 +22,7 @@ import torch
 from kvtier import ReAttentionCache, records
 from kvtier.errors import CacheFileNotFoundError, CacheWriteError, CorruptCacheError, IncompatibleCacheError, TierFullError
 from kvtier.persist import VERSION
-from kvtier.tiers.disk import batch_key, put_records
+from kvtier.tiers.disk import put_records, span_key
 from tests.conftest import greedy, random_ids, tiny_model
 from tests.tiers.persist_worker import read_records
 
@@ -203,21 +203,14 @@ def test_every_record_is_a_checksummed_kvtier_record_with_the_expected_keys(save
     meta = records.decode_json(found[b"meta"], "meta")
     spans = sum(saved.tiers.values())
     assert (meta["version"], meta["tokens"], meta["spans"]) == (VERSION, saved.tokens, spans)
-    span_records = {batch_key(r) for r in range(-(-spans // meta["spans_per_record"]))}
+    span_records = {span_key(uid) for uid in range(spans)}  # one record per span
     layers = {f"layer/{i}/{name}".encode() for i in range(2)
               for name in ("global_keys", "global_values", "local_keys", "local_values", "summaries")}
     assert set(found) == {b"meta", b"tokens"} | layers | span_records
-    out = torch.empty(meta["span_shape"], dtype=torch.float32)
-    rows = 0
-    for key, value in found.items():  # every checksum verified: the whole record's, or each span's
+    for key, value in found.items():  # every checksum verified
+        records.decode(value, key.decode(errors="replace"))
         if key in span_records:
-            header, payload = records.unpack(value, "spans")
-            for row in range(header["shape"][0]):
-                records.read_span(header, payload, row, out, "spans")
-            rows += header["shape"][0]
-        else:
-            records.decode(value, key.decode())
-    assert rows == spans
+            assert list(records.decode_tensor(value, "span").shape) == meta["span_shape"]
     assert torch.equal(records.decode_tensor(found[b"tokens"], "tokens"), saved.token_ids)
 
 
@@ -245,12 +238,9 @@ def _flip_byte_in_record(path: Path, key: bytes, offset: int = -1) -> None:
 
 def _where_span_is(path: Path, uid: int) -> tuple[bytes, int]:
     """Saved span `uid` -> (the key of its record, the offset of its middle byte in that record)."""
-    found = read_records(path)
-    per_record = records.decode_json(found[b"meta"], "meta")["spans_per_record"]
-    key = batch_key(uid // per_record)
-    header, payload = records.unpack(found[key], key.decode(errors="replace"))
-    step = len(payload) // header["shape"][0]
-    return key, len(found[key]) - len(payload) + (uid % per_record) * step + step // 2
+    record = read_records(path)[span_key(uid)]
+    _, payload = records.unpack(record, f"span {uid}")
+    return span_key(uid), len(record) - len(payload) + len(payload) // 2
 
 
 def _rewrite_records(path: Path, put: dict[bytes, bytes] | None = None, delete: tuple[bytes, ...] = ()) -> None:
@@ -327,7 +317,7 @@ def test_a_damaged_meta_record_raises_corrupt_cache(load, copy_of_save):
 
 
 def test_a_missing_spans_record_raises_corrupt_cache(load, copy_of_save):
-    _rewrite_records(copy_of_save, delete=(batch_key(0),))
+    _rewrite_records(copy_of_save, delete=(span_key(0),))
     with unchanged(copy_of_save.parent), pytest.raises(CorruptCacheError, match="records, its metadata says"):
         load(copy_of_save)
 
@@ -336,6 +326,20 @@ def test_a_newer_format_version_raises_incompatible_cache(load, copy_of_save):
     meta = records.decode_json(read_records(copy_of_save)[b"meta"], "meta")
     _rewrite_records(copy_of_save, put={b"meta": records.encode_json(dict(meta, version=VERSION + 1))})
     with unchanged(copy_of_save.parent), pytest.raises(IncompatibleCacheError, match=f"format {VERSION + 1}"):
+        load(copy_of_save)
+
+
+def test_a_format_1_file_raises_incompatible_cache_asking_for_a_new_prefill(load, copy_of_save):
+    """Format 1 let a record hold several spans and named the fingerprint's hash weights_sha256: its files are
+    refused, not misread."""
+    meta = records.decode_json(read_records(copy_of_save)[b"meta"], "meta")
+    fingerprint = dict(meta["fingerprint"])
+    fingerprint["weights_sha256"] = fingerprint.pop("parameter_shapes_sha256")
+    old = dict(meta, version=1, spans_per_record=1, fingerprint=fingerprint)
+    _rewrite_records(copy_of_save, put={b"meta": records.encode_json(old)})
+    with unchanged(copy_of_save.parent), pytest.raises(
+        IncompatibleCacheError, match=f"format 1 .*reads format {VERSION}: re-run the prefill and save again"
+    ):
         load(copy_of_save)
 
 
@@ -428,7 +432,7 @@ def test_a_full_disk_during_save_raises_cache_write_error_and_keeps_the_previous
 def test_put_records_grows_a_map_too_small_for_the_records(tmp_path):
     env = lmdb.open(str(tmp_path / "small.lmdb"), subdir=False, map_size=64 * 2**10, lock=False)
     start = env.info()["map_size"]
-    items = [(batch_key(i), bytes([i % 256]) * 5000) for i in range(200)]  # ~1 MB, 16x the map
+    items = [(span_key(i), bytes([i % 256]) * 5000) for i in range(200)]  # ~1 MB, 16x the map
     put_records(env, items, threading.Lock())
     assert env.info()["map_size"] > start
     with env.begin() as txn:

@@ -13,11 +13,13 @@ from kvtier import ReAttentionCache
 from kvtier.buffers import scratch_rows
 from kvtier.config import ReAttentionConfig
 from kvtier.errors import CorruptCacheError, TierFullError
-from kvtier.tiers.base import SlotMap
-from kvtier.tiers.disk import LmdbStore, batch_key, put_records
+from kvtier.tiers import DISK, GPU, HOST
+from kvtier.tiers.base import SlotMap, SpanStore
+from kvtier.tiers.disk import LmdbStore, put_records, span_key
+from kvtier.tiers.disk_tier import DiskTier
 from kvtier.tiers.host import HostPool, contiguous_runs
 from kvtier.tiers.lmdb_pages import file_offset
-from kvtier.tiers.placement import DISK, GPU, HOST, Placement, shortfall
+from kvtier.tiers.placement import Placement, shortfall
 from tests.conftest import greedy, random_ids, tiny_model
 
 TINY = dict(global_size=4, local_size=24, span_size=4, top_k=3, chunk_size=12)
@@ -115,7 +117,7 @@ def test_bad_placement_config_names_the_problem(fields, message):
 @pytest.mark.parametrize("write_slice_spans", [None, 1])
 def test_fetch_returns_the_same_spans_wherever_they_live(tmp_path, monkeypatch, write_slice_spans):
     if write_slice_spans is not None:  # victims copied for the disk writer one span at a time
-        monkeypatch.setattr("kvtier.tiers.placement.WRITE_SLICE_BYTES", write_slice_spans * SPAN_BYTES)
+        monkeypatch.setattr("kvtier.tiers.copies.WRITE_SLICE_BYTES", write_slice_spans * SPAN_BYTES)
     config = ReAttentionConfig(gpu_budget=8 * SPAN_BYTES, host_budget=8 * SPAN_BYTES, disk_path=str(tmp_path))
     placement = Placement(config.resolve(2048), SPAN_SHAPE, torch.float32, torch.device("cpu"), step_spans=4)
     handed = []  # spans per LmdbStore.put call
@@ -139,7 +141,7 @@ def test_a_span_leaves_the_host_only_after_its_disk_write_committed(tmp_path):
     spans = torch.randn(12, *SPAN_SHAPE)
     for start in range(0, 12, 2):
         placement.add(spans[start : start + 2])
-        written = np.flatnonzero(placement.writing.data[: placement.uids])
+        written = np.flatnonzero(placement.ledger.writing.data[: placement.uids])
         for uid in written.tolist():  # queued for disk, not yet committed: still held (and read) on the host
             assert placement.tier.data[uid] == HOST and placement.host.contains(uid)
     placement.disk.wait_any()
@@ -203,14 +205,14 @@ def test_each_span_is_its_own_record_and_a_damaged_one_fails_only_its_read(tmp_p
     store.wait_any()
     assert store.env.stat()["entries"] == 4
     with store.env.begin() as txn:
-        value = bytearray(txn.get(batch_key(2)))
+        value = bytearray(txn.get(span_key(2)))
     if damage == "flipped byte":
         value[-1] ^= 0xFF
         expected = "span 2 .*checksum mismatch"
     else:
         value = value[:-8]
         expected = "record 2.*payload's length does not match"
-    put_records(store.env, [(batch_key(2), bytes(value))], threading.Lock())
+    put_records(store.env, [(span_key(2), bytes(value))], threading.Lock())
     out = torch.empty(2, *SPAN_SHAPE)
     store.get_into(np.array([3, 1]), out)
     assert torch.equal(out, spans[[3, 1]])
@@ -298,7 +300,7 @@ def test_the_kernel_path_generates_what_the_reference_path_generates(tmp_path, w
         cache = ReAttentionCache(model, **TINY, **budgets, kernels=kernels)
         outputs.append(greedy(model, ids, cache, new_tokens=new_tokens))
         stats.append(cache.stats())
-        assert cache.placement.located_on_device == (not with_disk)
+        assert cache.placement.locates_on_device == (not with_disk)
         if not with_disk:
             assert_device_table_matches_the_placement(cache.placement)
         cache.close()
@@ -312,15 +314,13 @@ def test_the_kernel_path_generates_what_the_reference_path_generates(tmp_path, w
 
 def assert_device_table_matches_the_placement(placement):
     """Every span's entry in the device table is its GPU slot, or -1 - its host slot."""
-    from kvtier.tiers.placement import GPU, HOST
-
     uids = np.arange(placement.uids)
     tier = placement.tier.data[: placement.uids]
-    where = placement.where.data[: placement.uids].cpu().numpy()
+    where = placement.table.where.data[: placement.uids].cpu().numpy()
     on_gpu, on_host = uids[tier == GPU], uids[tier == HOST]
     assert len(on_gpu) + len(on_host) == placement.uids
-    assert np.array_equal(where[on_gpu], placement.gpu.map.lookup(on_gpu))
-    assert np.array_equal(where[on_host], -1 - placement.host.map.lookup(on_host))
+    assert np.array_equal(where[on_gpu], placement.gpu.slots_of(on_gpu))
+    assert np.array_equal(where[on_host], -1 - placement.host.slots_of(on_host))
 
 
 def test_a_budgeted_gpu_pool_grows_by_doubling_then_to_its_budget_in_one_step():
@@ -370,21 +370,24 @@ def test_pools_move_spans_down_in_large_rare_batches():
     assert shortfall(count=16, capacity=1600, available=70, most=50) == 0
 
 
-@pytest.mark.parametrize("store_kind", ["gpu", "host", "disk"])
+@pytest.mark.parametrize("store_kind", ["gpu", "host", "lmdb", "disk tier"])
 def test_every_store_keeps_the_span_store_protocol(tmp_path, store_kind):
-    """put / get_into / contains / evict / nbytes behave the same for the three stores the placement composes."""
+    """put / get_into / contains / holds / evict / nbytes behave the same for the stores the placement composes."""
     from kvtier.tiers.gpu import DevicePool
 
     stores = {
         "gpu": lambda: DevicePool(SPAN_SHAPE, torch.float32, torch.device("cpu"), capacity=8),
         "host": lambda: HostPool(SPAN_SHAPE, torch.float32, capacity=8, pinned=False),
-        "disk": lambda: LmdbStore.spill(tmp_path, SPAN_SHAPE, torch.float32, budget=None),
+        "lmdb": lambda: LmdbStore.spill(tmp_path, SPAN_SHAPE, torch.float32, budget=None),
+        "disk tier": lambda: DiskTier(LmdbStore.spill(tmp_path, SPAN_SHAPE, torch.float32, budget=None)),
     }
     store = stores[store_kind]()
+    assert isinstance(store, SpanStore)
     spans = torch.randn(5, *SPAN_SHAPE)
     store.put(np.arange(10, 15), spans.clone())
-    if store_kind == "disk":
-        store.wait_any()
+    on_disk = store_kind in ("lmdb", "disk tier")
+    if on_disk:
+        store.wait_any()  # a span is held once its write committed
     assert all(store.contains(uid) for uid in range(10, 15)) and not store.contains(3)
     out = torch.full((2, *SPAN_SHAPE), float("nan"))
     store.get_into(np.array([14, 11]), out)
@@ -392,7 +395,8 @@ def test_every_store_keeps_the_span_store_protocol(tmp_path, store_kind):
     assert store.nbytes >= 5 * SPAN_BYTES
     store.evict(np.array([11]))
     assert not store.contains(11) and store.contains(12)
-    if store_kind == "disk":
+    assert store.holds(np.array([12, 11, 3, 10_000])).tolist() == [True, False, False, False]
+    if on_disk:
         store.close()
 
 
@@ -404,17 +408,17 @@ def test_an_unbounded_host_pool_keeps_promoted_spans_so_moving_them_down_again_c
         placement.add(spans[start : start + 4])
     placement.poll()
     uid = int(np.flatnonzero(placement.tier.data[:24] == HOST)[0])
-    host_slot = int(placement.host.map.lookup(np.array([uid]))[0])
+    host_slot = int(placement.host.slots_of(np.array([uid]))[0])
     for _ in range(2):  # selected twice on the host: promoted to the GPU, its host copy kept
         assert torch.equal(placement.fetch(np.array([uid]))[0], spans[uid])
-    assert placement.tier.data[uid] == GPU and placement.host.map.holds(np.array([uid]))[0]
-    evictions, copied = placement.counters["gpu"].evictions, placement.moved["gpu->host"]
+    assert placement.tier.data[uid] == GPU and placement.host.holds(np.array([uid]))[0]
+    evictions, copied = placement.ledger.counters["gpu"].evictions, placement.ledger.moved["gpu->host"]
     for start in range(24, 64, 4):  # newer spans push it down again
         placement.add(spans[start : start + 4])
         placement.poll()
-    assert placement.tier.data[uid] == HOST and placement.host.map.lookup(np.array([uid]))[0] == host_slot
-    moved_down = placement.counters["gpu"].evictions - evictions
-    assert placement.moved["gpu->host"] - copied == (moved_down - 1) * SPAN_BYTES  # all but the kept one copied
+    assert placement.tier.data[uid] == HOST and placement.host.slots_of(np.array([uid]))[0] == host_slot
+    moved_down = placement.ledger.counters["gpu"].evictions - evictions
+    assert placement.ledger.moved["gpu->host"] - copied == (moved_down - 1) * SPAN_BYTES  # all but the kept one copied
     assert torch.equal(placement.read_spans(np.arange(64)), spans)
     placement.close()
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from kvtier.tools import bench
-from kvtier.tools.bench import _pool_peak, add_bench_parser, run_bench
-from kvtier.tools.bench_report import KVTIER_METHODS, METHODS, context_label, goals
+from kvtier.tools.bench import add_bench_parser, run_bench
+from kvtier.tools.bench_report import KVTIER_METHODS, METHODS, goals
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -48,6 +48,7 @@ def test_quick_run_writes_json_and_png(quick):
     assert {(c["method"], c["context"]) for c in result["cells"]} == {(m, c) for m in METHODS for c in (1024, 4096)}
     assert result["settings"]["contexts"] == [1024, 4096] and result["ceilings"] is None
     assert result["meta"]["kv_bytes_per_token"] == 2 * 2 * 2 * 16 * 4  # K+V, 2 layers, 2 KV heads, dim 16, fp32
+    assert (result["settings"]["gpu_budget"], result["settings"]["host_budget"]) == (512 << 10, 512 << 10)  # bytes
     assert not (out / "spill").exists() or not any((out / "spill").iterdir())  # the spill file went with its cell
 
 
@@ -158,16 +159,8 @@ def test_help_lists_the_options(capsys):
 
 
 # ---- memory planning ------------------------------------------------------------------------------------------------
-def test_pool_peak_counts_the_old_and_new_allocation_while_doubling():
-    assert _pool_peak(10, None) == 16  # the first allocation holds them
-    assert _pool_peak(100, None) == 64 + 128
-    assert _pool_peak(100, 80) == 16 + 80  # past 1/8 of a budget the pool takes all of it
-    assert _pool_peak(10**6, 8192) == 1024 + 8192  # the growth copy holds at most 1.125x the budget
-    assert _pool_peak(1_040_352, None) == (1 << 19) + (1 << 20)  # 8B at 1M: 192 GiB of 128 KiB spans at the peak
-
-
 def test_a_cell_that_would_not_fit_is_skipped_with_its_reason(monkeypatch, tmp_path):
-    monkeypatch.setattr(bench, "_host_available", lambda: 1 << 20)  # 1 MiB of RAM: nothing fits on the CPU
+    monkeypatch.setattr(bench, "host_bytes", lambda field: 1 << 20)  # 1 MiB of RAM: nothing fits on the CPU
     args = _parser().parse_args(["bench", "--quick", "--out", str(tmp_path)])
     plan = bench.make_plan(args)
     model, _ = bench.build_model(plan)
@@ -231,10 +224,6 @@ def test_a_goal_without_its_cells_says_which_are_missing():
     by_name = {g["name"]: g for g in goals(result)}
     assert by_name["decode_flat"]["met"] is None and by_name["decode_flat"]["note"] == "not measured: no kvtier @ 4K"
     assert by_name["decode_vs_stock"]["note"] == "not measured: no stock @ 1K"
-
-
-def test_context_labels():
-    assert [context_label(n) for n in (1 << 20, 128 << 10, 5000, None)] == ["1M", "128K", "5000", "-"]
 
 
 def test_transfer_floor_is_the_slower_direction_at_the_pinned_ceiling(tmp_path):

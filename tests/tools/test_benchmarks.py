@@ -1,63 +1,107 @@
-"""The GPU benchmark scripts keep running: their --quick modes on the CPU write the JSON (and PNG) they promise."""
+"""The GPU benchmark scripts keep running: their --quick modes on the CPU write the JSON and the PNG they promise into
+--out, and the H200 staging scripts explain themselves and refuse an unknown stage."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def _run(script: str, *args: str) -> None:
+def _run(script: str, out: Path, *args: str) -> dict:
+    """`python benchmarks/SCRIPT --quick --out OUT ARGS` -> the JSON it wrote; its PNG beside it, its table last."""
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", TRITON_INTERPRET="1")
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--quick", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--quick", "--out", str(out), *args],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
+    name = Path(script).stem
+    assert (out / f"{name}.png").read_bytes()[:8] == PNG_MAGIC
+    assert done.stdout.rstrip().splitlines()[-1].startswith(("|", "writer at"))  # the table (spill: and its summary)
+    return json.loads((out / f"{name}.json").read_text())
 
 
 def test_tiers_quick_writes_every_configuration_with_its_traffic(tmp_path):
-    _run("tiers.py", "--out", str(tmp_path))
-    rows = json.loads((tmp_path / "tiers.json").read_text())["rows"]
+    rows = _run("tiers.py", tmp_path)["rows"]
     assert [row["config"] for row in rows] == ["gpu-only", "host", "host+disk"]
     assert all(row["decode_ms_median"] > 0 for row in rows)
     assert rows[0]["bytes_moved_per_token"]["host->gpu"] == 0 < rows[1]["bytes_moved_per_token"]["host->gpu"]
     assert rows[2]["spans"]["disk"] > 0 and rows[2]["fetch_gbps"]["disk"] > 0
-    assert (tmp_path / "tiers.png").read_bytes()[:8] == PNG_MAGIC
+    assert rows[1]["budgets"]["gpu_budget"] == 512 << 10  # bytes
     assert not (tmp_path / "spill").exists()  # the spill folder is scratch
 
 
 def test_kernels_quick_reports_every_section(tmp_path):
-    out = tmp_path / "kernels.json"
-    _run("kernels.py", "--out", str(out))
-    sections = {row["section"] for row in json.loads(out.read_text())["rows"]}
-    assert {"scoring", "top-k", "gather", "decode step", "prefill chunk"} <= sections
+    rows = _run("kernels.py", tmp_path)["rows"]
+    assert {"scoring", "top-k", "gather", "decode step", "prefill chunk"} <= {row["section"] for row in rows}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kernels.json", "kernels.png"]
 
 
 def test_decode_profile_quick_profiles_stock_and_every_kvtier_configuration(tmp_path):
-    _run("decode_profile.py", "--gpu-budget", "64KiB", "--disk-path", str(tmp_path / "spill"), "--host-budget",
-         "128KiB", "--top", "5", "--out", str(tmp_path))
-    rows = json.loads((tmp_path / "decode_profile.json").read_text())["rows"]
+    rows = _run("decode_profile.py", tmp_path, "--gpu-budget", "64KiB", "--disk-path", str(tmp_path / "spill"),
+                "--host-budget", "128KiB", "--top", "5")["rows"]
     assert [row["config"] for row in rows] == [
-        "stock", "kvtier kernels=auto", "kvtier kernels=reference", "kvtier kernels=auto gpu_budget=64KiB",
-        "kvtier kernels=auto gpu_budget=64KiB host_budget=128KiB + LMDB"]
+        "stock", "kvtier kernels=auto", "kvtier kernels=reference", "kvtier kernels=auto gpu_budget=64 KiB",
+        "kvtier kernels=auto gpu_budget=64 KiB host_budget=128 KiB + LMDB"]
     assert list((tmp_path / "spill").iterdir()) == []  # the spill file went with its cache
     assert all(row["ms_median"] > 0 and row["ms_per_layer"] > 0 for row in rows)
 
 
 def test_spill_quick_measures_the_writer_against_lmdb_put_and_the_reads(tmp_path):
-    out = tmp_path / "spill.json"
-    _run("spill.py", "--dir", str(tmp_path), "--repeats", "1", "--out", str(out))
-    result = json.loads(out.read_text())
+    result = _run("spill.py", tmp_path, "--dir", str(tmp_path), "--repeats", "1")
     assert set(result["gb_per_s"]) == {"encode_each", "lmdb_put", "writer", "read_cold", "read_warm"}
     assert all(rate > 0 for rate in result["gb_per_s"].values())
-    assert [p.name for p in tmp_path.iterdir()] == ["spill.json"]  # the spill files are gone
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["spill.json", "spill.png"]  # the spill files are gone
 
 
 def test_decode_profile_chunk_profiles_a_prefill_forward(tmp_path):
-    _run("decode_profile.py", "--chunk", "128", "--steps", "2", "--top", "3", "--out", str(tmp_path))
-    result = json.loads((tmp_path / "decode_profile.json").read_text())
+    result = _run("decode_profile.py", tmp_path, "--chunk", "128", "--steps", "2", "--top", "3")
     assert result["chunk"] == 128 and len(result["rows"]) == 3
     assert all(row["ms_median"] > 0 for row in result["rows"])
+
+
+@pytest.mark.parametrize("script", ["decode_profile.py", "kernels.py", "spill.py", "tiers.py"])
+def test_every_benchmark_script_explains_quick_and_out(script, capsys, monkeypatch):
+    spec = importlib.util.spec_from_file_location(f"benchmark_{Path(script).stem}", ROOT / "benchmarks" / script)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # its dataclasses look their module up there
+    spec.loader.exec_module(module)  # in this process, which has imported torch already: seconds less than a run
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(["--help"])
+    printed = capsys.readouterr().out
+    assert exit_info.value.code == 0 and "--quick" in printed and "--out" in printed
+
+
+@pytest.mark.parametrize("script, stage", [("niah_h200.sh", "1m-a"), ("profile_h200.sh", "1m")])
+def test_the_h200_staging_scripts_list_their_stages_and_refuse_an_unknown_one(script, stage, tmp_path):
+    helped = subprocess.run(["bash", str(ROOT / "benchmarks" / script), "--help"], capture_output=True, text=True)
+    assert helped.returncode == 0 and helped.stdout.startswith(f"usage: bash benchmarks/{script} OUT_DIR STAGE")
+    assert f"\n  {stage} " in helped.stdout
+    refused = subprocess.run(["bash", str(ROOT / "benchmarks" / script), str(tmp_path / "out"), stage, "everything"],
+                             capture_output=True, text=True)
+    assert refused.returncode == 2 and "unknown stage 'everything'" in refused.stderr and "usage:" in refused.stderr
+    assert not (tmp_path / "out").exists()  # nothing ran, not even the valid stage before it
+
+
+def test_a_benchmark_stopped_by_sigterm_leaves_no_spill_file(tmp_path):
+    """`timeout` stops a script with SIGTERM: it unwinds (exit 143) and its LMDB spill folder is gone."""
+    spill = tmp_path / "spill"
+    run = subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "tiers.py"), "--quick", "--order", "host+disk",
+                            "--disk-path", str(spill), "--out", str(tmp_path / "out")],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                           env=dict(os.environ, OMP_WAIT_POLICY="PASSIVE"))
+    deadline = time.monotonic() + 120
+    while not (spill.is_dir() and any(spill.iterdir())):  # the run is spilling to LMDB
+        assert run.poll() is None and time.monotonic() < deadline, "the run ended before it spilled"
+        time.sleep(0.05)
+    run.send_signal(signal.SIGTERM)
+    assert run.wait(timeout=60) == 128 + signal.SIGTERM, run.stderr.read()[-2000:]
+    assert not spill.exists()

@@ -381,6 +381,21 @@ def test_niah_command_writes_the_report_and_prints_the_table_last(tmp_path, monk
     assert capsys.readouterr().out.rstrip().splitlines()[-1].split()[0] == "all"
 
 
+def test_niah_quick_runs_a_tiny_random_llama_and_writes_the_report(tmp_path, capsys):
+    assert main(["niah", "--quick", "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["model"] == "tiny random Llama (--quick)" and results["device"] == "cpu"
+    (run,) = results["runs"]
+    assert run["complete"] and run["lengths"] == [1024, 4096] and run["depths"] == [0.1, 0.5, 0.9]
+    assert run["config"]["policy"] == "quest" and len(run["samples"]) == 6
+    assert all(abs(s["tokens"] - s["length"]) < 20 for s in run["samples"])  # one token per byte of the prompt
+    (png,) = tmp_path.glob("niah-quest-*.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    header, _, *rows = capsys.readouterr().out.rstrip().splitlines()[-5:]  # the table, printed last
+    assert header.split() == ["length", "0.1", "0.5", "0.9", "all"]
+    assert [row.split()[0] for row in rows] == ["1K", "4K", "all"] and rows[-1].split()[-1].endswith("/6")
+
+
 def test_niah_batch_runs_prompts_together_and_must_be_positive(tmp_path, monkeypatch, capsys):
     _, run = _tiny_niah(tmp_path, monkeypatch, "--lengths", "200", "--depths", "0.2,0.5,0.8", "--batch", "2")
     assert run["batch"] == 2 and [s["batch"] for s in run["samples"]] == [2, 2, 1]

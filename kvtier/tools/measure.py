@@ -1,0 +1,79 @@
+"""Timing a model's forwards into a cache: one greedy step, the chunked prefill and the timed decode loop every
+benchmark runs, and the CUDA kernels and copies a step launches."""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
+from tqdm.auto import tqdm
+
+from kvtier.hf import cache_keyword
+
+
+def sync() -> None:
+    """Wait for the GPU's queued work (no-op without CUDA)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def step(model, cache, tokens: torch.Tensor, keyword: str | None = None) -> torch.Tensor:
+    """One forward of tokens [B, n] into `cache` (a decode step when n = 1) -> the greedy next token [B, 1].
+    `keyword`: the model's cache argument (kvtier.hf.cache_keyword), when the caller looked it up once."""
+    logits = model(input_ids=tokens, logits_to_keep=1, **{keyword or cache_keyword(model): cache}).logits  # [B, 1, V]
+    return logits[:, -1:].argmax(-1)
+
+
+def prefill(model, cache, ids: torch.Tensor, chunk: int, desc: str | None = None) -> float:
+    """A chunked prefill of ids [B, T] into `cache`, `chunk` tokens per forward -> seconds, waiting for the GPU before
+    and after. `desc` shows a progress bar."""
+    keyword = cache_keyword(model)
+    sync()
+    began = time.perf_counter()
+    with torch.inference_mode():
+        for start in tqdm(range(0, ids.shape[1], chunk), desc=desc, unit="chunk", leave=False, disable=desc is None):
+            model(input_ids=ids[:, start:start + chunk], logits_to_keep=1, **{keyword: cache})
+    sync()
+    return time.perf_counter() - began
+
+
+def decode(model, cache, token: torch.Tensor, steps: int, warmup: int = 0,
+           feed: Callable[[torch.Tensor], torch.Tensor] | None = None,
+           desc: str | None = None) -> tuple[list[float], torch.Tensor]:
+    """`warmup` untimed steps, then `steps` timed ones, from `token` [B, 1] -> (milliseconds of each timed step, the
+    last step's greedy token).
+
+    Each step feeds the previous step's greedy token (greedy decoding), or with `feed` what it returns for that token
+    (e.g. fresh ids [1, n]: a prefill forward per step); making the input is not timed. `desc` shows a progress bar."""
+    keyword = cache_keyword(model)
+    times = []
+    with torch.inference_mode():
+        for index in tqdm(range(warmup + steps), desc=desc, unit="step", leave=False, disable=desc is None):
+            tokens = token if feed is None else feed(token)
+            began = time.perf_counter()
+            token = step(model, cache, tokens, keyword)
+            sync()
+            if index >= warmup:
+                times.append((time.perf_counter() - began) * 1e3)
+    return times, token
+
+
+def launches(model, cache, tokens: torch.Tensor, by_name: bool = False) -> dict:
+    """GPU kernels and copies (memcpy / memset) that one more step over `tokens` launches, from the CUDA profiler:
+    {kernels, copies}; with `by_name` also the GPU's busy time in them (the sum of their durations, gpu_busy_ms) and
+    the count of each kernel name (by_name, most launched first)."""
+    with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step(model, cache, tokens)
+        sync()
+    events = [event for event in prof.events() if event.device_type == DeviceType.CUDA]
+    copies = sum(event.name.startswith(("Memcpy", "Memset")) for event in events)
+    counted = {"kernels": len(events) - copies, "copies": copies}
+    if by_name:
+        names: dict[str, int] = {}
+        for event in events:
+            names[event.name[:80]] = names.get(event.name[:80], 0) + 1
+        busy_ms = sum(event.time_range.elapsed_us() for event in events) / 1e3
+        counted.update(gpu_busy_ms=round(busy_ms, 3), by_name=dict(sorted(names.items(), key=lambda item: -item[1])))
+    return counted
