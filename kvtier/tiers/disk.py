@@ -122,6 +122,7 @@ class LmdbStore:
             os.posix_fadvise(self._file, 0, 0, os.POSIX_FADV_RANDOM)
         self._readers = ThreadPoolExecutor(max_workers=READERS, thread_name_prefix="kvtier-read") if scratch else None
         self.wait_s = 0.0
+        self._closed = False
 
     @classmethod
     def spill(cls, directory: str | Path, span_shape, dtype, budget: int | None) -> "LmdbStore":
@@ -276,6 +277,11 @@ class LmdbStore:
         return self._held_bytes
 
     def close(self) -> None:
+        """Finish the writes, close the file (a saved one: give back this store's use of the shared handle) and
+        delete a spill file. Closing twice (close(), then the placement's finalizer) does nothing the second time."""
+        if self._closed:
+            return
+        self._closed = True
         if self._writer is not None:
             self._writer.shutdown(wait=True)
             self._encoder.shutdown(wait=True)

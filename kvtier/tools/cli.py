@@ -63,8 +63,8 @@ def _parser() -> argparse.ArgumentParser:
         "demo", help="find a passkey in one prompt twice the model's window: stock cache, then kvtier",
         description="Builds one passkey prompt (default: twice the model's window, 16K tokens), answers it with "
                     "the stock cache (which fails past the window) and with ReAttentionCache(model), and prints "
-                    "both answers and timings. About 2.5 minutes on 2 CPU cores with native bfloat16 (AMX), 6 in "
-                    "float32.")
+                    "both answers and timings. About 3.5 minutes on 2 CPU cores with native bfloat16 (AMX), the first "
+                    "load of the model's weights included.")
     demo.add_argument("--length", type=length, default=None,
                       help="prompt length in tokens, e.g. 16k or 12000 (default: twice the model's window)")
     demo.add_argument("--depth", type=fraction, default=0.5,

@@ -3,6 +3,7 @@ does; the file holds checksummed kvtier records only; every bad input raises its
 on disk byte-for-byte unchanged."""
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import os
@@ -370,6 +371,15 @@ def test_one_save_loads_twice_in_one_process_and_both_continue(saves, load, mode
     first, second = load(saved.path), load(saved.path)
     assert greedy(model, saved.ids, second, new_tokens=NEW_TOKENS).tolist() == saved.reference
     assert greedy(model, saved.ids, first, new_tokens=NEW_TOKENS).tolist() == saved.reference
+
+
+def test_a_closed_and_dropped_load_leaves_another_load_of_the_same_file_readable(saves, load, model):
+    saved = saves["batch2"]
+    first, second = ReAttentionCache.load(saved.path, model), load(saved.path)
+    first.close()
+    del first
+    gc.collect()  # the placement's finalizer closes its file store once more: it must not release the shared handle
+    assert greedy(model, saved.ids, second, new_tokens=NEW_TOKENS).tolist() == saved.reference
 
 
 # ---- bad targets for save -------------------------------------------------------------------------------------------
