@@ -1,8 +1,11 @@
-"""Passkey retrieval prompts (a needle in a haystack of filler), built to a length in tokens, and their scorer."""
+"""Passkey retrieval prompts (a needle in a haystack of filler), built to a length in tokens, and their scorer; the
+token-level assembly every haystack shares (filling a token budget with sentences, needles at sentence boundaries)."""
 from __future__ import annotations
 
+import itertools
 import random
 from dataclasses import dataclass
+from typing import Iterable, Sequence
 
 # The classic passkey prompt (Landmark Attention, Mohtashami & Jaggi 2023). Plain text, no chat template:
 # SmolLM2-135M-Instruct answers "a magical key that..." under its chat template even at 2K tokens, and reads the key
@@ -32,6 +35,8 @@ class PasskeySample:
     length: int           # len(ids), within a few tokens of the requested length
     needle_start: int     # index in ids of the needle's first token
     distractor_keys: tuple[str, ...] = ()  # the other boxes' keys, when the prompt has distractors
+    # [start, end) in ids of each needle: the asked-for one, then the distractors' in distractor_keys' order
+    needle_spans: tuple[tuple[int, int], ...] = ()
 
 
 def draw_key(seed: int, *labels: object) -> str:
@@ -63,18 +68,47 @@ def build_sample(tokenizer, length: int, depth: float, key: str, distractors: in
     budget = length - len(head) - sum(map(len, needles)) - len(tail)
     if budget < 0:
         raise ValueError(f"a passkey prompt needs at least {length - budget} tokens, asked for {length}")
-    filler = _fill(sentences, budget)
+    filler = fill(itertools.cycle(sentences), budget)
     depths = [depth] + [(index + 0.5) / distractors for index in range(distractors)]
-    cuts = [min(_cut(filler, at), max(len(filler) - TAIL_SENTENCES, 0)) for at in depths]  # sentence each goes before
-    ids, needle_start = list(head), 0
-    for position, sentence in enumerate(filler + [[]]):
-        for which in sorted((w for w, cut in enumerate(cuts) if cut == position), key=lambda w: depths[w]):
-            needle_start = len(ids) if which == 0 else needle_start
-            ids += needles[which]
+    deepest = max(len(filler) - TAIL_SENTENCES, 0)
+    ids, spans = assemble(head, filler, needles, [(min(sentence_cut(filler, at), deepest), at) for at in depths], tail)
+    return PasskeySample(ids=ids, key=key, depth=depth, length=len(ids), needle_start=spans[0][0],
+                         distractor_keys=tuple(keys[1:]), needle_spans=tuple(spans))
+
+
+def fill(sentences: Iterable[list[int]], budget: int) -> list[list[int]]:
+    """The first of `sentences` (token ids each) whose total token count is the closest to `budget`."""
+    filler, total = [], 0
+    for sentence in sentences:
+        if abs(total + len(sentence) - budget) >= abs(total - budget):
+            break
+        filler.append(sentence)
+        total += len(sentence)
+    return filler
+
+
+def sentence_cut(filler: Sequence[list[int]], depth: float) -> int:
+    """The filler sentence boundary closest to `depth` of the filler's tokens: the index of the sentence after it."""
+    boundaries = [0]
+    for sentence in filler:
+        boundaries.append(boundaries[-1] + len(sentence))
+    return min(range(len(boundaries)), key=lambda i: abs(boundaries[i] - depth * boundaries[-1]))
+
+
+def assemble(head: list[int], filler: Sequence[list[int]], needles: Sequence[list[int]],
+             places: Sequence[tuple[int, float]], tail: list[int]) -> tuple[list[int], list[tuple[int, int]]]:
+    """(ids, spans): `head`, the filler sentences with needle i just before sentence places[i][0] (needles at one
+    boundary in the order of places[i][1], then i), then `tail`; spans[i] is needle i's [start, end) in ids."""
+    ids, spans = list(head), [(0, 0)] * len(needles)
+    order = sorted(range(len(needles)), key=lambda i: places[i])
+    at = 0
+    for position, sentence in enumerate([*filler, []]):
+        while at < len(order) and places[order[at]][0] == position:
+            spans[order[at]] = (len(ids), len(ids) + len(needles[order[at]]))
+            ids += needles[order[at]]
+            at += 1
         ids += sentence
-    ids += tail
-    return PasskeySample(ids=ids, key=key, depth=depth, length=len(ids), needle_start=needle_start,
-                         distractor_keys=tuple(keys[1:]))
+    return ids + tail, spans
 
 
 def _needle(label: str | None, key: str) -> str:
@@ -93,14 +127,6 @@ def _distractor_keys(key: str, count: int) -> list[str]:
     return keys
 
 
-def _cut(filler: list[list[int]], depth: float) -> int:
-    """The filler sentence boundary closest to `depth` of the filler's tokens."""
-    boundaries = [0]
-    for sentence in filler:
-        boundaries.append(boundaries[-1] + len(sentence))
-    return min(range(len(boundaries)), key=lambda i: abs(boundaries[i] - depth * boundaries[-1]))
-
-
 def passkey_found(answer: str, key: str) -> bool:
     """The paper's score: the key appears in the generated answer."""
     return key in answer
@@ -111,14 +137,3 @@ def _encoder(tokenizer):
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
     return encode
-
-
-def _fill(sentences: list[list[int]], budget: int) -> list[list[int]]:
-    """Filler sentences, cycled, whose total token count is the closest to `budget`."""
-    filler, total = [], 0
-    while True:
-        sentence = sentences[len(filler) % len(sentences)]
-        if abs(total + len(sentence) - budget) >= abs(total - budget):
-            return filler
-        filler.append(sentence)
-        total += len(sentence)

@@ -1,4 +1,5 @@
-"""Needle-in-a-haystack sweeps: passkey retrieval over lengths x depths, with the stock cache or a kvtier config."""
+"""Needle-in-a-haystack sweeps over lengths x depths, with the stock cache or a kvtier config: RULER's needle tasks in
+natural prose (kvtier.tools.tasks), or the passkey in repeated filler (kvtier.tools.haystack)."""
 from __future__ import annotations
 
 import time
@@ -12,11 +13,18 @@ from transformers import DynamicCache
 from kvtier.cache import ReAttentionCache
 from kvtier.hf import cache_keyword
 from kvtier.config import ReAttentionConfig
+from kvtier.tools.corpus import TokenizedCorpus, tokenized_corpus
 from kvtier.tools.haystack import build_sample, draw_key, passkey_found
 from kvtier.tools.memory import release_memory
 from kvtier.tools.model import window_of
+from kvtier.tools.tasks import TASKS, answer_tokens, build_task_sample, needle_count, score
 
 STOCK = "stock"
+# natural: RULER's tasks in the packaged prose (kvtier.tools.corpus); filler: the passkey in five repeated sentences,
+# whose only task is the passkey (its --distractors variant included).
+HAYSTACKS = ("natural", "filler")
+PASSKEY = "passkey"
+FILLER_ANSWER_TOKENS = 10
 # Bounds the activations of a long prefill (the KV of a 135M model is small; a 16K-token forward is not).
 PREFILL_CHUNK = 2048
 
@@ -130,35 +138,57 @@ def group_batches(token_counts: Sequence[int], batch: int) -> list[list[int]]:
     return sorted(groups, key=lambda group: group[0])
 
 
+def build_prompts(tokenizer, corpus, setup: dict[str, Any], length: int, cells: Sequence[tuple[float, int]],
+                  seed: int) -> list:
+    """The prompts of one length, one per (depth, key index) cell: with `corpus` (natural text) RULER's task of
+    `setup` (kvtier.tools.tasks.build_task_sample), else the filler passkey with setup's distractors."""
+    if corpus is None:
+        return [build_sample(tokenizer, length, depth, draw_key(seed, length, depth, index), setup["distractors"])
+                for depth, index in cells]
+    return [build_task_sample(corpus, length, depth, setup["task"], setup["needles"],
+                              draw=f"{seed}:{length}:{depth}:{index}") for depth, index in cells]
+
+
 def run_niah(model, tokenizer, method: Method, lengths: Iterable[int], depths: Iterable[float], keys: int = 1,
-             seed: int = 0, max_new_tokens: int = 10, prefill_chunk: int = PREFILL_CHUNK,
+             seed: int = 0, max_new_tokens: int | None = None, prefill_chunk: int = PREFILL_CHUNK,
              distractors: int = 0, batch: int = 1,
-             on_batch: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    """Passkey accuracy of `method` on every (length, depth) cell, `keys` prompts per cell, greedy decoding; with
-    `distractors`, each prompt also holds that many other labelled keys (kvtier.tools.haystack.build_sample).
+             on_batch: Callable[[dict[str, Any]], None] | None = None, haystack: str = "natural",
+             task: str | None = None, needles: int = 4) -> dict[str, Any]:
+    """Accuracy of `method` on every (length, depth) cell, `keys` prompts per cell, greedy decoding, scored per
+    needle. The prompts: with haystack "natural", RULER's `task` (niah_single by default, or multikey, multivalue,
+    multiquery with `needles` needles; kvtier.tools.tasks.build_task_sample) in the packaged prose; with "filler",
+    the passkey (task None or "passkey") with `distractors` other labelled keys (kvtier.tools.haystack.build_sample).
+    max_new_tokens defaults to what the task's answer needs (10 for the passkey).
 
     With `batch` > 1, the prompts of one length are run up to `batch` at a time, those of the same token count
     together (`group_batches`): one cache, one chunked prefill and one `generate` per batch, each row scored on its
     own. Every row of a batch is held at once (B times the KV of one prompt).
 
-    Returns a JSON-ready dict: the method's label and config, the grid, and one record per sample, in cell order
-    (length, depth, key index). A record's "batch" is the size of the batch it ran in, and its "prefill_s" and
-    "decode_s" are that batch's seconds (shared by its rows, not divided among them); "stats" (kvtier) are its
-    cache's, also shared.
+    Returns a JSON-ready dict: the method's label and config, the grid and the task (with the corpus' name, sha256
+    and length in tokens for natural text), and one record per sample, in cell order (length, depth, key index):
+    its answer, "hit", for natural text "found" / "asked" (needles) and each needle with its value and whether the
+    answer holds it, and "needle_spans" ([start, end) token ranges of the needles in the prompt). A record's
+    "batch" is the size of the batch it ran in, and its "prefill_s" and "decode_s" are that batch's seconds (shared
+    by its rows, not divided among them); "stats" (kvtier) are its cache's, also shared.
 
     on_batch, when given, receives the run so far (its "samples": the prompts answered, "complete": False) after
     every batch, e.g. to save a long sweep as it goes."""
     group_batches([], batch)  # a bad batch fails before the first prompt is built
+    setup = sweep_task(haystack, task, needles, distractors)
+    if max_new_tokens is None:
+        max_new_tokens = default_answer_tokens(setup)
     lengths, depths = list(lengths), list(depths)
     cells = [(depth, index) for depth in depths for index in range(keys)]
-    samples, hits, done = [], 0, 0
+    corpus = tokenized_corpus(tokenizer) if haystack == "natural" else None
+    samples, found, asked, done = [], 0, 0, 0
     grid = {"label": method.label, "config": None if method.config is None else method.config.to_dict(),
-            "lengths": lengths, "depths": depths, "keys": keys, "distractors": distractors, "seed": seed,
+            "lengths": lengths, "depths": depths, "keys": keys, **setup, "seed": seed,
             "max_new_tokens": max_new_tokens, "batch": batch}
+    if corpus is not None:
+        grid["corpus"] = corpus.info()
     bar = tqdm(total=len(lengths) * len(cells), desc=method.label, unit="prompt")
     for length in lengths:  # one length's prompts at a time: at 1M tokens each prompt's ids are ~8 MB of Python
-        prompts = [build_sample(tokenizer, length, depth, draw_key(seed, length, depth, index), distractors)
-                   for depth, index in cells]
+        prompts = build_prompts(tokenizer, corpus, setup, length, cells, seed)
         records: list[dict[str, Any] | None] = [None] * len(prompts)
         for group in group_batches([prompt.length for prompt in prompts], batch):
             cache = method.new_cache(model)
@@ -168,23 +198,21 @@ def run_niah(model, tokenizer, method: Method, lengths: Iterable[int], depths: I
             for position, tokens in zip(group, result.tokens):
                 sample, depth = prompts[position], cells[position][0]
                 text = tokenizer.decode(tokens, skip_special_tokens=True)
-                hit = passkey_found(text, sample.key)
-                record = {"length": length, "tokens": sample.length, "depth": depth, "key": sample.key, "hit": hit,
-                          "answer": text, "prefill_s": round(result.prefill_s, 3),
-                          "decode_s": round(result.decode_s, 3), "batch": len(group)}
-                if distractors:
-                    record["distractor_keys"] = list(sample.distractor_keys)
-                    record["took_distractor"] = any(passkey_found(text, key) for key in sample.distractor_keys)
+                record = {"length": length, "tokens": sample.length, "depth": depth, "key": sample.key,
+                          **_scores(sample, text, corpus), "answer": text, "prefill_s": round(result.prefill_s, 3),
+                          "decode_s": round(result.decode_s, 3), "batch": len(group),
+                          "needle_spans": [list(span) for span in sample.needle_spans]}
                 if stats is not None:
                     record["stats"] = stats
                 records[position] = record
             del cache  # before the next batch's cache fills
             release_memory(model.device)
-            hits += sum(records[position]["hit"] for position in group)
+            found += sum(records[position].get("found", records[position]["hit"]) for position in group)
+            asked += sum(records[position].get("asked", 1) for position in group)
             done += len(group)
             bar.update(len(group))
             depths_run = ",".join(f"{cells[position][0]:g}" for position in group)
-            bar.set_postfix_str(f"found {hits}/{done}, last: {len(group)} x {prompts[group[0]].length} tokens, "
+            bar.set_postfix_str(f"found {found}/{asked}, last: {len(group)} x {prompts[group[0]].length} tokens, "
                                 f"depth {depths_run}")
             if on_batch is not None:
                 answered = samples + [record for record in records if record is not None]
@@ -192,6 +220,44 @@ def run_niah(model, tokenizer, method: Method, lengths: Iterable[int], depths: I
         samples += records
     bar.close()
     return {**grid, "samples": samples, "complete": True}
+
+
+def _scores(sample, answer_text: str, corpus: TokenizedCorpus | None) -> dict[str, Any]:
+    """A record's scoring fields: for the passkey (no corpus) "hit" and, with distractors, their keys and whether the
+    answer gave one; for a RULER task its per-needle score (kvtier.tools.tasks.score), where the haystack starts in
+    the corpus and whether it went round it ("repeats")."""
+    if corpus is None:
+        fields: dict[str, Any] = {"hit": passkey_found(answer_text, sample.key)}
+        if sample.distractor_keys:
+            fields["distractor_keys"] = list(sample.distractor_keys)
+            fields["took_distractor"] = any(passkey_found(answer_text, key) for key in sample.distractor_keys)
+        return fields
+    return {**score(sample, answer_text), "corpus_start": sample.corpus_start,
+            "repeats": sample.corpus_sentences > len(corpus)}
+
+
+def sweep_task(haystack: str, task: str | None = None, needles: int = 4, distractors: int = 0) -> dict[str, Any]:
+    """A sweep's task as its results record it: haystack, task, needles per prompt and distractors; ValueError naming
+    the fix for a combination that does not exist."""
+    if haystack not in HAYSTACKS:
+        raise ValueError(f"unknown haystack {haystack!r}; choose from {', '.join(HAYSTACKS)}")
+    if haystack == "filler":
+        if task not in (None, PASSKEY):
+            raise ValueError(f"the filler haystack has one task, the passkey ({PASSKEY}); {task} runs in natural text "
+                             f"(haystack 'natural')")
+        return {"haystack": haystack, "task": PASSKEY, "needles": 1 + distractors, "distractors": distractors}
+    if distractors:
+        raise ValueError("distractors belong to the filler passkey; in natural text run the multikey task, whose "
+                         "needles other than the asked one are distractors")
+    task = task or TASKS[0]
+    return {"haystack": haystack, "task": task, "needles": needle_count(task, needles), "distractors": 0}
+
+
+def default_answer_tokens(setup: dict[str, Any]) -> int:
+    """The answer length a sweep's task needs (`sweep_task`'s dict)."""
+    if setup["task"] == PASSKEY:
+        return FILLER_ANSWER_TOKENS
+    return answer_tokens(setup["task"], setup["needles"])
 
 
 def run_comparison(model, tokenizer, methods: Iterable[Method], lengths: Iterable[int], depths: Iterable[float],

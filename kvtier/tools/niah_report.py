@@ -10,26 +10,30 @@ from kvtier.tools.args import format_length
 from kvtier.tools.output import write_json
 from kvtier.tools.plots import pyplot, save_figure
 
-# What older results.json files lack, with the value their runs had: no --distractors, one prompt per forward, and
-# no "complete" key (only files written whole, at the end of a sweep, existed then).
-_OLDER_DEFAULTS = {"distractors": 0, "batch": 1, "complete": True}
+# What older results.json files lack, with the value their runs had: no --distractors, one prompt per forward, no
+# "complete" key (only files written whole, at the end of a sweep, existed then), and the filler passkey, the only
+# task then (its needles: the asked one and the distractors, added in `_with_older_defaults`).
+_OLDER_DEFAULTS = {"distractors": 0, "batch": 1, "complete": True, "haystack": "filler", "task": "passkey",
+                   "corpus": None}
 # A run's setup: parts of one label merge only when all of these are equal.
-_SETUP_FIELDS = ("config", "distractors", "seed", "max_new_tokens", "keys")
+_SETUP_FIELDS = ("config", "haystack", "task", "distractors", "needles", "corpus", "seed", "max_new_tokens", "keys")
 _RUN_FIELDS = {"label", "lengths", "depths", "samples"}
 
 
 def accuracy_grid(run: dict[str, Any]) -> list[list[tuple[int, int]]]:
-    """(hits, prompts) per cell: one row per length, one column per depth, in the run's order."""
+    """(needles found, needles asked) per cell: one row per length, one column per depth, in the run's order. A
+    passkey sample asks for one needle (its key)."""
     counts = {(length, depth): [0, 0] for length in run["lengths"] for depth in run["depths"]}
     for sample in run["samples"]:
         cell = counts[(sample["length"], sample["depth"])]
-        cell[0] += bool(sample["hit"])
-        cell[1] += 1
+        cell[0] += sample.get("found", bool(sample["hit"]))
+        cell[1] += sample.get("asked", 1)
     return [[tuple(counts[(length, depth)]) for depth in run["depths"]] for length in run["lengths"]]
 
 
 def format_table(run: dict[str, Any]) -> str:
-    """Passkeys found per length (rows) and depth (columns), with each row's total and the overall total."""
+    """Needles found per length (rows) and depth (columns), with each row's total and the overall total, under the
+    run's label and task."""
     grid = accuracy_grid(run)
     header = ["length"] + [f"{depth:g}" for depth in run["depths"]] + ["all"]
     rows = [[format_length(length)] + [_fraction(*cell) for cell in cells] + [_fraction(*_total(cells))]
@@ -37,11 +41,11 @@ def format_table(run: dict[str, Any]) -> str:
     per_depth = [_total(list(column)) for column in zip(*grid)]
     overall = _total([cell for cells in grid for cell in cells])
     rows.append(["all"] + [_fraction(*cell) for cell in per_depth] + [_fraction(*overall)])
-    return f"{run['label']}\n" + _render(header, rows)
+    return f"{run['label']}: {task_title(run)}\n" + _render(header, rows)
 
 
 def format_comparison(runs: list[dict[str, Any]]) -> str:
-    """One row per (method, length): passkeys found per depth, in total, and the mean prefill and decode seconds.
+    """One row per (method, length): needles found per depth, in total, and the mean prefill and decode seconds.
     The columns are every run's depths, sorted ('-' where a run has none: merged runs may differ).
 
     The seconds are the samples' records: with `run_niah(batch=N)` each record holds its whole batch's seconds
@@ -60,10 +64,11 @@ def format_comparison(runs: list[dict[str, Any]]) -> str:
 
 def plot_heatmap(run: dict[str, Any], path: str | Path) -> Path:
     """The ReAttention paper's figure: accuracy over length (x) and needle depth (y), red 0 to green 1. Each cell
-    reads hits/prompts (a merged run's cells may hold different counts); a cell without prompts is grey, '-'."""
-    by_depth = list(zip(*accuracy_grid(run)))  # [depth][length] -> (hits, prompts), depth down the y axis
+    reads needles found/asked (a merged run's cells may hold different counts); a cell without prompts is grey,
+    '-'."""
+    by_depth = list(zip(*accuracy_grid(run)))  # [depth][length] -> (found, asked), depth down the y axis
     hits, count = _total([cell for row in by_depth for cell in row])
-    title = f"{_task(run)}, {hits}/{count} found\n{run['label']}"
+    title = f"{task_title(run)}, {hits}/{count} found\n{run['label']}"
     return _plot_grid(by_depth, [format_length(length) for length in run["lengths"]], run["depths"],
                       "context length (tokens)", title, path)
 
@@ -72,7 +77,7 @@ def plot_methods(runs: list[dict[str, Any]], length: int, path: str | Path) -> P
     """The methods side by side at one length: accuracy over method (x) and needle depth (y), for runs of one task
     (e.g. `--policy all`); depths a run lacks are grey."""
     depths = sorted({depth for run in runs for depth in run["depths"]})
-    columns = []  # [method][depth] -> (hits, prompts)
+    columns = []  # [method][depth] -> (found, asked)
     for run in runs:
         by_depth = dict(zip(run["depths"], accuracy_grid(run)[run["lengths"].index(length)]))
         columns.append([by_depth.get(depth, (0, 0)) for depth in depths])
@@ -80,17 +85,32 @@ def plot_methods(runs: list[dict[str, Any]], length: int, path: str | Path) -> P
     scopes = {run["label"].split(" ", 1)[1] for run in runs if " " in run["label"]}  # stock's label has none
     shared = len(scopes) == 1 and len(set(policies)) == len(runs)  # one scope: name the columns by policy alone
     labels = policies if shared else [run["label"] for run in runs]
-    title = f"{_task(runs[0])} at {format_length(length)} tokens, by method" + (f"\n{scopes.pop()}" if shared else "")
+    title = f"{task_title(runs[0])} at {format_length(length)} tokens, by method"
+    title += f"\n{scopes.pop()}" if shared else ""
     return _plot_grid([list(row) for row in zip(*columns)], labels, depths, "method", title, path)
 
 
-def _task(run: dict[str, Any]) -> str:
-    return f"passkey among {run['distractors']} distractors" if run.get("distractors") else "passkey retrieval"
+def task_title(run: dict[str, Any]) -> str:
+    """What a run measured, in words: the filler passkey (with distractors) or a RULER task in natural text."""
+    run = _with_older_defaults(run)
+    if run["task"] == "passkey":
+        return f"passkey among {run['distractors']} distractors" if run["distractors"] else "passkey retrieval"
+    count = run["needles"]
+    needles = {"niah_single": "one needle", "multikey": f"1 of {count} keys asked",
+               "multivalue": f"{count} values of one key", "multiquery": f"{count} keys asked at once"}
+    return f"{run['task']} ({needles.get(run['task'], f'{count} needles')}) in natural text"
+
+
+def _with_older_defaults(run: dict[str, Any]) -> dict[str, Any]:
+    """`run` with the fields older results.json files lack (_OLDER_DEFAULTS; a filler run's needles)."""
+    run = {**_OLDER_DEFAULTS, **run}
+    run.setdefault("needles", 1 + run["distractors"])
+    return run
 
 
 def _plot_grid(by_depth: list[list[tuple[int, int]]], columns: list[str], depths: list[float], xlabel: str,
                title: str, path: str | Path) -> Path:
-    """A red (0) to green (1) accuracy grid, by_depth[depth][column] = (hits, prompts), written to `path`."""
+    """A red (0) to green (1) accuracy grid, by_depth[depth][column] = (found, asked), written to `path`."""
     plt = pyplot()
     accuracy = [[hits / count if count else float("nan") for hits, count in row] for row in by_depth]
     colors = plt.get_cmap("RdYlGn").with_extremes(bad="lightgrey")  # NaN: a cell without prompts
@@ -118,20 +138,26 @@ def write_report(runs: list[dict[str, Any]], out_dir: str | Path, meta: dict[str
     out_dir = Path(out_dir)
     results = write_results(runs, out_dir, meta)
     paths = [results] + [plot_heatmap(run, out_dir / f"niah-{_slug(run['label'])}.png") for run in runs]
-    for (length, distractors), sharing in _runs_by_length(runs).items():
+    for (length, suffix), sharing in _runs_by_length(runs).items():
         if len(sharing) > 1:
-            suffix = f"-d{distractors}" if distractors else ""
             paths.append(plot_methods(sharing, length, out_dir / f"niah-methods-{format_length(length)}{suffix}.png"))
     return paths
 
 
-def _runs_by_length(runs: list[dict[str, Any]]) -> dict[tuple[int, int], list[dict[str, Any]]]:
-    """(length, distractors) -> the runs that hold prompts of that length and task, in the runs' order."""
-    sharing: dict[tuple[int, int], list[dict[str, Any]]] = {}
+def _runs_by_length(runs: list[dict[str, Any]]) -> dict[tuple[int, str], list[dict[str, Any]]]:
+    """(length, the task's file name suffix) -> the runs that hold prompts of that length and task, in the runs'
+    order. The suffix: none for the plain passkey, -d<distractors> for the passkey among distractors, -<task> or
+    -<task><needles> for natural text."""
+    sharing: dict[tuple[int, str], list[dict[str, Any]]] = {}
     for run in runs:
+        full = _with_older_defaults(run)
+        if full["task"] == "passkey":
+            suffix = f"-d{full['distractors']}" if full["distractors"] else ""
+        else:
+            suffix = f"-{full['task']}" + (f"{full['needles']}" if full["task"] != "niah_single" else "")
         for length in run["lengths"]:
             if any(sample["length"] == length for sample in run["samples"]):
-                sharing.setdefault((length, run.get("distractors", 0)), []).append(run)
+                sharing.setdefault((length, suffix), []).append(run)
     return sharing
 
 
@@ -164,7 +190,8 @@ def load_results(paths: Sequence[Path]) -> list[tuple[Path, dict[str, Any]]]:
 def merge_runs(files_contents: Sequence[tuple[str | Path, dict[str, Any]]]) -> tuple[list[dict[str, Any]],
                                                                                      dict[str, Any]]:
     """Earlier sweeps' results (path, results.json contents) -> (runs, meta): one run per label, in order of first
-    appearance. A label's parts must share their setup (config, distractors, seed, max_new_tokens, keys); its
+    appearance. A label's parts must share their setup (config, haystack, task, distractors, needles, corpus, seed,
+    max_new_tokens, keys); its
     lengths and depths are the sorted unions, its samples all parts' samples by (length, depth, order of appearance),
     its "batch" the list of the parts' batch sizes, "complete" only if every part was. A sample (length, depth, key)
     in two files is a ValueError, as is a setup that differs: merging would count it twice or mix setups.
@@ -176,15 +203,15 @@ def merge_runs(files_contents: Sequence[tuple[str | Path, dict[str, Any]]]) -> t
     sample_file: dict[str, dict[tuple[int, float, str], str | Path]] = {}
     for path, doc in files_contents:
         for part in doc["runs"]:
-            part, label = {**_OLDER_DEFAULTS, **part}, part["label"]
+            part, label = _with_older_defaults(part), part["label"]
             if label not in merged:
                 first_part[label], sample_file[label] = (path, part), {}
                 merged[label] = {**part, "lengths": [], "depths": [], "samples": [], "batch": [], "complete": True}
             first_path, first = first_part[label]
             for field in _SETUP_FIELDS:
-                if part.get(field) != first.get(field):
-                    raise ValueError(f"cannot merge run {label!r}: its {field} is {first.get(field)!r} in {first_path} "
-                                     f"but {part.get(field)!r} in {path}")
+                if _setup_value(part, field) != _setup_value(first, field):
+                    raise ValueError(f"cannot merge run {label!r}: its {field} is {_setup_value(first, field)!r} in "
+                                     f"{first_path} but {_setup_value(part, field)!r} in {path}")
             seen, identities = sample_file[label], [(s["length"], s["depth"], s["key"]) for s in part["samples"]]
             twice = next((identity for identity in identities if identity in seen), None)
             if twice is not None:
@@ -207,6 +234,13 @@ def merge_runs(files_contents: Sequence[tuple[str | Path, dict[str, Any]]]) -> t
     meta["merged_from"] = [{"path": str(path), **{key: doc.get(key) for key in sources}}
                            for path, doc in files_contents]
     return list(merged.values()), meta
+
+
+def _setup_value(run: dict[str, Any], field: str) -> Any:
+    """What must be equal for runs to merge: the field, or of the corpus its sha256 (its length in tokens is the
+    tokenizer's, and the same file gives the same prompts)."""
+    value = run.get(field)
+    return value.get("sha256") if field == "corpus" and isinstance(value, dict) else value
 
 
 def _shared(values: list[Any]) -> Any:

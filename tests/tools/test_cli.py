@@ -13,6 +13,7 @@ import torch
 
 from kvtier.tools import haystack
 from kvtier.tools.cli import _parser, main
+from kvtier.tools.corpus import CORPUS_NAME, CORPUS_SHA256
 from kvtier.tools.haystack import (
     FILLER, INSTRUCTION, LABELLED_NEEDLE, LABELLED_QUESTION, LABELS, NEEDLE, QUESTION, TAIL_SENTENCES, build_sample,
     draw_key,
@@ -21,7 +22,7 @@ from kvtier.tools.haystack import (
 from kvtier.tools.model import INSTALL_HINT, MODEL_DIR_ENV, ModelNotInstalledError, find_gguf, load_smollm2
 from kvtier.tools.niah import Method, answer, answer_batch, group_batches, kvtier_method, run_niah
 from kvtier.tools.niah_report import (
-    accuracy_grid, format_comparison, format_table, merge_runs, plot_methods, write_report, write_results,
+    accuracy_grid, format_comparison, format_table, merge_runs, plot_methods, task_title, write_report, write_results,
 )
 from tests.conftest import greedy, tiny_model
 
@@ -143,7 +144,8 @@ def test_chunked_prefill_then_generate_matches_plain_generate():
 
 def test_stock_sweep_records_every_cell():
     model, tokenizer = tiny_model(window=4096), WordTokenizer()
-    run = run_niah(model, tokenizer, Method(), [200, 300], [0.2, 0.8], keys=2, max_new_tokens=1, prefill_chunk=128)
+    run = run_niah(model, tokenizer, Method(), [200, 300], [0.2, 0.8], keys=2, max_new_tokens=1, prefill_chunk=128,
+                   haystack="filler")
     assert run["label"] == "stock" and run["config"] is None
     assert [(s["length"], s["depth"]) for s in run["samples"]] == [(l, d) for l in (200, 300) for d in (0.2, 0.8)
                                                                    for _ in range(2)]
@@ -152,9 +154,10 @@ def test_stock_sweep_records_every_cell():
 
 
 def _tiny_niah(tmp_path, monkeypatch, *args: str) -> tuple[list[str], dict]:
-    """`kvtier niah ARGS --policy stock --max-new-tokens 1 --out tmp_path` on a tiny model -> (argv, its first run)."""
+    """`kvtier niah ARGS --haystack filler --policy stock --max-new-tokens 1 --out tmp_path` on a tiny model (whose
+    128 ids the WordTokenizer's filler words fit) -> (argv, its first run)."""
     monkeypatch.setattr("kvtier.tools.cli.load_smollm2", lambda **_: (tiny_model(window=4096), WordTokenizer()))
-    argv = ["niah", *args, "--policy", "stock", "--max-new-tokens", "1", "--out", str(tmp_path)]
+    argv = ["niah", *args, "--haystack", "filler", "--policy", "stock", "--max-new-tokens", "1", "--out", str(tmp_path)]
     assert main(argv) == 0
     return argv, json.loads((tmp_path / "results.json").read_text())["runs"][0]
 
@@ -228,7 +231,8 @@ def test_batched_sweep_gives_the_answers_of_one_prompt_at_a_time(kvtier):
     model = tiny_model(window=4096)
     method = kvtier_method(model, global_size=4, local_size=48, span_size=8, top_k=4, chunk_size=32) if kvtier \
         else Method()
-    sweep = dict(lengths=[200, 300], depths=[0.2, 0.5, 0.8], keys=1, max_new_tokens=3, prefill_chunk=96)
+    sweep = dict(lengths=[200, 300], depths=[0.2, 0.5, 0.8], keys=1, max_new_tokens=3, prefill_chunk=96,
+                 haystack="filler")
     single = run_niah(model, IdWordTokenizer(), method, batch=1, **sweep)
     batched = run_niah(model, IdWordTokenizer(), method, batch=2, **sweep)
     assert _answers(batched) == _answers(single) and len({s["answer"] for s in single["samples"]}) > 1
@@ -247,7 +251,8 @@ def test_batches_hold_prompts_of_one_token_count(monkeypatch):
         return answer_batch(model, ids, *args, **kwargs)
 
     monkeypatch.setattr("kvtier.tools.niah.answer_batch", recording)
-    sweep = dict(lengths=[150], depths=[0.1, 0.3, 0.5, 0.7, 0.9], keys=2, max_new_tokens=2, prefill_chunk=64)
+    sweep = dict(lengths=[150], depths=[0.1, 0.3, 0.5, 0.7, 0.9], keys=2, max_new_tokens=2, prefill_chunk=64,
+                 haystack="filler")
     batched = run_niah(model, SplitSevensTokenizer(), Method(), batch=3, **sweep)
     counts = [s["tokens"] for s in batched["samples"]]
     assert len(set(counts)) > 1  # the keys' 7s made prompts of different lengths
@@ -286,7 +291,7 @@ def test_sweep_frees_each_batch_cache_before_making_the_next():
     gc.disable()  # what frees the cycles is the sweep's own collection, not the interpreter's timing
     try:
         run_niah(tiny_model(window=4096), IdWordTokenizer(), method, lengths=[120], depths=[0.2, 0.5, 0.8],
-                 max_new_tokens=1, prefill_chunk=64)
+                 max_new_tokens=1, prefill_chunk=64, haystack="filler")
     finally:
         gc.enable()
     assert alive_when_made == [[], [False], [False, False]]
@@ -381,17 +386,24 @@ def test_niah_command_writes_the_report_and_prints_the_table_last(tmp_path, monk
     assert capsys.readouterr().out.rstrip().splitlines()[-1].split()[0] == "all"
 
 
-def test_niah_quick_runs_a_tiny_random_llama_and_writes_the_report(tmp_path, capsys):
-    assert main(["niah", "--quick", "--out", str(tmp_path)]) == 0
+@pytest.mark.parametrize("options, task", [([], "niah_single"), (["--haystack", "natural", "--task", "multikey"],
+                                                                   "multikey")], ids=["default", "multikey"])
+def test_niah_quick_runs_a_tiny_random_llama_and_writes_the_report(options, task, tmp_path, capsys):
+    assert main(["niah", "--quick", *options, "--out", str(tmp_path)]) == 0
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["model"] == "tiny random Llama (--quick)" and results["device"] == "cpu"
     (run,) = results["runs"]
     assert run["complete"] and run["lengths"] == [1024, 4096] and run["depths"] == [0.1, 0.5, 0.9]
     assert run["config"]["policy"] == "quest" and len(run["samples"]) == 6
-    assert all(abs(s["tokens"] - s["length"]) < 20 for s in run["samples"])  # one token per byte of the prompt
+    assert (run["haystack"], run["task"], run["corpus"]["name"], run["corpus"]["sha256"]) == (
+        "natural", task, CORPUS_NAME, CORPUS_SHA256)
+    assert all(s["tokens"] == s["length"] for s in run["samples"])  # whole sentences, exactly the length asked
+    assert all(s["asked"] == 1 and len(s["needles"]) == len(s["needle_spans"]) for s in run["samples"])
     (png,) = tmp_path.glob("niah-quest-*.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    header, _, *rows = capsys.readouterr().out.rstrip().splitlines()[-5:]  # the table, printed last
+    out = capsys.readouterr().out.rstrip().splitlines()
+    title, header, _, *rows = out[-6:]  # the table, printed last
+    assert title.endswith(f": {task_title(run)}") and "natural text" in title
     assert header.split() == ["length", "0.1", "0.5", "0.9", "all"]
     assert [row.split()[0] for row in rows] == ["1K", "4K", "all"] and rows[-1].split()[-1].endswith("/6")
 
@@ -424,8 +436,8 @@ def test_niah_saves_after_every_batch_so_a_killed_sweep_keeps_its_answers(tmp_pa
         return real_answer_batch(*args, **kwargs)
 
     monkeypatch.setattr("kvtier.tools.niah.answer_batch", killed_on_the_third_batch)
-    argv = ["niah", "--lengths", "200,300", "--depths", "0.2,0.5,0.8", "--policy", "stock", "--max-new-tokens", "1",
-            "--batch", "2", "--out", str(tmp_path)]  # batches of 2 + 1 prompts per length
+    argv = ["niah", "--lengths", "200,300", "--depths", "0.2,0.5,0.8", "--haystack", "filler", "--policy", "stock",
+            "--max-new-tokens", "1", "--batch", "2", "--out", str(tmp_path)]  # batches of 2 + 1 prompts per length
     with pytest.raises(KeyboardInterrupt):
         main(argv)
     assert saved[0] is None  # nothing before the first batch has answered
@@ -602,18 +614,41 @@ def test_model_dir_without_the_file_names_the_folder(tmp_path, monkeypatch):
         find_gguf()
 
 
-@pytest.mark.real_model
-def test_real_tokenizer_prompt_equals_tokenizing_its_text():
-    """Pieces tokenized apart must give the ids of the whole text, or lengths and depths would be off."""
+def real_tokenizer():
+    """SmolLM2's tokenizer, read from its GGUF file; skips the test where the model is not installed."""
     try:
         gguf = find_gguf()
     except ModelNotInstalledError as err:
         pytest.skip(f"the real model is not installed here: {err}")
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+
+
+@pytest.mark.real_model
+def test_real_tokenizer_prompt_equals_tokenizing_its_text():
+    """Pieces tokenized apart must give the ids of the whole text, or lengths and depths would be off."""
+    tokenizer = real_tokenizer()
     sample = build_sample(tokenizer, 3000, 0.5, "71432")
     text = tokenizer.decode(sample.ids)
     assert tokenizer(text, add_special_tokens=False)["input_ids"] == sample.ids
     assert abs(sample.length - 3000) <= 3
     assert haystack.NEEDLE.format(key="71432") in text
+
+
+def test_niah_diagnose_writes_recall_and_the_oracle_per_method(tmp_path, capsys):
+    argv = ["niah", "--quick", "--diagnose", "--lengths", "1k", "--depths", "0.5", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["diagnosis-quest.json", "diagnosis-quest.png"]
+    report = json.loads((tmp_path / "diagnosis-quest.json").read_text())
+    assert (report["haystack"], report["task"], report["command"]) == ("natural", "niah_single", ["kvtier", *argv[:]])
+    (prompt,) = report["prompts"]
+    assert prompt["needle_spans"] and {"plain", "oracle"} <= set(prompt)
+    assert len(prompt["layers"]) == 2  # the tiny Llama's layers, each with its recall at the answer's queries
+    assert capsys.readouterr().out.strip()  # the tables, last
+
+
+def test_niah_diagnose_refuses_stock_before_loading_a_model(tmp_path, capsys):
+    assert main(["niah", "--quick", "--diagnose", "--policy", "stock", "--out", str(tmp_path)]) == 2
+    assert "drop stock" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
