@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-pytest.importorskip("triton")
+pytest.importorskip("triton", reason="the kernel path needs the triton package (the triton extra, which scripts/setup.sh installs)")
 
 from kvtier import ReAttentionConfig, dispatch  # noqa: E402
 from kvtier.kernels import select as select_module  # noqa: E402

@@ -77,7 +77,7 @@ def test_quick_runs_default_to_the_cpu_in_float32():
     assert apply_device_options(options, quick=True) == (torch.device("cpu"), torch.bfloat16)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA machine cannot show the refusal of --device cuda without one; this runs on every CPU-only machine (CI)")
 def test_cuda_without_a_device_is_refused():
     with pytest.raises(ValueError, match="no CUDA device"):
         apply_device_options(argparse.Namespace(device="cuda", dtype="auto", threads=None))
