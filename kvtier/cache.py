@@ -44,7 +44,7 @@ class ReAttentionCache(hf.HostedCache):
         self._tokens: GrowableTensor | None = None  # [B, T] the token ids fed, while they are known
         self._tokens_known = True
         super().__init__(
-            layers=[ReAttentionLayer(self.config, self.policy, self._placement) for _ in range(spec.num_layers)]
+            layers=[ReAttentionLayer(self.config, self.policy, self._placement, index) for index in range(spec.num_layers)]
         )
 
     @property

@@ -25,14 +25,15 @@ def kernels_enabled(config: ReAttentionConfig, device: torch.device) -> bool:
 
 
 def select(policy: Policy, queries: torch.Tensor, summaries: torch.Tensor, config: ReAttentionConfig,
-           use_kernels: bool) -> torch.Tensor:
-    """queries [B, Hq, q, D] pre-RoPE, summaries [B, Hkv, n, c, D] -> span ids [B, Hsel, k] ascending."""
+           use_kernels: bool, layer: int = 0, tokens: int = 0) -> torch.Tensor:
+    """queries [B, Hq, q, D] pre-RoPE, summaries [B, Hkv, n, c, D] -> span ids [B, Hsel, k] ascending (`layer`,
+    `tokens`: see Policy.select_at)."""
     if use_kernels and policy.kernel_scoring is not None:
         from kvtier.kernels.select import select_spans
 
         return select_spans(queries, summaries, policy.kernel_scoring, policy.aggregation, policy.votes,
                             config.top_k, config.per_kv_head, use_triton=True)
-    return policy.select(queries, summaries, config.top_k, config.per_kv_head)
+    return policy.select_at(queries, summaries, config.top_k, config.per_kv_head, layer=layer, tokens=tokens)
 
 
 def rotate(rotary: ScopeRotary, x: torch.Tensor, start: int, use_kernels: bool) -> torch.Tensor:

@@ -24,8 +24,9 @@ class ReAttentionLayer(CacheLayerMixin):
     is_compileable = False
     is_sliding = False
 
-    def __init__(self, config: ReAttentionConfig, policy: Policy, placement_source: PlacementSource):
+    def __init__(self, config: ReAttentionConfig, policy: Policy, placement_source: PlacementSource, index: int = 0):
         super().__init__()
+        self.index = index  # the model layer this is: policies that vote across layers tell them apart by it
         self.config = config
         self.policy = policy
         self.placement_source = placement_source
@@ -89,7 +90,7 @@ class ReAttentionLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        self.__init__(self.config, self.policy, self.placement_source)
+        self.__init__(self.config, self.policy, self.placement_source, self.index)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         raise NotImplementedError("ReAttentionCache does not support beam search yet; use greedy or sampling")
@@ -130,8 +131,13 @@ class ReAttentionLayer(CacheLayerMixin):
     def select(self, queries: torch.Tensor) -> torch.Tensor:
         """queries [B, Hq, c, D] pre-RoPE -> span ids [B, Hkv, k] ascending (the same ids for every head unless
         per_kv_head)."""
-        ids = dispatch.select(self.policy, queries, self.table.summaries.view(), self.config, self.use_kernels)
+        ids = dispatch.select(self.policy, queries, self.table.summaries.view(), self.config, self.use_kernels,
+                              self.index, self.tokens_held())
         return ids.expand(-1, self.kv_heads, -1)
+
+    def tokens_held(self) -> int:
+        """Tokens taken in so far, up to the end of the query chunk being attended (the same for every layer)."""
+        return self.global_region.length + len(self.table) * self.config.span_size + self.local.length
 
     def gather_scope(self, ids: torch.Tensor, rotary: ScopeRotary) -> tuple[torch.Tensor, torch.Tensor]:
         """ids [B, Hkv, k] -> scope keys (rotated at positions 0..L-1), values [B, Hkv, L, D] in original token

@@ -7,6 +7,7 @@ import dataclasses
 from typing import Any
 
 from .base import AGGREGATIONS, Policy, best_spans, dot_scores, rank_spans
+from .consensus import ConsensusPolicy
 from .infllm import InfLLMPolicy
 from .mean import MeanPolicy
 from .quest import QuestPolicy
@@ -45,12 +46,12 @@ def build_policy(name: str, options: dict[str, Any] | None = None) -> Policy:
     return cls(**options)
 
 
-for _cls in (ReAttentionPolicy, MeanPolicy, QuestPolicy, InfLLMPolicy, StreamingPolicy):
+for _cls in (ReAttentionPolicy, MeanPolicy, QuestPolicy, InfLLMPolicy, StreamingPolicy, ConsensusPolicy):
     register_policy(_cls)
 
 __all__ = [
     "AGGREGATIONS", "Policy", "best_spans", "build_policy", "dot_scores", "policy_names", "rank_spans",
     "register_policy",
 ] + [
-    c.__name__ for c in (ReAttentionPolicy, MeanPolicy, QuestPolicy, InfLLMPolicy, StreamingPolicy)
+    c.__name__ for c in (ReAttentionPolicy, MeanPolicy, QuestPolicy, InfLLMPolicy, StreamingPolicy, ConsensusPolicy)
 ]

@@ -95,6 +95,13 @@ class Policy:
         merge_heads = None if per_kv_head else ("max" if self.aggregation == "max" else "sum")
         return best_spans(primary, secondary, top_k, merge_heads)
 
+    def select_at(self, queries: torch.Tensor, summaries: torch.Tensor, top_k: int, per_kv_head: bool, *,
+                  layer: int, tokens: int) -> torch.Tensor:
+        """`select` as the cache calls it: `layer`, the calling layer's index, and `tokens`, the tokens it holds up to
+        the end of the query chunk (the same for every layer selecting for that chunk). A policy that keeps state
+        across layers or steps (`consensus`) overrides this; the others select from the queries alone."""
+        return self.select(queries, summaries, top_k, per_kv_head)
+
     def aggregate(self, grouped: torch.Tensor, summaries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """grouped queries [B, Hkv, g, q, D] fp32, summaries [B, Hkv, n, c, D] fp32 -> (primary, secondary)
         [B, Hkv, n] fp32: each KV head's ranking key of every span under `aggregation`, and its tie-break (the span's

@@ -123,7 +123,7 @@ def observe_selection(cache: ReAttentionCache, needles: Sequence[TokenRanges] | 
         def observed(queries: torch.Tensor) -> torch.Tensor:
             nonlocal calls
             ids = select(queries)  # [B, Hkv, k]
-            tokens = _tokens_held(layer)
+            tokens = layer.tokens_held()
             if tokens > from_token:
                 observation.records.append(_record(layer, index, calls, tokens, queries, ids, needles))
                 calls += 1
@@ -153,7 +153,7 @@ def force_spans(cache: ReAttentionCache, span_ids_per_row: Sequence[Sequence[int
     def wrap(index: int, layer: ReAttentionLayer, select: Select) -> Select:
         def forced(queries: torch.Tensor) -> torch.Tensor:
             ids = select(queries)  # [B, Hkv, k]
-            if _tokens_held(layer) <= from_token:
+            if layer.tokens_held() <= from_token:
                 return ids
             _check_rows("force_spans", len(forced_rows), ids.shape[0])
             sealed = [[span for span in forced if span < len(layer.table)] for forced in forced_rows]
@@ -220,11 +220,6 @@ def _ranks(order: torch.Tensor) -> torch.Tensor:
 
 def _selecting_heads(layer: ReAttentionLayer) -> int:
     return layer.kv_heads if layer.config.per_kv_head else 1
-
-
-def _tokens_held(layer: ReAttentionLayer) -> int:
-    """Tokens the layer has taken in, up to the end of the query chunk it is selecting for."""
-    return layer.global_region.length + len(layer.table) * layer.config.span_size + layer.local.length
 
 
 _ABSENT = object()

@@ -51,7 +51,7 @@ def _reference_scores(name: str, queries: torch.Tensor, keys: torch.Tensor) -> t
     """Brute force in float64: each (query token, query head) against each span's candidates -> [B, Hq, q, n, m]."""
     q = queries.double()
     keys = _paired(queries, keys.double())  # [B, Hq, n, S, D]
-    if name == "reattention":  # every middle token is a candidate
+    if name in ("reattention", "consensus"):  # every middle token is a candidate
         candidates = keys
     elif name == "mean":
         candidates = keys.mean(3, keepdim=True)
@@ -496,7 +496,7 @@ def test_register_policy_needs_a_policy_class(registry, bad):
 
 
 def test_unknown_policy_name_lists_the_known_ones():
-    with pytest.raises(ValueError, match=r"unknown policy 'nope'; choose one of \['infllm', 'mean', 'quest', 'reattention', 'streaming'\]"):
+    with pytest.raises(ValueError, match=r"unknown policy 'nope'; choose one of \['consensus', 'infllm', 'mean', 'quest', 'reattention', 'streaming'\]"):
         build_policy("nope")
 
 

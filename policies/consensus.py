@@ -1,0 +1,95 @@
+"""`consensus`: the spans the last `window` queries (the question, at the end of a prompt) attend to, as voted by all
+layers so far.
+
+Per layer, the observation window's pre-RoPE queries are centred (their mean per head removed: what every query of
+the window asks, e.g. the question's function words and the attention-sink direction, is not content) and scored
+against every middle key; a span's score is its best key's, and each (query, head) spreads one unit of attention over
+the spans (softmax at the model's scale). Layer l selects by the sum of that attention mass over layers 0..l of the
+same query chunk (layers vote; no layer alone ranks a needle in natural prose reliably, their sum does: RESULTS 14).
+A span's neighbours share its score (max-pooled), so a sentence cut by a span border comes in whole.
+
+Decode steps reuse their layer's last selection and re-score every `refresh` steps, with the window sliding over the
+generated queries. The "summary" is the span's full keys (as `reattention`'s), so every middle key stays on the
+model's device."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .base import Policy, best_spans, dot_scores
+
+
+@dataclass
+class _LayerState:
+    window: torch.Tensor | None = None  # [B, Hq, <= window, D] the last queries seen, pre-RoPE
+    selected: torch.Tensor | None = None  # [B, Hsel, k] the last selection
+    steps: int = 0  # decode steps that reused `selected`
+
+
+@dataclass
+class ConsensusPolicy(Policy):
+    aggregation: str = "sum"
+    window: int = 64  # observation queries: the last `window` queries of the sequence
+    refresh: int = 16  # decode steps between re-scorings
+    neighbours: bool = True  # a span's neighbours share its score
+    span_block: int = 1024  # spans scored at once: bounds the [B, Hkv, g, window, block, S] score tensor
+
+    name = "consensus"
+    _layers: dict[int, _LayerState] = field(default_factory=dict, init=False, repr=False)
+    _votes: dict[int, tuple[int, torch.Tensor]] = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for option in ("window", "refresh", "span_block"):
+            value = getattr(self, option)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"consensus policy: {option} must be a positive integer, got {value!r}")
+
+    def summary_size(self, span_size: int) -> int:
+        return span_size
+
+    def summarise(self, keys: torch.Tensor) -> torch.Tensor:
+        return keys.clone()
+
+    def candidate_scores(self, queries: torch.Tensor, summaries: torch.Tensor) -> torch.Tensor:
+        return dot_scores(queries, summaries)
+
+    def select_at(self, queries: torch.Tensor, summaries: torch.Tensor, top_k: int, per_kv_head: bool, *,
+                  layer: int, tokens: int) -> torch.Tensor:
+        state = self._layers.setdefault(layer, _LayerState())
+        window = queries if state.window is None else torch.cat((state.window, queries.to(state.window.dtype)), 2)
+        state.window = window[:, :, -self.window:].clone()  # [B, Hq, <= window, D]
+        k = min(top_k, summaries.shape[2])
+        if k == 0:
+            return torch.empty(queries.shape[0], summaries.shape[1] if per_kv_head else 1, 0, dtype=torch.long,
+                               device=queries.device)
+        reuse = state.selected is not None and state.selected.shape[-1] == k and state.steps < self.refresh
+        if queries.shape[2] == 1 and reuse:
+            state.steps += 1
+            return state.selected
+        mass = self.window_mass(state.window, summaries, per_kv_head)  # [B, Hsel, n]
+        if layer == 0:  # a new chunk's vote: keep only the earlier chunks of this forward that layer 0 began
+            self._votes = {t: vote for t, vote in self._votes.items() if vote[0] == 0 and t < tokens}
+        votes = self._votes[tokens][1] + mass if tokens in self._votes else mass
+        self._votes[tokens] = (layer, votes)
+        score = F.max_pool1d(votes, 3, 1, 1) + 1e-3 * votes if self.neighbours and votes.shape[-1] > 1 else votes
+        state.selected, state.steps = best_spans(score, votes, k), 0
+        return state.selected
+
+    def window_mass(self, window: torch.Tensor, summaries: torch.Tensor, per_kv_head: bool) -> torch.Tensor:
+        """window [B, Hq, w, D] pre-RoPE queries, summaries (the keys) [B, Hkv, n, S, D] -> each span's attention mass
+        [B, Hsel, n] fp32: the window's queries centred (w > 1), each (query, head) spread over the spans by a
+        softmax of the span's best key score at scale 1/sqrt(D), summed over queries and heads."""
+        batch, q_heads, w, dim = window.shape
+        kv_heads, n_spans = summaries.shape[1], summaries.shape[2]
+        queries = window.float()
+        if w > 1:
+            queries = queries - queries.mean(2, keepdim=True)
+        grouped = queries.view(batch, kv_heads, q_heads // kv_heads, w, dim)  # [B, Hkv, g, w, D]
+        best = torch.cat([torch.einsum("bkgwd,bknsd->bkgwns", grouped, summaries[:, :, start:start + self.span_block]
+                                       .float()).amax(-1)
+                          for start in range(0, n_spans, self.span_block)], dim=-1)  # [B, Hkv, g, w, n]
+        mass = torch.softmax(best * dim ** -0.5, dim=-1).sum((2, 3))  # [B, Hkv, n]
+        return mass if per_kv_head else mass.sum(1, keepdim=True)
