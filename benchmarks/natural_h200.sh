@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The natural-text needle runs of benchmarks/RESULTS.md section 14 on one H200 (SmolLM2-135M-Instruct joined at
+# $KVTIER_MODEL_DIR; README, "Measuring on the GPU"): RULER's niah_single in the packaged prose, 11 depths x 2 keys.
+# The stages run side by side as separate processes (each one bound by the host queueing kernels, on its own CPU
+# core), each writing OUT_DIR/STAGE/results.json after every batch and OUT_DIR/STAGE.log.
+set -u
+usage() {
+    cat <<'USAGE'
+usage: bash benchmarks/natural_h200.sh OUT_DIR STAGE...
+RULER niah_single in natural prose on one H200 (kvtier niah, SmolLM2-135M-Instruct), 11 depths x 2 keys; the stages
+given run at once, each in its own process, and the script waits for all of them:
+  16k        quest (the old default), reattention (the paper) and consensus at 16K
+  64k        quest and consensus at 64K
+  64k-paper  reattention at 64K
+  topk       consensus with top_k 16 and 32 at 16K and 64K
+  long       consensus at 256K (11 depths x 1 key)
+  stock      transformers' DynamicCache at 4K (inside the window)
+environment: NATURAL_LIMIT seconds per stage (default 560). An unknown stage runs nothing and exits 2.
+USAGE
+}
+known=" 16k 64k 64k-paper topk long stock "
+here=$(cd "$(dirname "$0")" && pwd)
+source "$here/stages.sh"
+depths=0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1
+mkdir -p "$out"
+run() {  # stage, kvtier niah arguments...
+    local stage=$1
+    shift
+    timeout "${NATURAL_LIMIT:-560}" python3 -m kvtier niah --out "$out/$stage" "$@" > "$out/$stage.log" 2>&1
+    echo "== $stage: kvtier niah $* -> exit $?"
+    tr '\r' '\n' < "$out/$stage.log" | grep -E "found|^[0-9]+[KM] |^all " | tail -n 12
+}
+for stage in "$@"; do
+    case $stage in
+        16k) run 16k --lengths 16k --depths $depths --keys 2 --policy quest,reattention,consensus --batch 11 & ;;
+        64k) run 64k --lengths 64k --depths $depths --keys 2 --policy quest,consensus --batch 11 & ;;
+        64k-paper) run 64k-paper --lengths 64k --depths $depths --keys 2 --policy reattention --batch 11 & ;;
+        topk) (run topk-16 --lengths 16k,64k --depths $depths --keys 2 --policy consensus --top-k 16 --batch 11
+               run topk-32 --lengths 16k,64k --depths $depths --keys 2 --policy consensus --top-k 32 --batch 11) & ;;
+        long) run long --lengths 256k --depths $depths --policy consensus --batch 4 & ;;
+        stock) run stock --lengths 4k --depths $depths --keys 2 --policy stock --batch 11 & ;;
+    esac
+done
+wait
