@@ -15,13 +15,18 @@ given run at once, each in its own process, and the script waits for all of them
   topk       consensus with top_k 16 and 32 at 16K and 64K
   long       consensus at 256K (11 depths x 1 key)
   stock      transformers' DynamicCache at 4K (inside the window)
+  tasks      consensus on multikey and multiquery (4 needles) at 16K
+  ablate     consensus at 16K with one option changed: no neighbours, window 16, window 256
+Every kvtier stage caps its GPU span pool at 12 GiB (configs/niah-gpu12.yaml; the rest goes to pinned host memory),
+so stages running side by side never fail to grow a pool.
 environment: NATURAL_LIMIT seconds per stage (default 560). An unknown stage runs nothing and exits 2.
 USAGE
 }
-known=" 16k 64k 64k-paper topk long stock "
+known=" 16k 64k 64k-paper topk long stock tasks ablate "
 here=$(cd "$(dirname "$0")" && pwd)
 source "$here/stages.sh"
 depths=0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1
+gpu12="--config $here/configs/niah-gpu12.yaml"
 mkdir -p "$out"
 run() {  # stage, kvtier niah arguments...
     local stage=$1
@@ -32,12 +37,18 @@ run() {  # stage, kvtier niah arguments...
 }
 for stage in "$@"; do
     case $stage in
-        16k) run 16k --lengths 16k --depths $depths --keys 2 --policy quest,reattention,consensus --batch 11 & ;;
-        64k) run 64k --lengths 64k --depths $depths --keys 2 --policy quest,consensus --batch 11 & ;;
-        64k-paper) run 64k-paper --lengths 64k --depths $depths --keys 2 --policy reattention --batch 11 & ;;
-        topk) (run topk-16 --lengths 16k,64k --depths $depths --keys 2 --policy consensus --top-k 16 --batch 11
-               run topk-32 --lengths 16k,64k --depths $depths --keys 2 --policy consensus --top-k 32 --batch 11) & ;;
-        long) run long --lengths 256k --depths $depths --policy consensus --batch 4 & ;;
+        16k) run 16k --lengths 16k --depths $depths --keys 2 --policy quest,reattention,consensus --batch 11 $gpu12 & ;;
+        64k) run 64k --lengths 64k --depths $depths --keys 2 --policy quest,consensus --batch 11 $gpu12 & ;;
+        64k-paper) run 64k-paper --lengths 64k --depths $depths --keys 2 --policy reattention --batch 11 $gpu12 & ;;
+        topk) (run topk-16 --lengths 16k,64k --depths $depths --keys 2 --policy consensus --top-k 16 --batch 11 $gpu12
+               run topk-32 --lengths 16k,64k --depths $depths --keys 2 --policy consensus --top-k 32 --batch 11 $gpu12) & ;;
+        long) run long --lengths 256k --depths $depths --policy consensus --batch 4 $gpu12 & ;;
+        tasks) (run multikey --lengths 16k --depths $depths --task multikey --policy consensus --batch 11 $gpu12
+                run multiquery --lengths 16k --depths $depths --task multiquery --policy consensus --batch 11 $gpu12) & ;;
+        ablate) for option in no-neighbours window16 window256; do
+                    run "ablate-$option" --lengths 16k --keys 2 --depths $depths --config "$here/configs/consensus-$option.yaml" \
+                        --batch 11 &
+                done ;;
         stock) run stock --lengths 4k --depths $depths --keys 2 --policy stock --batch 11 & ;;
     esac
 done
