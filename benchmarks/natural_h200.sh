@@ -17,12 +17,15 @@ given run at once, each in its own process, and the script waits for all of them
   stock      transformers' DynamicCache at 4K (inside the window)
   tasks      consensus on multikey and multiquery (4 needles) at 16K
   ablate     consensus at 16K with one option changed: no neighbours, window 16, window 256
+  long-quest quest at 256K (11 depths x 1 key), the baseline of `long`
+  filler     quest and consensus on the filler passkey at 16K, 64K and 256K (5 depths)
+  speed      kvtier bench on SmolLM2 at 32K and 128K: stock, quest and consensus prefill tokens/s, decode ms/token
 Every kvtier stage caps its GPU span pool at 12 GiB (configs/niah-gpu12.yaml; the rest goes to pinned host memory),
 so stages running side by side never fail to grow a pool.
 environment: NATURAL_LIMIT seconds per stage (default 560). An unknown stage runs nothing and exits 2.
 USAGE
 }
-known=" 16k 64k 64k-paper topk long stock tasks ablate "
+known=" 16k 64k 64k-paper topk long stock tasks ablate long-quest filler speed "
 here=$(cd "$(dirname "$0")" && pwd)
 source "$here/stages.sh"
 depths=0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1
@@ -34,6 +37,13 @@ run() {  # stage, kvtier niah arguments...
     timeout "${NATURAL_LIMIT:-560}" python3 -m kvtier niah --out "$out/$stage" "$@" > "$out/$stage.log" 2>&1
     echo "== $stage: kvtier niah $* -> exit $?"
     tr '\r' '\n' < "$out/$stage.log" | grep -E "found|^[0-9]+[KM] |^all " | tail -n 12
+}
+bench() {  # stage, kvtier bench arguments (SmolLM2)...
+    local stage=$1
+    shift
+    timeout "${NATURAL_LIMIT:-560}" python3 -m kvtier bench --model smollm2 --out "$out/$stage" "$@" > "$out/$stage.log" 2>&1
+    echo "== $stage: kvtier bench --model smollm2 $* -> exit $?"
+    tr '\r' '\n' < "$out/$stage.log" | tail -n 14
 }
 for stage in "$@"; do
     case $stage in
@@ -49,6 +59,11 @@ for stage in "$@"; do
                     run "ablate-$option" --lengths 16k --keys 2 --depths $depths --config "$here/configs/consensus-$option.yaml" \
                         --batch 11 &
                 done ;;
+        long-quest) run long-quest --lengths 256k --depths $depths --config "$here/configs/quest-gpu12.yaml" --batch 4 & ;;
+        filler) run filler --haystack filler --lengths 16k,64k,256k --depths 0.1,0.3,0.5,0.7,0.9 --policy quest,consensus \
+                    --batch 5 $gpu12 & ;;
+        speed) (bench speed-consensus --contexts 32k,128k --methods stock,kvtier
+                bench speed-quest --contexts 32k,128k --methods kvtier --config "$here/configs/policy-quest.yaml") & ;;
         stock) run stock --lengths 4k --depths $depths --keys 2 --policy stock --batch 11 & ;;
     esac
 done

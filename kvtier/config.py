@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 # Chosen by measurement on SmolLM2-135M-Instruct with `kvtier niah` (README, "Why these defaults").
-DEFAULT_POLICY = "quest"
+DEFAULT_POLICY = "consensus"
 # The scope fills this fraction of the trained window: SmolLM2 retrieves better with half its window than with all
 # of it (its own recall fades near the end of its window), measured in benchmarks/RESULTS.md.
 DEFAULT_SCOPE_FRACTION = 0.5

@@ -28,6 +28,7 @@ VERSION = 2
 _PAGE = 4096
 _META_KEYS = {"config", "fingerprint", "dtype", "batch", "tokens", "token_ids", "span_shape", "spans", "layers"}
 _LAYER_TENSORS = ("global_keys", "global_values", "local_keys", "local_values", "summaries")
+_POLICY = "policy."  # the policy's per-layer state (Policy.layer_state), named in the layer's meta entry
 
 
 def fingerprint(model) -> dict[str, Any]:
@@ -93,7 +94,8 @@ def _write(cache, partial: Path) -> None:
         raise ValueError("some layers of this cache never saw a token; save after a complete forward")
     span_count = sum(layer.table.uids_host.view().numel() for layer in layers)
     estimate = (_record_pages(placement.span_bytes + 256) * span_count + 64) * _PAGE  # a span and its header per record
-    estimate += sum(_record_pages(t.numel() * t.element_size()) * _PAGE for t in _layer_tensors(layers[0]).values()) * len(layers)
+    layer_records = [*_layer_tensors(layers[0]).values(), *cache.policy.layer_state(0).values()]
+    estimate += sum(_record_pages(t.numel() * t.element_size()) * _PAGE for t in layer_records) * len(layers)
     partial.unlink(missing_ok=True)
     env = lmdb.open(str(partial), subdir=False, map_size=int(estimate * 1.25) + 2**24, lock=False, sync=False,
                     metasync=False, readahead=False)
@@ -102,6 +104,8 @@ def _write(cache, partial: Path) -> None:
         items: list[tuple[bytes, bytes]] = []
         for index, layer in enumerate(layers):
             items += [(_layer_key(index, name), records.encode_tensor(t.cpu())) for name, t in _layer_tensors(layer).items()]
+            items += [(_layer_key(index, _POLICY + name), records.encode_tensor(t.cpu()))
+                      for name, t in cache.policy.layer_state(index).items()]
         tokens = cache.token_ids
         if tokens is not None:
             items.append((b"tokens", records.encode_tensor(tokens)))
@@ -146,7 +150,8 @@ def _meta(cache, layers, span_count: int, has_tokens: bool) -> dict[str, Any]:
         "span_shape": list(cache.placement.span_shape),
         "spans": span_count,
         "layers": [
-            {"seen": layer.seen, "largest_scope": layer.largest_scope, "spans": len(layer.table)} for layer in layers
+            {"seen": layer.seen, "largest_scope": layer.largest_scope, "spans": len(layer.table),
+             "policy_state": sorted(cache.policy.layer_state(index))} for index, layer in enumerate(layers)
         ],
     }
 
@@ -214,7 +219,8 @@ def _read_meta(env: lmdb.Environment, path: Path) -> dict[str, Any]:
     missing = sorted(_META_KEYS - set(meta))
     if missing:
         raise CorruptCacheError(f"{str(path)!r}: the metadata lacks {missing}")
-    expected = meta["spans"] + len(meta["layers"]) * len(_LAYER_TENSORS) + 1 + bool(meta["token_ids"])
+    policy_records = sum(len(layer.get("policy_state", ())) for layer in meta["layers"])
+    expected = meta["spans"] + len(meta["layers"]) * len(_LAYER_TENSORS) + policy_records + 1 + bool(meta["token_ids"])
     if env.stat()["entries"] != expected:
         raise CorruptCacheError(f"{str(path)!r} holds {env.stat()['entries']} records, its metadata says {expected}")
     return meta
@@ -247,6 +253,8 @@ def _restore(cache, env: lmdb.Environment, meta: dict[str, Any], path: Path, mod
             count = info["spans"] * meta["batch"]
             uids = torch.arange(saved_uid, saved_uid + count).view(meta["batch"], info["spans"])
             layer.restore(state, uids, info["seen"], info["largest_scope"])
+            cache.policy.restore_layer_state(
+                index, {name: tensor(_layer_key(index, _POLICY + name)).to(device) for name in info.get("policy_state", [])})
             saved_uid += count
         if meta["token_ids"]:
             cache.record_tokens(tensor(b"tokens"))

@@ -102,6 +102,17 @@ class Policy:
         across layers or steps (`consensus`) overrides this; the others select from the queries alone."""
         return self.select(queries, summaries, top_k, per_kv_head)
 
+    def reset(self) -> None:
+        """Forget what earlier calls left behind (the cache was reset); stateless policies have nothing to forget."""
+
+    def layer_state(self, layer: int) -> dict[str, torch.Tensor]:
+        """What this policy keeps for `layer` between forwards, saved with the cache so a loaded cache continues as the
+        saved one would (names -> tensors); stateless policies keep nothing."""
+        return {}
+
+    def restore_layer_state(self, layer: int, state: dict[str, torch.Tensor]) -> None:
+        """Take back what `layer_state` gave (tensors on the layer's device)."""
+
     def aggregate(self, grouped: torch.Tensor, summaries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """grouped queries [B, Hkv, g, q, D] fp32, summaries [B, Hkv, n, c, D] fp32 -> (primary, secondary)
         [B, Hkv, n] fp32: each KV head's ranking key of every span under `aggregation`, and its tie-break (the span's

@@ -56,8 +56,32 @@ class ConsensusPolicy(Policy):
     def candidate_scores(self, queries: torch.Tensor, summaries: torch.Tensor) -> torch.Tensor:
         return dot_scores(queries, summaries)
 
+    def reset(self) -> None:
+        self._layers.clear()
+        self._votes.clear()
+
+    def layer_state(self, layer: int) -> dict[str, torch.Tensor]:
+        state = self._layers.get(layer)
+        if state is None or state.window is None:
+            return {}
+        saved = {"window": state.window, "steps": torch.tensor([state.steps])}
+        return saved if state.selected is None else saved | {"selected": state.selected}
+
+    def restore_layer_state(self, layer: int, state: dict[str, torch.Tensor]) -> None:
+        if state:
+            self._layers[layer] = _LayerState(state["window"], state.get("selected"), int(state["steps"][0]))
+
+    def aggregate(self, grouped: torch.Tensor, summaries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One layer's ranking, as kvtier.tools.diagnose reads it: the window mass of these queries [B, Hkv, g, q, D]
+        per KV head (without the other layers' votes) -> (mass, mass) [B, Hkv, n]."""
+        batch, kv_heads, group, n_queries, dim = grouped.shape
+        mass = self.window_mass(grouped.reshape(batch, kv_heads * group, n_queries, dim), summaries, True)
+        return mass, mass
+
     def select_at(self, queries: torch.Tensor, summaries: torch.Tensor, top_k: int, per_kv_head: bool, *,
                   layer: int, tokens: int) -> torch.Tensor:
+        if queries.shape[1] % summaries.shape[1]:
+            raise ValueError(f"{queries.shape[1]} query heads cannot be grouped over {summaries.shape[1]} KV heads")
         state = self._layers.setdefault(layer, _LayerState())
         window = queries if state.window is None else torch.cat((state.window, queries.to(state.window.dtype)), 2)
         state.window = window[:, :, -self.window:].clone()  # [B, Hq, <= window, D]
@@ -81,15 +105,17 @@ class ConsensusPolicy(Policy):
     def window_mass(self, window: torch.Tensor, summaries: torch.Tensor, per_kv_head: bool) -> torch.Tensor:
         """window [B, Hq, w, D] pre-RoPE queries, summaries (the keys) [B, Hkv, n, S, D] -> each span's attention mass
         [B, Hsel, n] fp32: the window's queries centred (w > 1), each (query, head) spread over the spans by a
-        softmax of the span's best key score at scale 1/sqrt(D), summed over queries and heads."""
+        softmax of the span's best key score at scale 1/sqrt(D), summed over queries and heads. On a GPU the dot
+        products run in the keys' dtype (fp32 accumulation), elsewhere in fp32."""
         batch, q_heads, w, dim = window.shape
         kv_heads, n_spans = summaries.shape[1], summaries.shape[2]
         queries = window.float()
         if w > 1:
             queries = queries - queries.mean(2, keepdim=True)
-        grouped = queries.view(batch, kv_heads, q_heads // kv_heads, w, dim)  # [B, Hkv, g, w, D]
+        dtype = summaries.dtype if summaries.is_cuda else torch.float32
+        grouped = queries.to(dtype).view(batch, kv_heads, q_heads // kv_heads, w, dim)  # [B, Hkv, g, w, D]
         best = torch.cat([torch.einsum("bkgwd,bknsd->bkgwns", grouped, summaries[:, :, start:start + self.span_block]
-                                       .float()).amax(-1)
+                                       .to(dtype)).amax(-1)
                           for start in range(0, n_spans, self.span_block)], dim=-1)  # [B, Hkv, g, w, n]
-        mass = torch.softmax(best * dim ** -0.5, dim=-1).sum((2, 3))  # [B, Hkv, n]
+        mass = torch.softmax(best.float() * dim ** -0.5, dim=-1).sum((2, 3))  # [B, Hkv, n]
         return mass if per_kv_head else mass.sum(1, keepdim=True)

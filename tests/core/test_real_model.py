@@ -1,12 +1,15 @@
 """Invariant on the real model: with a ~1K-token scope over a ~3K-token haystack, the needle can only reach the
-answer through selection. The default policy and `reattention` find it; `streaming` (no middle) cannot."""
+answer through selection. The default policy and `reattention` find it; `streaming` (no middle) cannot. And in
+natural prose at 12K tokens (1.5x the window), the defaults find RULER's needle from the middle of the text."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from kvtier import ReAttentionCache
+from kvtier.tools.corpus import tokenized_corpus
 from kvtier.tools.haystack import build_sample, passkey_found
+from kvtier.tools.tasks import build_task_sample
 from kvtier.tools.model import ModelNotInstalledError, load_smollm2
 from kvtier.tools.niah import answer
 
@@ -56,3 +59,15 @@ def test_stock_finds_it_at_this_length(smollm2, haystack):
     with torch.inference_mode():
         out = model.generate(ids, max_new_tokens=8, do_sample=False)
     assert passkey_found(tokenizer.decode(out[0, ids.shape[1] :]), haystack.key)
+
+
+def test_the_defaults_find_a_needle_in_prose_beyond_the_window(smollm2):
+    """RULER's niah_single in the packaged prose, 12K tokens, the needle at 55% depth: far from the global tokens and
+    the local window, so only the selection brings it into the scope (stock SmolLM2 cannot read 12K tokens)."""
+    model, tokenizer = smollm2
+    sample = build_task_sample(tokenized_corpus(tokenizer), 12288, 0.55, "niah_single", draw="0:12288:0.55:0")
+    config = ReAttentionCache(model).config
+    (start, end), = sample.needle_spans
+    assert config.global_size < start and end < sample.length - config.local_size
+    text = tokenizer.decode(answer(model, sample.ids, ReAttentionCache(model), max_new_tokens=12).tokens)
+    assert sample.needles[0].value in text, text

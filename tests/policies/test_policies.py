@@ -14,7 +14,8 @@ from kvtier.policies import (
 
 BATCH = 2
 HEADS = [(9, 3), (4, 4), (8, 2)]  # (query heads, KV heads): a non-power-of-two group, MHA, GQA
-SCORED = [name for name in policy_names() if name != "streaming"]
+# consensus ranks by its own window mass across layers: tests/policies/test_consensus.py checks it against brute force
+SCORED = [name for name in policy_names() if name not in ("streaming", "consensus")]
 POLICY_AGGREGATIONS = [(name, agg) for name in SCORED for agg in AGGREGATIONS] + [("streaming", None)]
 
 
@@ -51,7 +52,7 @@ def _reference_scores(name: str, queries: torch.Tensor, keys: torch.Tensor) -> t
     """Brute force in float64: each (query token, query head) against each span's candidates -> [B, Hq, q, n, m]."""
     q = queries.double()
     keys = _paired(queries, keys.double())  # [B, Hq, n, S, D]
-    if name in ("reattention", "consensus"):  # every middle token is a candidate
+    if name == "reattention":  # every middle token is a candidate
         candidates = keys
     elif name == "mean":
         candidates = keys.mean(3, keepdim=True)

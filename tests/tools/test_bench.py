@@ -175,6 +175,10 @@ def test_kvtier_on_cuda_precompiles_the_selection_kernels_up_to_the_longest_cont
     monkeypatch.setattr(warmup, "precompile", lambda **shapes: calls.append(shapes) or 10)
     plan = bench.make_plan(_parser().parse_args(["bench", "--quick", "--out", str(tmp_path)]))
     model, _ = bench.build_model(plan)
+    on_cuda = dataclasses.replace(plan, device=torch.device("cuda"))  # precompile itself is faked: no CUDA needed
+    bench.Bench(model, on_cuda).precompile_kernels()
+    assert not calls  # the default policy, consensus, runs no Triton kernel
+    plan = dataclasses.replace(plan, kvtier_config=plan.kvtier_config.replace(policy="quest"))
     bench.Bench(model, plan).precompile_kernels()
     assert not calls  # the CPU: nothing is compiled
     on_cuda = dataclasses.replace(plan, device=torch.device("cuda"))  # precompile itself is faked: no CUDA needed

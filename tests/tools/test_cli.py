@@ -11,6 +11,7 @@ import weakref
 import pytest
 import torch
 
+from kvtier.config import DEFAULT_POLICY
 from kvtier.tools import haystack
 from kvtier.tools.cli import _parser, main
 from kvtier.tools.corpus import CORPUS_NAME, CORPUS_SHA256
@@ -394,12 +395,12 @@ def test_niah_quick_runs_a_tiny_random_llama_and_writes_the_report(options, task
     assert results["model"] == "tiny random Llama (--quick)" and results["device"] == "cpu"
     (run,) = results["runs"]
     assert run["complete"] and run["lengths"] == [1024, 4096] and run["depths"] == [0.1, 0.5, 0.9]
-    assert run["config"]["policy"] == "quest" and len(run["samples"]) == 6
+    assert run["config"]["policy"] == DEFAULT_POLICY and len(run["samples"]) == 6
     assert (run["haystack"], run["task"], run["corpus"]["name"], run["corpus"]["sha256"]) == (
         "natural", task, CORPUS_NAME, CORPUS_SHA256)
     assert all(s["tokens"] == s["length"] for s in run["samples"])  # whole sentences, exactly the length asked
     assert all(s["asked"] == 1 and len(s["needles"]) == len(s["needle_spans"]) for s in run["samples"])
-    (png,) = tmp_path.glob("niah-quest-*.png")
+    (png,) = tmp_path.glob(f"niah-{DEFAULT_POLICY}-*.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     out = capsys.readouterr().out.rstrip().splitlines()
     title, header, _, *rows = out[-6:]  # the table, printed last
@@ -639,8 +640,8 @@ def test_real_tokenizer_prompt_equals_tokenizing_its_text():
 def test_niah_diagnose_writes_recall_and_the_oracle_per_method(tmp_path, capsys):
     argv = ["niah", "--quick", "--diagnose", "--lengths", "1k", "--depths", "0.5", "--out", str(tmp_path)]
     assert main(argv) == 0
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["diagnosis-quest.json", "diagnosis-quest.png"]
-    report = json.loads((tmp_path / "diagnosis-quest.json").read_text())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["diagnosis-consensus.json", "diagnosis-consensus.png"]
+    report = json.loads((tmp_path / "diagnosis-consensus.json").read_text())
     assert (report["haystack"], report["task"], report["command"]) == ("natural", "niah_single", ["kvtier", *argv[:]])
     (prompt,) = report["prompts"]
     assert prompt["needle_spans"] and {"plain", "oracle"} <= set(prompt)

@@ -20,7 +20,7 @@ from kvtier.tools.tasks import NEEDLE as NEEDLE_TEXT, build_task_sample
 from tests.conftest import random_ids, tiny_model
 
 SMALL = dict(global_size=4, local_size=64, span_size=8, top_k=2, chunk_size=16, kernels="reference")
-CONFIG = ReAttentionConfig(**SMALL)
+CONFIG = ReAttentionConfig(**SMALL, policy="quest")  # ranks per layer: consensus votes across layers
 PROMPT = 240  # 4 global tokens, then (240 - 4 - 64) / 8 = 21.5 -> 22 sealed spans, and the rest in the window
 NEEDLE = [(50, 70)]  # tokens 50..69: spans (50-4)//8 = 5 to (69-4)//8 = 8
 EVERY_SPAN = [(4, 10**6)]  # a needle over every middle token: the observer ranks every sealed span
