@@ -11,7 +11,7 @@ from kvtier.tools.corpus import tokenized_corpus
 from kvtier.tools.haystack import build_sample, passkey_found
 from kvtier.tools.tasks import build_task_sample
 from kvtier.tools.model import ModelNotInstalledError, load_smollm2
-from kvtier.tools.niah import answer
+from kvtier.tools.niah import answer, answer_batch
 
 pytestmark = pytest.mark.real_model
 
@@ -61,13 +61,18 @@ def test_stock_finds_it_at_this_length(smollm2, haystack):
     assert passkey_found(tokenizer.decode(out[0, ids.shape[1] :]), haystack.key)
 
 
-def test_the_defaults_find_a_needle_in_prose_beyond_the_window(smollm2):
-    """RULER's niah_single in the packaged prose, 12K tokens, the needle at 55% depth: far from the global tokens and
-    the local window, so only the selection brings it into the scope (stock SmolLM2 cannot read 12K tokens)."""
+def test_the_defaults_find_needles_in_prose_beyond_the_window(smollm2):
+    """RULER's niah_single in the packaged prose, 12K tokens (1.5x the window), needles at 40%, 55% and 70% depth in
+    three rows of one batch: far from the global tokens and the local window, so only the selection brings them into
+    the scope (stock SmolLM2 cannot read 12K tokens)."""
     model, tokenizer = smollm2
-    sample = build_task_sample(tokenized_corpus(tokenizer), 12288, 0.55, "niah_single", draw="0:12288:0.55:0")
+    corpus = tokenized_corpus(tokenizer)
+    samples = [build_task_sample(corpus, 12288, depth, "niah_single", draw=f"0:12288:{depth}:0")
+               for depth in (0.4, 0.55, 0.7)]
     config = ReAttentionCache(model).config
-    (start, end), = sample.needle_spans
-    assert config.global_size < start and end < sample.length - config.local_size
-    text = tokenizer.decode(answer(model, sample.ids, ReAttentionCache(model), max_new_tokens=12).tokens)
-    assert sample.needles[0].value in text, text
+    for sample in samples:
+        (start, end), = sample.needle_spans
+        assert config.global_size < start and end < sample.length - config.local_size
+    answers = answer_batch(model, [sample.ids for sample in samples], ReAttentionCache(model), max_new_tokens=12)
+    texts = [tokenizer.decode(tokens) for tokens in answers.tokens]
+    assert [sample.needles[0].value in text for sample, text in zip(samples, texts)] == [True] * 3, texts

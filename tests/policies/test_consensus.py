@@ -306,3 +306,14 @@ def test_generation_is_deterministic():
     first = greedy(model, ids, ReAttentionCache(model, **options), new_tokens=24)
     second = greedy(model, ids, ReAttentionCache(model, **options), new_tokens=24)
     assert torch.equal(first, second)
+
+
+def test_a_reset_cache_generates_what_a_new_one_does():
+    """The observation windows and selections of the first prompt are forgotten on reset."""
+    model = tiny_model("llama")
+    first, second = random_ids(100, seed=3), random_ids(60, seed=4)
+    cache = ReAttentionCache(model, policy="consensus", **TINY)
+    greedy(model, first, cache, new_tokens=8)
+    cache.reset()
+    fresh = greedy(model, second, ReAttentionCache(model, policy="consensus", **TINY), new_tokens=8)
+    assert torch.equal(greedy(model, second, cache, new_tokens=8), fresh)
