@@ -68,7 +68,7 @@ def test_decode_profile_chunk_profiles_a_prefill_forward(tmp_path):
     assert all(row["ms_median"] > 0 for row in result["rows"])
 
 
-@pytest.mark.parametrize("script", ["decode_profile.py", "kernels.py", "spill.py", "tiers.py"])
+@pytest.mark.parametrize("script", ["decode_profile.py", "kernels.py", "selection_ranks.py", "spill.py", "tiers.py"])
 def test_every_benchmark_script_explains_quick_and_out(script, capsys, monkeypatch):
     spec = importlib.util.spec_from_file_location(f"benchmark_{Path(script).stem}", ROOT / "benchmarks" / script)
     module = importlib.util.module_from_spec(spec)
