@@ -25,6 +25,9 @@ SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 
 # the ReAttentionCache driving the current decoder forward, if any
 _ACTIVE_CACHE: contextvars.ContextVar[Any] = contextvars.ContextVar("kvtier_active_cache", default=None)
+# the values _ACTIVE_CACHE had before each decoder forward in progress (nested forwards), innermost last: a context
+# variable too, so that threads running forwards of one model at once each keep their own
+_OUTER_CACHES: contextvars.ContextVar[tuple] = contextvars.ContextVar("kvtier_outer_caches", default=())
 # (cache, layer_idx, key tensor) published by the last cache.update
 _PUBLISHED: contextvars.ContextVar[tuple | None] = contextvars.ContextVar("kvtier_published", default=None)
 
@@ -100,13 +103,16 @@ def _cache_of(kwargs: dict) -> Any:
 def _decoder_pre_hook(module, args, kwargs):
     cache = _cache_of(kwargs)
     ours = isinstance(cache, HostedCache)
-    module._kvtier_context_resets.append(_ACTIVE_CACHE.set(cache if ours else None))  # the post-hook resets it, always
+    _OUTER_CACHES.set(_OUTER_CACHES.get() + (_ACTIVE_CACHE.get(),))  # the post-hook puts it back, always
+    _ACTIVE_CACHE.set(cache if ours else None)
     if ours:
         cache.record_tokens(kwargs.get("input_ids"))
 
 
 def _decoder_post_hook(module, args, kwargs, output):
-    _ACTIVE_CACHE.reset(module._kvtier_context_resets.pop())
+    outer = _OUTER_CACHES.get()
+    _ACTIVE_CACHE.set(outer[-1])
+    _OUTER_CACHES.set(outer[:-1])
     _PUBLISHED.set(None)  # drop the reference to the last key tensor
 
 
@@ -153,7 +159,6 @@ def bind_model(model) -> ModelSpec:
     model.set_attn_implementation(ATTENTION_NAME)  # changes nothing when the model already uses it
     decoder = model.get_decoder()
     if not getattr(decoder, "_kvtier_hooked", False):
-        decoder._kvtier_context_resets = []  # ContextVar reset tokens, one per forward in progress
         decoder.register_forward_pre_hook(_decoder_pre_hook, with_kwargs=True)
         decoder.register_forward_hook(_decoder_post_hook, with_kwargs=True, always_call=True)
         decoder.rotary_emb.register_forward_hook(_rotary_hook)
