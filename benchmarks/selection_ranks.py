@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from kvtier.cache import ReAttentionCache
 from kvtier.hf import cache_keyword
+from kvtier.policies import MeanPolicy, QuestPolicy, ReAttentionPolicy
 from kvtier.tools.args import fractions, length, versions
 from kvtier.tools.corpus import tokenized_corpus
 from kvtier.tools.memory import release_memory
@@ -46,15 +47,10 @@ QUICK_DEPTHS = [0.25, 0.5]
 QUICK_SIZES = dict(global_size=16, span_size=16, local_size=256, top_k=8, chunk_size=64)
 QUESTION_QUERIES = 64  # the consensus policy's observation window
 THRESHOLDS = (8, 16, 63)  # 63: top_k of the default config at SmolLM2's 8K window
-# a span's logit per (KV head, query head of its group, query): grouped queries [Hkv, g, q, D], the middle's keys in
-# spans [Hkv, n, S, D] -> [Hkv, g, q, n]; "tok" instead softmaxes over every middle token (span_scores)
-SPAN_LOGITS = {
-    "tokmax": lambda grouped, spans: torch.einsum("kgqd,knsd->kgqns", grouped, spans).amax(-1),
-    "quest": lambda grouped, spans: (torch.einsum("kgqd,knd->kgqn", grouped.clamp(min=0), spans.amax(2))
-                                     + torch.einsum("kgqd,knd->kgqn", grouped.clamp(max=0), spans.amin(2))),
-    "mean": lambda grouped, spans: torch.einsum("kgqd,knd->kgqn", grouped, spans.mean(2)),
-}
-KINDS = ("tok", *SPAN_LOGITS)
+# the policy whose summary and candidate score give a span's logit per (KV head, query head of its group, query)
+# (its best candidate's); "tok" instead softmaxes over every middle token (span_scores)
+SPAN_POLICIES = {"tokmax": ReAttentionPolicy(), "quest": QuestPolicy(), "mean": MeanPolicy()}
+KINDS = ("tok", *SPAN_POLICIES)
 VARIANTS = [(centred, kind) for centred in (True, False) for kind in KINDS]
 
 
@@ -75,8 +71,10 @@ def span_scores(queries: torch.Tensor, middle: torch.Tensor, span: int, kind: st
     if kind == "tok":
         logits = torch.einsum("kgqd,ktd->kgqt", grouped, middle) * dim**-0.5  # [Hkv, g, q, n*S]
         return logits.softmax(-1).view(*logits.shape[:3], tokens // span, span).sum((0, 1, 2, 4))
-    logits = SPAN_LOGITS[kind](grouped, middle.view(kv_heads, tokens // span, span, dim)) * dim**-0.5  # [Hkv, g, q, n]
-    return logits.softmax(-1).sum((0, 1, 2))
+    policy = SPAN_POLICIES[kind]
+    summaries = policy.summarise(middle.view(kv_heads, tokens // span, span, dim).transpose(0, 1))  # [n, Hkv, c, D]
+    logits = policy.candidate_scores(grouped[None], summaries.transpose(0, 1)[None])[0].amax(-1)  # [Hkv, g, q, n]
+    return (logits * dim**-0.5).softmax(-1).sum((0, 1, 2))
 
 
 def needle_rank(scores: torch.Tensor, needle: range) -> int:

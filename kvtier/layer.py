@@ -90,7 +90,7 @@ class ReAttentionLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        self.policy.reset()
+        self.policy.reset(self.index)
         self.__init__(self.config, self.policy, self.placement_source, self.index)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:

@@ -102,8 +102,8 @@ class Policy:
         across layers or steps (`consensus`) overrides this; the others select from the queries alone."""
         return self.select(queries, summaries, top_k, per_kv_head)
 
-    def reset(self) -> None:
-        """Forget what earlier calls left behind (the cache was reset); stateless policies have nothing to forget."""
+    def reset(self, layer: int) -> None:
+        """Forget what earlier calls left behind for `layer` (it was reset); stateless policies have nothing to forget."""
 
     def layer_state(self, layer: int) -> dict[str, torch.Tensor]:
         """What this policy keeps for `layer` between forwards, saved with the cache so a loaded cache continues as the

@@ -18,18 +18,44 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .base import Policy, best_spans, dot_scores
+from kvtier.buffers import buffer
+
+from .base import best_spans
+from .reattention import ReAttentionPolicy
 
 
 @dataclass
 class _LayerState:
-    window: torch.Tensor | None = None  # [B, Hq, <= window, D] the last queries seen, pre-RoPE
+    ring: torch.Tensor | None = None  # [B, Hq, window, D] the last queries seen, pre-RoPE, in no particular order
+    filled: int = 0  # queries held (ring[:, :, :filled]; the ring fills from slot 0 before it wraps)
+    next: int = 0  # the slot the next query is written to
     selected: torch.Tensor | None = None  # [B, Hsel, k] the last selection
     steps: int = 0  # decode steps that reused `selected`
 
+    @property
+    def window(self) -> torch.Tensor | None:
+        """[B, Hq, filled, D] the queries held."""
+        return None if self.ring is None else self.ring[:, :, : self.filled]
+
+    def remember(self, queries: torch.Tensor, size: int) -> torch.Tensor:
+        """Write the newest of queries [B, Hq, c, D] over the oldest held (no copy of the rest), -> the window
+        [B, Hq, filled, D]. A sum over queries, the window's mass needs no order."""
+        if self.ring is None:
+            self.ring = buffer((*queries.shape[:2], size, queries.shape[3]), queries.dtype, queries.device)
+        new = queries[:, :, -size:]
+        count = new.shape[2]
+        first = min(count, size - self.next)
+        self.ring[:, :, self.next : self.next + first] = new[:, :, :first]
+        if count > first:  # wrapped
+            self.ring[:, :, : count - first] = new[:, :, first:]
+        self.next, self.filled = (self.next + count) % size, min(self.filled + count, size)
+        return self.window
+
 
 @dataclass
-class ConsensusPolicy(Policy):
+class ConsensusPolicy(ReAttentionPolicy):
+    """Summaries as `reattention`'s (the span's keys); its own scoring and selection, so no kernel."""
+
     aggregation: str = "sum"
     window: int = 64  # observation queries: the last `window` queries of the sequence
     refresh: int = 16  # decode steps between re-scorings
@@ -47,18 +73,9 @@ class ConsensusPolicy(Policy):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"consensus policy: {option} must be a positive integer, got {value!r}")
 
-    def summary_size(self, span_size: int) -> int:
-        return span_size
-
-    def summarise(self, keys: torch.Tensor) -> torch.Tensor:
-        return keys.clone()
-
-    def candidate_scores(self, queries: torch.Tensor, summaries: torch.Tensor) -> torch.Tensor:
-        return dot_scores(queries, summaries)
-
-    def reset(self) -> None:
-        self._layers.clear()
-        self._votes.clear()
+    def reset(self, layer: int) -> None:
+        self._layers.pop(layer, None)
+        self._votes.clear()  # a vote lives within one forward; a reset comes between forwards
 
     def layer_state(self, layer: int) -> dict[str, torch.Tensor]:
         state = self._layers.get(layer)
@@ -69,7 +86,9 @@ class ConsensusPolicy(Policy):
 
     def restore_layer_state(self, layer: int, state: dict[str, torch.Tensor]) -> None:
         if state:
-            self._layers[layer] = _LayerState(state["window"], state.get("selected"), int(state["steps"][0]))
+            restored = _LayerState(selected=state.get("selected"), steps=int(state["steps"][0]))
+            restored.remember(state["window"], self.window)
+            self._layers[layer] = restored
 
     def aggregate(self, grouped: torch.Tensor, summaries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One layer's ranking, as kvtier.tools.diagnose reads it: the window mass of these queries [B, Hkv, g, q, D]
@@ -83,8 +102,7 @@ class ConsensusPolicy(Policy):
         if queries.shape[1] % summaries.shape[1]:
             raise ValueError(f"{queries.shape[1]} query heads cannot be grouped over {summaries.shape[1]} KV heads")
         state = self._layers.setdefault(layer, _LayerState())
-        window = queries if state.window is None else torch.cat((state.window, queries.to(state.window.dtype)), 2)
-        state.window = window[:, :, -self.window:].clone()  # [B, Hq, <= window, D]
+        window = state.remember(queries, self.window)  # [B, Hq, <= window, D]
         k = min(top_k, summaries.shape[2])
         if k == 0:
             return torch.empty(queries.shape[0], summaries.shape[1] if per_kv_head else 1, 0, dtype=torch.long,
@@ -93,7 +111,7 @@ class ConsensusPolicy(Policy):
         if queries.shape[2] == 1 and reuse:
             state.steps += 1
             return state.selected
-        mass = self.window_mass(state.window, summaries, per_kv_head)  # [B, Hsel, n]
+        mass = self.window_mass(window, summaries, per_kv_head)  # [B, Hsel, n]
         if layer == 0:  # a new chunk's vote: keep only the earlier chunks of this forward that layer 0 began
             self._votes = {t: vote for t, vote in self._votes.items() if vote[0] == 0 and t < tokens}
         votes = self._votes[tokens][1] + mass if tokens in self._votes else mass
