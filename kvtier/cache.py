@@ -11,9 +11,11 @@ from kvtier.attention import scope_attention
 from kvtier.buffers import GrowableTensor
 from kvtier.config import ReAttentionConfig
 from kvtier.layer import ReAttentionLayer
+from kvtier.padding import Padding
 from kvtier.persist import fingerprint, load_cache, save_cache
-from kvtier.policies import build_policy
+from kvtier.policies import Policy, build_policy
 from kvtier.rotary import ScopeRotary
+from kvtier.rows import PaddedLayer, RowStream
 from kvtier.tiers.placement import Placement, SharedPlacement
 
 
@@ -43,27 +45,84 @@ class ReAttentionCache(hf.HostedCache):
         self._placement = SharedPlacement(self.config)  # made on the first layer's K/V (it needs their shape)
         self._tokens: GrowableTensor | None = None  # [B, T] the token ids fed, while they are known
         self._tokens_known = True
-        super().__init__(
-            layers=[ReAttentionLayer(self.config, self.policy, self._placement, index) for index in range(spec.num_layers)]
-        )
+        self._padding = Padding()
+        self._new_pads: list[int] = []  # [B] pads among the current forward's new tokens, per row
+        self._rows: list[RowStream] = []  # a padded batch's rows (PaddedLayer reads them), empty otherwise
+        super().__init__(layers=self._batched_layers())
+
+    def _batched_layers(self) -> list[ReAttentionLayer]:
+        return [ReAttentionLayer(self.config, self.policy, self._placement, index) for index in range(self.spec.num_layers)]
 
     @property
     def placement(self) -> Placement | None:
         """Where the spans of every layer live (None until the first forward)."""
         return self._placement.placement
 
+    def begin_forward(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None) -> None:
+        """Called by the decoder hook before each forward, with its input ids [B, q] (None when embeddings were passed)
+        and 2-D attention mask [B, held + q] (or None). Checks the mask (left padding only) before anything changes;
+        the first forward of a left-padded batch switches the cache to row-by-row streams (kvtier.rows)."""
+        held = self.get_seq_length()
+        new = input_ids.shape[-1] if input_ids is not None else (attention_mask.shape[-1] - held if attention_mask is not None else 0)
+        if input_ids is not None:
+            self._check_batch(input_ids.shape[0])
+        self._new_pads = self._padding.plan(attention_mask, held, new)
+        if held == 0 and self._padding.padded and not self._rows:
+            self._start_rows(len(self._new_pads))
+        self.record_tokens(input_ids)
+
+    def _start_rows(self, count: int) -> None:
+        self._rows[:] = [RowStream.new(self.config, build_policy(self.config.policy, self.config.policy_options),
+                                       self._placement, self.spec.num_layers) for _ in range(count)]
+        self.layers = [PaddedLayer(self._rows, index) for index in range(self.spec.num_layers)]
+
+    @property
+    def padded(self) -> bool:
+        """Whether this cache holds a left-padded batch (its rows run one by one in the attention)."""
+        return bool(self._rows)
+
+    @property
+    def pads(self) -> list[int]:
+        """Each row's leading pads (all 0 for an unpadded batch; empty before the first forward)."""
+        return [] if self._padding.pads is None else self._padding.pads.tolist()
+
+    def streams(self) -> list[tuple[list[ReAttentionLayer], Policy]]:
+        """The layers holding K/V, each group with the policy selecting for it: one group for an unpadded batch (its
+        layers hold every row), one per row for a padded batch."""
+        if self._rows:
+            return [(row.layers, row.policy) for row in self._rows]
+        return [(self.layers, self.policy)]
+
+    def restore_padding(self, pads: list[int], columns: int) -> None:
+        """Take back a saved padded batch's rows (their streams are restored next) and its column count."""
+        self._padding.pads = torch.tensor(pads, dtype=torch.long)
+        self._start_rows(len(pads))
+        for layer in self.layers:
+            layer.seen, layer.is_initialized = columns, True
+
+    def reset(self) -> None:
+        """Forget every token held (a padded batch's rows too); the next forward starts a new context."""
+        if self._rows:
+            self._rows.clear()
+            self.layers = self._batched_layers()
+        self._padding, self._tokens, self._tokens_known = Padding(), None, True
+        super().reset()
+
+    def _check_batch(self, batch: int) -> None:
+        if self._tokens is not None and batch != self._tokens.data.shape[0]:
+            raise ValueError(
+                f"this ReAttentionCache holds {self._tokens.data.shape[0]} sequences but got a batch of {batch}; "
+                "use a new cache for a new batch"
+            )
+
     def record_tokens(self, input_ids: torch.Tensor | None) -> None:
-        """Called by the decoder hook with each forward's input ids [B, q] (None when embeddings were passed)."""
+        """Keep a forward's input ids [B, q] (None when embeddings were passed: the ids are unknown from then on)."""
         if input_ids is None:
             self._tokens_known = False
             return
+        self._check_batch(input_ids.shape[0])
         if self._tokens is None:
             self._tokens = GrowableTensor((input_ids.shape[0], 0), 1, torch.long, torch.device("cpu"))
-        elif input_ids.shape[0] != self._tokens.data.shape[0]:
-            raise ValueError(
-                f"this ReAttentionCache holds {self._tokens.data.shape[0]} sequences but got a batch of "
-                f"{input_ids.shape[0]}; use a new cache for a new batch"
-            )
         self._tokens.append(input_ids.detach().to("cpu", torch.long))
 
     @property
@@ -81,6 +140,8 @@ class ReAttentionCache(hf.HostedCache):
 
     def attend(self, layer_idx: int, query: torch.Tensor, scaling: float | None) -> torch.Tensor:
         """query [B, Hq, q, D] pre-RoPE -> attention output [B, q, Hq, D] over the layer's scope."""
+        if self._rows:
+            return self.layers[layer_idx].attend(self._rotary_on(query.device), query, scaling, self._new_pads)
         return scope_attention(self.layers[layer_idx], self._rotary_on(query.device), query, scaling)
 
     def _rotary_on(self, device: torch.device) -> ScopeRotary:

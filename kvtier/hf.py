@@ -45,10 +45,10 @@ class ModelSpec:
 
 class HostedCache(Cache):
     """A Cache the hooks below drive: while one is the forward's cache, rotary is neutralised, each forward's input ids
-    are handed to `record_tokens`, and the attention call for a key its `update` published goes to `attend`.
-    ReAttentionCache is the one kvtier ships; this base keeps hf.py from importing it."""
+    and attention mask are handed to `begin_forward`, and the attention call for a key its `update` published goes to
+    `attend`. ReAttentionCache is the one kvtier ships; this base keeps hf.py from importing it."""
 
-    def record_tokens(self, input_ids: torch.Tensor | None) -> None:
+    def begin_forward(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None) -> None:
         raise NotImplementedError
 
     def attend(self, layer_idx: int, query: torch.Tensor, scaling: float | None) -> torch.Tensor:
@@ -68,15 +68,10 @@ def reattention_attention(module, query, key, value, attention_mask, dropout: fl
 
 
 def reattention_mask(*args, **kwargs):
-    """Mask entry: nothing to build for the scope attention (it masks per chunk itself); stock SDPA's otherwise."""
+    """Mask entry: nothing to build for the scope attention (it masks per chunk itself, and the cache took the padding
+    from the decoder's attention mask); stock SDPA's otherwise."""
     if _ACTIVE_CACHE.get() is None:
         return sdpa_mask(*args, **kwargs)
-    padding = kwargs.get("attention_mask")
-    if isinstance(padding, torch.Tensor) and padding.dim() == 2 and not bool(padding.all()):
-        raise NotImplementedError(
-            "ReAttentionCache does not support padded batches yet: pass rows of equal length (no padding), "
-            "or run the rows one at a time"
-        )
     return None
 
 
@@ -106,7 +101,7 @@ def _decoder_pre_hook(module, args, kwargs):
     _OUTER_CACHES.set(_OUTER_CACHES.get() + (_ACTIVE_CACHE.get(),))  # the post-hook puts it back, always
     _ACTIVE_CACHE.set(cache if ours else None)
     if ours:
-        cache.record_tokens(kwargs.get("input_ids"))
+        cache.begin_forward(kwargs.get("input_ids"), kwargs.get("attention_mask"))
 
 
 def _decoder_post_hook(module, args, kwargs, output):

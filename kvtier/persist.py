@@ -24,7 +24,8 @@ from kvtier.tiers.disk import WRITE_BATCH_BYTES, LmdbStore, encode_each, open_sa
 from kvtier.version import __version__
 
 FORMAT = "kvtier-cache"
-VERSION = 2
+VERSION = 2  # an unpadded batch: records layer/i/...
+PADDED_VERSION = 3  # a left-padded batch: records row/r/layer/i/..., one stream per row (kvtier.rows)
 _PAGE = 4096
 _META_KEYS = {"config", "fingerprint", "dtype", "batch", "tokens", "token_ids", "span_shape", "spans", "layers"}
 _LAYER_TENSORS = ("global_keys", "global_values", "local_keys", "local_values", "summaries")
@@ -50,8 +51,13 @@ def fingerprint(model) -> dict[str, Any]:
     }
 
 
-def _layer_key(index: int, name: str) -> bytes:
-    return f"layer/{index}/{name}".encode()
+def _layer_key(prefix: str, index: int, name: str) -> bytes:
+    return f"{prefix}layer/{index}/{name}".encode()
+
+
+def _prefixes(count: int, padded: bool) -> list[str]:
+    """The record-key prefix of each of a cache's streams (ReAttentionCache.streams)."""
+    return [f"row/{row}/" for row in range(count)] if padded else [""]
 
 
 def _record_pages(length: int) -> int:
@@ -89,12 +95,13 @@ def save_cache(cache, path: Path) -> None:
 
 def _write(cache, partial: Path) -> None:
     placement = cache.placement
-    layers = [layer for layer in cache.layers if layer.is_initialized]
-    if len(layers) != len(cache.layers):
+    streams = cache.streams()
+    layers = [layer for stream, _ in streams for layer in stream if layer.is_initialized]
+    if len(layers) != sum(len(stream) for stream, _ in streams):
         raise ValueError("some layers of this cache never saw a token; save after a complete forward")
     span_count = sum(layer.table.uids_host.view().numel() for layer in layers)
     estimate = (_record_pages(placement.span_bytes + 256) * span_count + 64) * _PAGE  # a span and its header per record
-    layer_records = [*_layer_tensors(layers[0]).values(), *cache.policy.layer_state(0).values()]
+    layer_records = [*_layer_tensors(layers[0]).values(), *streams[0][1].layer_state(0).values()]
     estimate += sum(_record_pages(t.numel() * t.element_size()) * _PAGE for t in layer_records) * len(layers)
     partial.unlink(missing_ok=True)
     env = lmdb.open(str(partial), subdir=False, map_size=int(estimate * 1.25) + 2**24, lock=False, sync=False,
@@ -102,16 +109,18 @@ def _write(cache, partial: Path) -> None:
     unlocked = _NoLock()
     try:
         items: list[tuple[bytes, bytes]] = []
-        for index, layer in enumerate(layers):
-            items += [(_layer_key(index, name), records.encode_tensor(t.cpu())) for name, t in _layer_tensors(layer).items()]
-            items += [(_layer_key(index, _POLICY + name), records.encode_tensor(t.cpu()))
-                      for name, t in cache.policy.layer_state(index).items()]
+        for prefix, (stream, policy) in zip(_prefixes(len(streams), cache.padded), streams):
+            for index, layer in enumerate(stream):
+                items += [(_layer_key(prefix, index, name), records.encode_tensor(t.cpu()))
+                          for name, t in _layer_tensors(layer).items()]
+                items += [(_layer_key(prefix, index, _POLICY + name), records.encode_tensor(t.cpu()))
+                          for name, t in policy.layer_state(index).items()]
         tokens = cache.token_ids
         if tokens is not None:
             items.append((b"tokens", records.encode_tensor(tokens)))
         put_records(env, items, unlocked)
         _write_spans(placement, layers, env, span_count, unlocked)
-        put_records(env, [(b"meta", records.encode_json(_meta(cache, layers, span_count, tokens is not None)))], unlocked)
+        put_records(env, [(b"meta", records.encode_json(_meta(cache, span_count, tokens is not None)))], unlocked)
         env.sync(True)
     finally:
         env.close()
@@ -124,7 +133,7 @@ def _layer_tensors(layer) -> dict[str, torch.Tensor]:
 
 
 def _write_spans(placement, layers, env, span_count: int, lock) -> None:
-    """Every span, in the order (layer, row, span): saved uid 0, 1, 2, ... - the uids a load gives them back -
+    """Every span, in the order (stream, layer, row, span): saved uid 0, 1, 2, ... - the uids a load gives them back -
     one record each, a batch of records per transaction."""
     per_batch = max(1, WRITE_BATCH_BYTES // placement.span_bytes)
     uids = np.concatenate([layer.table.uids_host.view().flatten().numpy() for layer in layers])
@@ -135,25 +144,36 @@ def _write_spans(placement, layers, env, span_count: int, lock) -> None:
             progress.update(spans.shape[0])
 
 
-def _meta(cache, layers, span_count: int, has_tokens: bool) -> dict[str, Any]:
+def _meta(cache, span_count: int, has_tokens: bool) -> dict[str, Any]:
     config = cache.config.replace(**dict.fromkeys(PLACEMENT_FIELDS))  # tiers are per session, not part of the context
-    return {
+    streams = [
+        [{"seen": layer.seen, "largest_scope": layer.largest_scope, "spans": len(layer.table),
+          "policy_state": sorted(policy.layer_state(index))} for index, layer in enumerate(stream)]
+        for stream, policy in cache.streams()
+    ]
+    first = cache.streams()[0][0][0]
+    meta: dict[str, Any] = {
         "format": FORMAT,
-        "version": VERSION,
+        "version": PADDED_VERSION if cache.padded else VERSION,
         "kvtier": __version__,
         "config": config.to_dict(),
         "fingerprint": cache.model_fingerprint,
-        "dtype": str(layers[0].dtype).removeprefix("torch."),
-        "batch": layers[0].batch,
+        "dtype": str(first.dtype).removeprefix("torch."),
+        "batch": len(streams) if cache.padded else first.batch,
         "tokens": cache.get_seq_length(),
         "token_ids": has_tokens,
         "span_shape": list(cache.placement.span_shape),
         "spans": span_count,
-        "layers": [
-            {"seen": layer.seen, "largest_scope": layer.largest_scope, "spans": len(layer.table),
-             "policy_state": sorted(cache.policy.layer_state(index))} for index, layer in enumerate(layers)
-        ],
+        "layers": [] if cache.padded else streams[0],
     }
+    if cache.padded:
+        meta["rows"] = [{"pads": pads, "layers": stream} for pads, stream in zip(cache.pads, streams)]
+    return meta
+
+
+def _streams_meta(meta: dict[str, Any]) -> list[list[dict[str, Any]]]:
+    """Each saved stream's per-layer entries: the rows' of a padded batch, else the one stream of all rows."""
+    return [row["layers"] for row in meta["rows"]] if "rows" in meta else [meta["layers"]]
 
 
 class _NoLock:
@@ -211,16 +231,18 @@ def _read_meta(env: lmdb.Environment, path: Path) -> dict[str, Any]:
     meta = records.decode_json(raw, "meta")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CorruptCacheError(f"{str(path)!r} is not a kvtier cache (its metadata names no kvtier format)")
-    if meta.get("version") != VERSION:
+    if meta.get("version") not in (VERSION, PADDED_VERSION):
         raise IncompatibleCacheError(
             f"{str(path)!r} was written in kvtier cache format {meta.get('version')} (kvtier {meta.get('kvtier')}); "
-            f"this kvtier reads format {VERSION}: re-run the prefill and save again"
+            f"this kvtier reads formats {VERSION} and {PADDED_VERSION}: re-run the prefill and save again"
         )
-    missing = sorted(_META_KEYS - set(meta))
+    required = _META_KEYS | {"rows"} if meta["version"] == PADDED_VERSION else _META_KEYS
+    missing = sorted(required - set(meta))
     if missing:
         raise CorruptCacheError(f"{str(path)!r}: the metadata lacks {missing}")
-    policy_records = sum(len(layer.get("policy_state", ())) for layer in meta["layers"])
-    expected = meta["spans"] + len(meta["layers"]) * len(_LAYER_TENSORS) + policy_records + 1 + bool(meta["token_ids"])
+    layers = [layer for stream in _streams_meta(meta) for layer in stream]
+    policy_records = sum(len(layer.get("policy_state", ())) for layer in layers)
+    expected = meta["spans"] + len(layers) * len(_LAYER_TENSORS) + policy_records + 1 + bool(meta["token_ids"])
     if env.stat()["entries"] != expected:
         raise CorruptCacheError(f"{str(path)!r} holds {env.stat()['entries']} records, its metadata says {expected}")
     return meta
@@ -246,16 +268,21 @@ def _restore(cache, env: lmdb.Environment, meta: dict[str, Any], path: Path, mod
                 raise CorruptCacheError(f"{str(path)!r}: record {key.decode()!r} is missing")
             return records.decode_tensor(raw, key.decode())
 
+        padded = "rows" in meta
+        if padded:
+            cache.restore_padding([row["pads"] for row in meta["rows"]], meta["tokens"])
+        rows = 1 if padded else meta["batch"]  # rows each saved layer holds
         saved_uid = 0
-        for index, (layer, info) in enumerate(zip(cache.layers, meta["layers"])):
-            device = next(decoder_layers[index].parameters()).device
-            state = {name: tensor(_layer_key(index, name)).to(device) for name in _LAYER_TENSORS}
-            count = info["spans"] * meta["batch"]
-            uids = torch.arange(saved_uid, saved_uid + count).view(meta["batch"], info["spans"])
-            layer.restore(state, uids, info["seen"], info["largest_scope"])
-            cache.policy.restore_layer_state(
-                index, {name: tensor(_layer_key(index, _POLICY + name)).to(device) for name in info.get("policy_state", [])})
-            saved_uid += count
+        for prefix, (stream, policy), infos in zip(_prefixes(meta["batch"], padded), cache.streams(), _streams_meta(meta)):
+            for index, (layer, info) in enumerate(zip(stream, infos)):
+                device = next(decoder_layers[index].parameters()).device
+                state = {name: tensor(_layer_key(prefix, index, name)).to(device) for name in _LAYER_TENSORS}
+                count = info["spans"] * rows
+                uids = torch.arange(saved_uid, saved_uid + count).view(rows, info["spans"])
+                layer.restore(state, uids, info["seen"], info["largest_scope"])
+                policy.restore_layer_state(index, {name: tensor(_layer_key(prefix, index, _POLICY + name)).to(device)
+                                                   for name in info.get("policy_state", [])})
+                saved_uid += count
         if meta["token_ids"]:
             cache.record_tokens(tensor(b"tokens"))
     span_shape = tuple(meta["span_shape"])

@@ -37,6 +37,11 @@ class _LayerState:
         """[B, Hq, filled, D] the queries held."""
         return None if self.ring is None else self.ring[:, :, : self.filled]
 
+    def oldest_first(self) -> torch.Tensor:
+        """The window [B, Hq, filled, D] oldest query first: remembered in this order, a restored ring overwrites its
+        queries in the order this one does."""
+        return torch.cat((self.ring[:, :, self.next : self.filled], self.ring[:, :, : self.next]), dim=2)
+
     def remember(self, queries: torch.Tensor, size: int) -> torch.Tensor:
         """Write the newest of queries [B, Hq, c, D] over the oldest held (no copy of the rest), -> the window
         [B, Hq, filled, D]. A sum over queries, the window's mass needs no order."""
@@ -81,7 +86,7 @@ class ConsensusPolicy(ReAttentionPolicy):
         state = self._layers.get(layer)
         if state is None or state.window is None:
             return {}
-        saved = {"window": state.window, "steps": torch.tensor([state.steps])}
+        saved = {"window": state.oldest_first(), "steps": torch.tensor([state.steps])}
         return saved if state.selected is None else saved | {"selected": state.selected}
 
     def restore_layer_state(self, layer: int, state: dict[str, torch.Tensor]) -> None:

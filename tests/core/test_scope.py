@@ -102,15 +102,6 @@ def test_batch_of_equal_rows_equals_rows_one_at_a_time():
         assert torch.equal(together[row : row + 1], alone)
 
 
-def test_padded_batch_raises_not_implemented():
-    model = tiny_model("llama")
-    ids = random_ids(40, batch=2)
-    mask = torch.ones_like(ids)
-    mask[1, :5] = 0
-    with pytest.raises(NotImplementedError, match="padded batches"):
-        greedy(model, ids, ReAttentionCache(model, **TINY), attention_mask=mask)
-
-
 def test_chunked_prefill_through_generate_matches_one_piece():
     model = tiny_model("mistral")
     ids = random_ids(150)

@@ -22,7 +22,7 @@ import torch
 
 from kvtier import ReAttentionCache, records
 from kvtier.errors import CacheFileNotFoundError, CacheWriteError, CorruptCacheError, IncompatibleCacheError, TierFullError
-from kvtier.persist import VERSION
+from kvtier.persist import PADDED_VERSION, VERSION
 from kvtier.tiers.disk import put_records, span_key
 from tests.conftest import greedy, random_ids, tiny_model
 from tests.tiers.persist_worker import read_records
@@ -328,8 +328,8 @@ def test_a_missing_spans_record_raises_corrupt_cache(load, copy_of_save):
 
 def test_a_newer_format_version_raises_incompatible_cache(load, copy_of_save):
     meta = records.decode_json(read_records(copy_of_save)[b"meta"], "meta")
-    _rewrite_records(copy_of_save, put={b"meta": records.encode_json(dict(meta, version=VERSION + 1))})
-    with unchanged(copy_of_save.parent), pytest.raises(IncompatibleCacheError, match=f"format {VERSION + 1}"):
+    _rewrite_records(copy_of_save, put={b"meta": records.encode_json(dict(meta, version=PADDED_VERSION + 1))})
+    with unchanged(copy_of_save.parent), pytest.raises(IncompatibleCacheError, match=f"format {PADDED_VERSION + 1}"):
         load(copy_of_save)
 
 
@@ -342,7 +342,7 @@ def test_a_format_1_file_raises_incompatible_cache_asking_for_a_new_prefill(load
     old = dict(meta, version=1, spans_per_record=1, fingerprint=fingerprint)
     _rewrite_records(copy_of_save, put={b"meta": records.encode_json(old)})
     with unchanged(copy_of_save.parent), pytest.raises(
-        IncompatibleCacheError, match=f"format 1 .*reads format {VERSION}: re-run the prefill and save again"
+        IncompatibleCacheError, match=f"format 1 .*reads formats {VERSION} and {PADDED_VERSION}: re-run the prefill and save again"
     ):
         load(copy_of_save)
 
