@@ -19,17 +19,19 @@ def scope_attention(
 ) -> torch.Tensor:
     """query [B, Hq, q, D] pre-RoPE, the layer holding this forward's q new K/V -> output [B, q, Hq, D].
 
-    The queries go in chunks of `chunk_size`; each chunk seals what left the local window, selects its own spans and
-    attends to `[global | spans | local ending with the chunk]` at positions 0..L-1, its queries at L-c..L-1.
+    The queries go in chunks of `chunk_size`, cut where the tokens held reach a multiple of it (so a prompt fed in
+    pieces of any size is chunked as when fed whole); each chunk seals what left the local window, selects its own
+    spans and attends to `[global | spans | local ending with the chunk]` at positions 0..L-1, its queries at L-c..L-1.
     """
     keys, values = layer.take_pending()  # [B, Hkv, q, D]
     batch, q_heads, n_queries, head_dim = query.shape
     chunk = layer.config.chunk_size
-    if n_queries <= chunk:  # decode steps and short prompts: one chunk, no output buffer to fill
+    first = chunk - (layer.seen - n_queries) % chunk  # queries up to the next multiple of chunk_size held
+    if n_queries <= first:  # decode steps and short prompts: one chunk, no output buffer to fill
         return _chunk_attention(layer, rotary, query, keys, values, scaling)
     out = query.new_empty(batch, n_queries, q_heads, head_dim)  # [B, q, Hq, D], the layout the model reshapes
-    for start in range(0, n_queries, chunk):
-        end = min(start + chunk, n_queries)
+    for start in (0, *range(first, n_queries, chunk)):
+        end = min(start + chunk if start else first, n_queries)
         chunk_kv = keys[:, :, start:end], values[:, :, start:end]
         out[:, start:end] = _chunk_attention(layer, rotary, query[:, :, start:end], *chunk_kv, scaling)
     return out

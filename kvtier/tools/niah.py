@@ -82,32 +82,43 @@ def answer(model, ids: list[int], cache, max_new_tokens: int, prefill_chunk: int
 
 def answer_batch(model, ids: torch.Tensor | Sequence[Sequence[int]], cache, max_new_tokens: int,
                  prefill_chunk: int = PREFILL_CHUNK, progress: bool = False) -> BatchAnswer:
-    """Greedy answers to B prompts of the same length, `ids` [B, T] (no padding): a chunked prefill of the first T-1
-    tokens of every row into `cache` (a new one, for B rows), then `model.generate` continues all rows from it.
+    """Greedy answers to B prompts, `ids` [B, T] or B lists of ids (of any lengths: the shorter rows are left-padded,
+    as a tokenizer with padding_side="left" pads them): a chunked prefill of the first T-1 columns of every row into
+    `cache` (a new one, for B rows), then `model.generate` continues all rows from it.
 
     One forward carries all B rows, so on a GPU, where a long prefill is bound by per-layer host overhead, B rows
     cost about the time of one. Rows that end (end-of-sequence) before others are cut there, as a lone row stops."""
-    if not isinstance(ids, torch.Tensor) and len({len(row) for row in ids}) > 1:
-        raise ValueError(f"answer_batch runs rows of one length (no padding), got {sorted({len(r) for r in ids})}")
-    prompt = torch.as_tensor(ids, dtype=torch.long, device=model.device)
-    if prompt.dim() != 2 or prompt.shape[1] == 0:
-        raise ValueError(f"answer_batch needs token ids [batch, length] with length >= 1, got {tuple(prompt.shape)}")
+    prompt, mask = _left_padded(ids, model.device)
     cache_kwarg = cache_keyword(model)
     starts = range(0, prompt.shape[1] - 1, prefill_chunk)
     with torch.inference_mode():
         began = time.perf_counter()
         for start in tqdm(starts, desc="prefill", unit="chunk", disable=not progress, leave=False):
-            chunk = prompt[:, start:min(start + prefill_chunk, prompt.shape[1] - 1)]
-            model(input_ids=chunk, use_cache=True, logits_to_keep=1, **{cache_kwarg: cache})
+            end = min(start + prefill_chunk, prompt.shape[1] - 1)
+            model(input_ids=prompt[:, start:end], attention_mask=mask[:, :end], use_cache=True, logits_to_keep=1,
+                  **{cache_kwarg: cache})
         if prompt.is_cuda:  # kernels run asynchronously: wait for the prefill's before reading the clock
             torch.cuda.synchronize(prompt.device)
         prefilled = time.perf_counter()
-        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=max_new_tokens,
-                             do_sample=False, **{cache_kwarg: cache})
+        out = model.generate(prompt, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                             **{cache_kwarg: cache})
         done = time.perf_counter()
     stops = _eos_ids(model)
     rows = [_until_eos(row, stops) for row in out[:, prompt.shape[1]:].tolist()]
     return BatchAnswer(rows, prefilled - began, done - prefilled)
+
+
+def _left_padded(ids: torch.Tensor | Sequence[Sequence[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids [B, T] or B rows of ids -> (ids [B, T] with the shorter rows left-padded with 0, mask [B, T]) on
+    `device`."""
+    rows = ids.tolist() if isinstance(ids, torch.Tensor) and ids.dim() == 2 else ids
+    if isinstance(rows, torch.Tensor) or not rows or min(map(len, rows)) == 0:
+        shape = tuple(ids.shape) if isinstance(ids, torch.Tensor) else f"{len(rows)} rows"
+        raise ValueError(f"answer_batch needs token ids [batch, length] with length >= 1, got {shape}")
+    width = max(map(len, rows))
+    prompt = torch.tensor([[0] * (width - len(row)) + list(row) for row in rows], dtype=torch.long, device=device)
+    mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows], dtype=torch.long, device=device)
+    return prompt, mask
 
 
 def _eos_ids(model) -> set[int]:

@@ -80,10 +80,10 @@ def test_rows_of_equal_length_keep_the_batched_path():
 
 
 def test_a_padded_prefill_in_pieces_equals_one_piece():
-    """Pieces of 36 columns over pads of 120 and 72: each row's query chunks start where the one-piece prefill's do,
-    and row 0 gets nothing but pads in the first pieces."""
+    """Pieces of 36 columns cut the rows' tokens anywhere (pads 90 and 50): query chunks still fall where the one-piece
+    prefill's do, and row 0 gets nothing but pads in the first pieces."""
     model = tiny_model("llama")
-    ids, mask, _ = left_padded((36, 84, 156))
+    ids, mask, _ = left_padded()
     whole = greedy(model, ids, ReAttentionCache(model, **TINY), attention_mask=mask)
     pieces = greedy(model, ids, ReAttentionCache(model, **TINY), attention_mask=mask, prefill_chunk_size=36)
     assert torch.equal(whole, pieces)

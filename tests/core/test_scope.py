@@ -106,9 +106,10 @@ def test_chunked_prefill_through_generate_matches_one_piece():
     model = tiny_model("mistral")
     ids = random_ids(150)
     whole = greedy(model, ids, ReAttentionCache(model, **TINY), new_tokens=20)
-    # a prefill chunk that is a multiple of chunk_size cuts the query chunks where the one-piece forward does
-    chunked = greedy(model, ids, ReAttentionCache(model, **TINY), new_tokens=20, prefill_chunk_size=36)
-    assert torch.equal(whole, chunked)
+    # query chunks are cut at multiples of chunk_size of the tokens held, wherever the prefill pieces end
+    for piece in (36, 25):
+        chunked = greedy(model, ids, ReAttentionCache(model, **TINY), new_tokens=20, prefill_chunk_size=piece)
+        assert torch.equal(whole, chunked)
 
 
 def test_queries_are_processed_in_chunks_of_chunk_size():

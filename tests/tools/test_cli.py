@@ -207,7 +207,7 @@ def test_grouping_never_mixes_token_counts_and_keeps_cell_order():
             group_batches(counts, bad)
 
 
-def test_answer_batch_rows_match_single_answers_and_refuse_ragged_rows():
+def test_answer_batch_rows_match_single_answers_and_pad_ragged_rows_on_the_left():
     model, tokenizer = tiny_model(window=4096), WordTokenizer()
     rows = [build_sample(tokenizer, 300, depth, draw_key(0, 300, depth, 0)).ids for depth in (0.2, 0.8)]
 
@@ -223,8 +223,11 @@ def test_answer_batch_rows_match_single_answers_and_refuse_ragged_rows():
     model.generation_config.eos_token_id = stop
     single, batched = single_and_batched()
     assert batched == single and len(batched[0]) == 2 and len(batched[1]) == 6
-    with pytest.raises(ValueError, match="one length"):
-        answer_batch(model, [rows[0], rows[1][:-1]], Method().new_cache(model), max_new_tokens=1)
+    ragged = [rows[0], rows[1][40:]]
+    alone = [answer(model, ids, Method().new_cache(model), 6, prefill_chunk=128).tokens for ids in ragged]
+    assert answer_batch(model, ragged, Method().new_cache(model), 6, prefill_chunk=128).tokens == alone
+    with pytest.raises(ValueError, match="length >= 1"):
+        answer_batch(model, [rows[0], []], Method().new_cache(model), max_new_tokens=1)
 
 
 @pytest.mark.parametrize("kvtier", [False, True], ids=["stock", "kvtier"])
