@@ -13,6 +13,17 @@ def buffer(shape, dtype: torch.dtype, device: torch.device | str = "cpu", pin_me
         return torch.empty(shape, dtype=dtype, device=device, pin_memory=pin_memory)
 
 
+def gather_rows(source: torch.Tensor, index: torch.Tensor, row_shape: tuple[int, ...] | None = None) -> torch.Tensor:
+    """Rows `index` [B'] (any order, repeats allowed) of source [B, ...] -> a new kept buffer (see `buffer`)
+    [B', *row_shape] (row_shape: source's by default, else at least as large in every dimension) whose leading part
+    holds them."""
+    row_shape = tuple(source.shape[1:]) if row_shape is None else tuple(row_shape)
+    out = buffer((index.shape[0], *row_shape), source.dtype, source.device)  # [B', *row_shape]
+    out[tuple(slice(0, size) for size in (index.shape[0], *source.shape[1:]))] = source.index_select(
+        0, index.to(source.device))
+    return out
+
+
 def scratch_rows(current: torch.Tensor | None, count: int, row_shape: tuple[int, ...], dtype: torch.dtype,
                  pin_memory: bool = False) -> torch.Tensor:
     """A kept scratch buffer [>= count, *row_shape] on the host: `current` when it has the rows, else a new one of
@@ -56,6 +67,14 @@ class GrowableTensor:
         grown = buffer(shape, self.data.dtype, self.data.device)
         grown.narrow(self.dim, 0, self.length).copy_(self.view())
         self.data = grown
+
+    def keep_rows(self, index: torch.Tensor) -> None:
+        """Keep rows `index` [B'] of dimension 0 (any order, repeats allowed; `dim` is another dimension)."""
+        self.data = gather_rows(self.view(), index, self.data.shape[1:])
+
+    def truncate(self, length: int) -> None:
+        """Keep the first `length` entries along `dim` (at most those held)."""
+        self.length = min(self.length, max(length, 0))
 
     def extend_to(self, length: int) -> None:
         """Make the first `length` entries along `dim` live (entries beyond the old length are uninitialised)."""

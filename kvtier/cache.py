@@ -10,12 +10,12 @@ from kvtier import hf
 from kvtier.attention import scope_attention
 from kvtier.buffers import GrowableTensor
 from kvtier.config import ReAttentionConfig
-from kvtier.layer import ReAttentionLayer
+from kvtier.layer import ReAttentionLayer, row_index
 from kvtier.padding import Padding
 from kvtier.persist import fingerprint, load_cache, save_cache
 from kvtier.policies import Policy, build_policy
 from kvtier.rotary import ScopeRotary
-from kvtier.rows import PaddedLayer, RowStream
+from kvtier.rows import PaddedLayer, RowStream, follow_rows
 from kvtier.tiers.placement import Placement, SharedPlacement
 
 
@@ -111,8 +111,10 @@ class ReAttentionCache(hf.HostedCache):
     def _check_batch(self, batch: int) -> None:
         if self._tokens is not None and batch != self._tokens.data.shape[0]:
             raise ValueError(
-                f"this ReAttentionCache holds {self._tokens.data.shape[0]} sequences but got a batch of {batch}; "
-                "use a new cache for a new batch"
+                f"this ReAttentionCache holds {self._tokens.data.shape[0]} sequences but got a batch of {batch}. To "
+                "change the batch of a cache that holds tokens, call cache.batch_repeat_interleave(n) first (e.g. "
+                "before generate with num_beams=n or num_return_sequences=n on it) or "
+                "cache.batch_select_indices(rows); otherwise use a new cache for a new batch"
             )
 
     def record_tokens(self, input_ids: torch.Tensor | None) -> None:
@@ -150,6 +152,58 @@ class ReAttentionCache(hf.HostedCache):
                 self.spec.inv_freq, self.spec.attention_scaling, self.config.scope_bound, device
             )
         return self._rotary[device]
+
+    # ---- rows and rollback (beam search, several sequences per prompt, assisted generation) ------------------------
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search's step: row i continues old row beam_idx[i] [B]. Spans are shared by uid, never copied (see
+        ReAttentionLayer.keep_rows for what is copied and what it costs; a padded batch clones a row's stream)."""
+        if self._rows:
+            follow_rows(self._rows, beam_idx.tolist())
+        else:
+            super().reorder_cache(beam_idx)
+        self._keep_rows(beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        """Each row `repeats` times in a row ([a, b] -> [a, a, b, b] for 2): what a cache holding a prompt needs before
+        generate(..., num_beams=n) or num_return_sequences=n continues it (generate expands its input ids, not the
+        cache)."""
+        index = torch.arange(self._batch_held()).repeat_interleave(repeats)
+        if self._rows:
+            follow_rows(self._rows, index.tolist())
+        else:
+            super().batch_repeat_interleave(repeats)
+        self._keep_rows(index)
+
+    def batch_select_indices(self, indices: torch.Tensor | list[int]) -> None:
+        """Keep the rows numbered `indices` [B'] (any order, repeats allowed)."""
+        index = row_index(indices, self._batch_held()) if self._batch_held() else torch.as_tensor(indices)
+        if self._rows:
+            follow_rows(self._rows, index.tolist())
+        else:
+            super().batch_select_indices(index)
+        self._keep_rows(index)
+
+    def _batch_held(self) -> int:
+        """Rows this cache holds (0 before the first forward)."""
+        if self._rows:
+            return len(self._rows)
+        return self.layers[0].batch if self.layers[0].is_initialized else 0
+
+    def crop(self, max_length: int) -> None:
+        """Remove the newest tokens: max_length <= 0 removes -max_length, > 0 keeps max_length (transformers 5.17's
+        deprecated meaning). Only tokens still in the local window can go; see ReAttentionLayer.crop."""
+        held = self.get_seq_length()
+        super().crop(max_length)
+        if self._tokens is not None:
+            self._tokens.truncate(self._tokens.length - (held - self.get_seq_length()))
+
+    def _keep_rows(self, index: torch.Tensor) -> None:
+        """The cache's own per-row records (token ids, leading pads) follow its layers' rows: index [B']."""
+        index = index.cpu()
+        if self._tokens is not None:
+            self._tokens.keep_rows(index)
+        if self._padding.pads is not None:
+            self._padding.pads = self._padding.pads[index]
 
     def stats(self) -> dict[str, Any]:
         """A plain dict: tokens fed, the largest rotary position used and scope seen; per tier the spans and bytes

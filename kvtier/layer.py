@@ -20,9 +20,29 @@ from kvtier.tiers.placement import Placement
 PlacementSource = Callable[[tuple[int, ...], torch.dtype, torch.device, int], Placement]
 
 
+def row_index(indices: torch.Tensor | list[int], batch: int) -> torch.Tensor:
+    """Row numbers to keep of a batch of `batch` (a sequence or 1-D tensor of ints) -> index [B'] int64; ValueError for
+    anything else or a row out of range."""
+    index = torch.as_tensor(indices)
+    integers = index.dim() == 1 and not index.is_floating_point() and index.dtype != torch.bool
+    if not integers or ((index < 0) | (index >= batch)).any():
+        raise ValueError(
+            f"batch_select_indices takes row numbers 0..{batch - 1} (a list or 1-D integer tensor), got {indices!r}"
+        )
+    return index.long()
+
+
+def tokens_to_crop(max_length, held: int) -> int:
+    """Cache.crop's argument -> the count of newest tokens to remove from `held`: max_length <= 0 removes -max_length,
+    > 0 keeps max_length (transformers 5.17's deprecated meaning; it passes a 0-d tensor)."""
+    max_length = int(max_length)
+    return held - max_length if max_length > 0 else -max_length
+
+
 class ReAttentionLayer(CacheLayerMixin):
     is_compileable = False
     is_sliding = False
+    is_croppable = True  # within the local window (see crop); transformers' assisted generation asks the cache
 
     def __init__(self, config: ReAttentionConfig, policy: Policy, placement_source: PlacementSource, index: int = 0):
         super().__init__()
@@ -57,8 +77,10 @@ class ReAttentionLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         elif key_states.shape[0] != self.batch:
             raise ValueError(
-                f"this ReAttentionCache holds {self.batch} sequences but got a batch of {key_states.shape[0]}; "
-                "use a new cache for a new batch"
+                f"this ReAttentionCache holds {self.batch} sequences but got a batch of {key_states.shape[0]}. To "
+                "change the batch of a cache that holds tokens, call cache.batch_repeat_interleave(n) first (e.g. "
+                "before generate with num_beams=n or num_return_sequences=n on it) or "
+                "cache.batch_select_indices(rows); otherwise use a new cache for a new batch"
             )
         if self._pending is not None:
             raise RuntimeError("ReAttentionLayer.update was called twice without an attention call in between")
@@ -94,10 +116,68 @@ class ReAttentionLayer(CacheLayerMixin):
         self.__init__(self.config, self.policy, self.placement_source, self.index)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        raise NotImplementedError("ReAttentionCache does not support beam search yet; use greedy or sampling")
+        """Beam search's step: row i continues old row beam_idx[i] [B] (see keep_rows)."""
+        self.keep_rows(beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        """Each row `repeats` times in a row: rows [a, b] -> [a, a, b, b] for repeats=2 (see keep_rows)."""
+        if self.is_initialized:
+            self.keep_rows(torch.arange(self.batch).repeat_interleave(repeats))
+
+    def batch_select_indices(self, indices: torch.Tensor | list[int]) -> None:
+        """Keep the rows numbered `indices` [B'] (any order, repeats allowed; see keep_rows)."""
+        if self.is_initialized:
+            self.keep_rows(row_index(indices, self.batch))
+
+    def keep_rows(self, index: torch.Tensor) -> None:
+        """Make row i old row index[i], index [B'] int64 (any order, repeats allowed), in every per-row tensor: the
+        global region, the local window, the span table (uids, on the device and the host, and summaries) and the
+        policy's state for this layer. Spans are never copied: they live in the shared placement under their uid and
+        never change once sealed, so rows that descend from one row share its spans by uid; only the uid tables are
+        gathered. Costs a copy of the kept rows' global and local tokens and summaries (the policy's `summary_size`
+        vectors per span: for `reattention` and `consensus` these are the span's keys, so about half of the rows' KV).
+        Spans that only dropped rows named stay in their tiers, unused (the least recently selected: the first to move
+        down when a budget is tight), until the cache is closed."""
+        if not self.is_initialized:
+            return
+        index = index.to(self.device)
+        self.global_region.keep_rows(index)
+        self.local.keep_rows(index)
+        self.table.keep_rows(index)
+        self.policy.keep_rows(self.index, index)
+        self.batch = index.shape[0]
 
     def crop(self, max_length: int) -> None:
-        raise NotImplementedError("ReAttentionCache cannot be cropped (it is not used with assisted decoding yet)")
+        """Remove the newest tokens: max_length <= 0 removes -max_length of them (what assisted generation does with a
+        rejected draft), > 0 keeps the first max_length (the older, deprecated meaning transformers 5.17 still
+        accepts; nothing happens when the layer holds no more). Only tokens of the local window can go, and those of
+        the global region while no span is sealed: a crop reaching into sealed spans (removing more tokens than the
+        local window holds) raises ValueError and changes nothing.
+        Sealing is not undone: spans sealed while the removed tokens were in the window stay sealed, so the window may
+        hold fewer than local_size tokens until new ones fill it; nor is the policy's state (consensus's observation
+        window keeps the removed tokens' queries until newer ones overwrite them)."""
+        count = tokens_to_crop(max_length, self.seen)
+        if count <= 0 or not self.is_initialized:
+            return
+        self.check_removable(count)
+        from_local = min(count, self.local.length)
+        self.local.drop_newest(from_local)
+        self.global_region.drop_newest(count - from_local)
+        self.seen -= count
+
+    def check_removable(self, count: int) -> None:
+        """ValueError naming the limit unless `crop` can remove the newest `count` tokens (see crop)."""
+        if count > self.seen:
+            raise ValueError(f"cannot remove {count} tokens: this ReAttentionCache holds {self.seen}")
+        from_local = min(count, self.local.length)
+        if count > from_local and len(self.table):
+            safe = self.config.local_size - self.config.span_size + 1
+            raise ValueError(
+                f"cannot remove the newest {count} tokens of this ReAttentionCache: only the {from_local} newest are "
+                f"still in its local window, the older ones are sealed into spans, which a crop never reaches into. "
+                f"Remove at most {from_local}; the tokens of the last forward always can be when it brought at most "
+                f"local_size - span_size + 1 = {safe}"
+            )
 
     # ---- what the attention call uses ---------------------------------------------------------------------------
     def take_pending(self) -> tuple[torch.Tensor, torch.Tensor]:

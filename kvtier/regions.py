@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from kvtier.buffers import GrowableTensor, buffer, upload
+from kvtier.buffers import GrowableTensor, buffer, gather_rows, upload
 
 
 class GlobalRegion:
@@ -27,6 +27,14 @@ class GlobalRegion:
 
     def view(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.keys[:, :, : self.length], self.values[:, :, : self.length]
+
+    def keep_rows(self, index: torch.Tensor) -> None:
+        """Keep rows `index` [B'] (any order, repeats allowed)."""
+        self.keys, self.values = gather_rows(self.keys, index), gather_rows(self.values, index)
+
+    def drop_newest(self, count: int) -> None:
+        """Forget the `count` newest tokens (at most those held)."""
+        self.length -= count
 
 
 class LocalWindow:
@@ -63,6 +71,17 @@ class LocalWindow:
         live = slice(self.start, self.start + self.length)
         return self.keys[:, :, live], self.values[:, :, live]
 
+    def keep_rows(self, index: torch.Tensor) -> None:
+        """Keep rows `index` [B'] (any order, repeats allowed); their live tokens move to the start of new buffers."""
+        keys, values = self.view()
+        self.keys = gather_rows(keys, index, self.keys.shape[1:])
+        self.values = gather_rows(values, index, self.values.shape[1:])
+        self.start = 0
+
+    def drop_newest(self, count: int) -> None:
+        """Forget the `count` newest tokens (at most those held)."""
+        self.length -= count
+
     def _compact(self) -> None:
         live = slice(self.start, self.start + self.length)
         self.keys[:, :, : self.length] = self.keys[:, :, live].clone()
@@ -86,6 +105,12 @@ class SpanTable:
         self.uids_host.append(uids)
         self.uids.append(upload(uids, self.uids.data.device))
         self.summaries.append(summaries)
+
+    def keep_rows(self, index: torch.Tensor) -> None:
+        """Keep rows `index` [B'] (any order, repeats allowed): their uids and summaries, not the spans they name."""
+        self.uids.keep_rows(index)
+        self.uids_host.keep_rows(index.cpu())
+        self.summaries.keep_rows(index)
 
     def __len__(self) -> int:
         return self.uids.length

@@ -14,7 +14,7 @@ import torch
 from transformers.cache_utils import CacheLayerMixin
 
 from kvtier.attention import scope_attention
-from kvtier.layer import PlacementSource, ReAttentionLayer
+from kvtier.layer import PlacementSource, ReAttentionLayer, tokens_to_crop
 from kvtier.policies import Policy
 from kvtier.rotary import ScopeRotary
 
@@ -40,12 +40,24 @@ class RowStream:
         return copy.deepcopy(self, memo=shared)
 
 
+def follow_rows(rows: list[RowStream], index: list[int]) -> None:
+    """Make row i old row index[i] in place (beams, repeats, a selection): a row named again is cloned, so rows that
+    descend from one row go on independently (sharing its spans)."""
+    taken: set[int] = set()
+    followed = []
+    for source in index:
+        followed.append(rows[source].clone() if source in taken else rows[source])
+        taken.add(source)
+    rows[:] = followed
+
+
 class PaddedLayer(CacheLayerMixin):
     """One model layer of a padded batch, as transformers sees it: counts every column (pads too, as the attention
     mask and cache positions do) and hands each row's real K/V and queries to that row's stream."""
 
     is_compileable = False
     is_sliding = False
+    is_croppable = True
 
     def __init__(self, rows: list[RowStream], index: int):
         super().__init__()
@@ -82,6 +94,18 @@ class PaddedLayer(CacheLayerMixin):
             layer.update(keys[row : row + 1, :, pads:], values[row : row + 1, :, pads:])
             out[row : row + 1, pads:] = scope_attention(layer, rotary, query[row : row + 1, :, pads:], scaling)
         return out
+
+    def crop(self, max_length) -> None:
+        """Remove the newest tokens from every row (they are real in every row: pads only lead), all rows or none
+        (ReAttentionLayer.crop says what can go)."""
+        count = tokens_to_crop(max_length, self.seen)
+        if count <= 0 or not self.is_initialized:
+            return
+        for layer in self.row_layers():
+            layer.check_removable(count)
+        for layer in self.row_layers():
+            layer.crop(-count)
+        self.seen -= count
 
     def row_layers(self) -> list[ReAttentionLayer]:
         return [row.layers[self.index] for row in self.rows]

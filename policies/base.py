@@ -105,6 +105,11 @@ class Policy:
     def reset(self, layer: int) -> None:
         """Forget what earlier calls left behind for `layer` (it was reset); stateless policies have nothing to forget."""
 
+    def keep_rows(self, layer: int, index: torch.Tensor) -> None:
+        """Row i of what this policy keeps for `layer` becomes old row index[i], index [B'] int64 (any order, repeats
+        allowed): the cache reordered, repeated or selected its rows between forwards (beam search); stateless
+        policies have nothing to reorder."""
+
     def layer_state(self, layer: int) -> dict[str, torch.Tensor]:
         """What this policy keeps for `layer` between forwards, saved with the cache so a loaded cache continues as the
         saved one would (names -> tensors); stateless policies keep nothing."""

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from kvtier.buffers import buffer
+from kvtier.buffers import buffer, gather_rows
 
 from .base import best_spans
 from .reattention import ReAttentionPolicy
@@ -41,6 +41,13 @@ class _LayerState:
         """The window [B, Hq, filled, D] oldest query first: remembered in this order, a restored ring overwrites its
         queries in the order this one does."""
         return torch.cat((self.ring[:, :, self.next : self.filled], self.ring[:, :, : self.next]), dim=2)
+
+    def keep_rows(self, index: torch.Tensor) -> None:
+        """Row i becomes old row index[i], index [B'] (any order, repeats allowed)."""
+        if self.ring is not None:
+            self.ring = gather_rows(self.ring, index)
+        if self.selected is not None:
+            self.selected = gather_rows(self.selected, index)
 
     def remember(self, queries: torch.Tensor, size: int) -> torch.Tensor:
         """Write the newest of queries [B, Hq, c, D] over the oldest held (no copy of the rest), -> the window
@@ -81,6 +88,11 @@ class ConsensusPolicy(ReAttentionPolicy):
     def reset(self, layer: int) -> None:
         self._layers.pop(layer, None)
         self._votes.clear()  # a vote lives within one forward; a reset comes between forwards
+
+    def keep_rows(self, layer: int, index: torch.Tensor) -> None:
+        if layer in self._layers:
+            self._layers[layer].keep_rows(index)
+        self._votes.clear()  # a vote lives within one forward; rows change between forwards
 
     def layer_state(self, layer: int) -> dict[str, torch.Tensor]:
         state = self._layers.get(layer)

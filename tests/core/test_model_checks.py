@@ -6,7 +6,7 @@ import torch
 import transformers
 
 from kvtier import ReAttentionCache, ReAttentionConfig
-from tests.conftest import greedy, random_ids, tiny_model
+from tests.conftest import random_ids, tiny_model
 
 
 def test_unsupported_family_raises():
@@ -70,10 +70,3 @@ def test_a_cache_holds_one_batch_size():
         model(random_ids(20, batch=2), past_key_values=cache, use_cache=True)
         with pytest.raises(ValueError, match="use a new cache for a new batch"):
             model(random_ids(5, batch=3), past_key_values=cache, use_cache=True)
-
-
-def test_beam_search_is_refused():
-    model = tiny_model("llama")
-    cache = ReAttentionCache(model, global_size=4, local_size=32, span_size=4, top_k=2, chunk_size=8)
-    with pytest.raises(NotImplementedError, match="beam search"):
-        greedy(model, random_ids(20), cache, num_beams=2)

@@ -207,3 +207,65 @@ def test_leading_pads_counts_each_rows_pads(mask, pads):
 def test_a_mask_of_another_rank_is_refused():
     with pytest.raises(ValueError, match="must be 2-D"):
         leading_pads(torch.ones(1, 1, 4, 4))
+
+
+def beams(model, ids, cache, **kwargs) -> torch.Tensor:
+    return greedy(model, ids, cache, new_tokens=12, num_beams=3, num_return_sequences=2, **kwargs)
+
+
+def test_beams_of_a_padded_batch_inside_the_window_equal_the_stock_cache_on_each_row_alone():
+    model = tiny_model("llama")
+    ids, mask, rows = left_padded()
+    together = beams(model, ids, ReAttentionCache(model), attention_mask=mask)
+    for i, row in enumerate(rows):
+        assert torch.equal(together[2 * i : 2 * i + 2], beams(model, row, DynamicCache()))
+
+
+@pytest.mark.parametrize("policy", ["consensus", "quest"])
+def test_beams_of_a_padded_batch_beyond_the_window_equal_each_row_alone(policy):
+    model = tiny_model("llama")
+    ids, mask, rows = left_padded()
+    cache = ReAttentionCache(model, policy=policy, **TINY)
+    together = beams(model, ids, cache, attention_mask=mask)
+    for i, row in enumerate(rows):
+        assert torch.equal(together[2 * i : 2 * i + 2], beams(model, row, ReAttentionCache(model, policy=policy, **TINY)))
+    assert cache.padded and len(cache.streams()) == 9  # 3 rows x 3 beams
+
+
+def test_rows_of_a_padded_batch_selected_and_repeated_continue_as_those_rows_alone():
+    model = tiny_model("llama")
+    ids, mask, rows = left_padded()
+    cache = ReAttentionCache(model, **TINY)
+    prefill(model, ids, cache, mask)
+    spans = cache.placement.stats()["spans"]
+    cache.batch_select_indices([2, 0])
+    cache.batch_repeat_interleave(2)
+    assert cache.pads == [0, 0, 90, 90] and cache.placement.stats()["spans"] == spans  # no span copied
+    more = random_ids(6, batch=4, seed=13)
+    kept = ids[[2, 2, 0, 0]]
+    out = greedy(model, torch.cat([kept, more], 1), cache,
+                 attention_mask=torch.cat([mask[[2, 2, 0, 0]], torch.ones_like(more)], 1))
+    for i, source in enumerate([2, 2, 0, 0]):
+        alone = ReAttentionCache(model, **TINY)
+        prefill(model, rows[source], alone)
+        assert torch.equal(out[i : i + 1], greedy(model, torch.cat([rows[source], more[i : i + 1]], 1), alone))
+
+
+def test_a_crop_of_a_padded_batch_undoes_the_last_tokens_of_every_row_or_none():
+    model = tiny_model("llama")
+    ids, mask, _ = left_padded()
+    follow = random_ids(5, batch=3, seed=17)
+    full_mask = torch.cat([mask, torch.ones_like(follow)], 1)
+    expected = ReAttentionCache(model, **TINY)
+    prefill(model, ids, expected, mask)
+    expected_out = greedy(model, torch.cat([ids, follow], 1), expected, attention_mask=full_mask)
+    cache = ReAttentionCache(model, **TINY)
+    prefill(model, ids, cache, mask)
+    draft = random_ids(3, batch=3, seed=19)
+    prefill(model, draft, cache, torch.cat([mask, torch.ones_like(draft)], 1))
+    with pytest.raises(ValueError, match="sealed into spans"):
+        cache.crop(-cache.config.local_size - 3)
+    assert cache.get_seq_length() == ids.shape[1] + 3
+    cache.crop(-3)
+    assert cache.get_seq_length() == ids.shape[1] and torch.equal(cache.token_ids, ids)
+    assert torch.equal(greedy(model, torch.cat([ids, follow], 1), cache, attention_mask=full_mask), expected_out)
