@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kvtier import dispatch
+from kvtier.flash import FlashKernel, choose_flash
 from kvtier.layer import ReAttentionLayer
 from kvtier.rotary import ScopeRotary
 
@@ -22,36 +23,43 @@ def scope_attention(
     The queries go in chunks of `chunk_size`, cut where the tokens held reach a multiple of it (so a prompt fed in
     pieces of any size is chunked as when fed whole); each chunk seals what left the local window, selects its own
     spans and attends to `[global | spans | local ending with the chunk]` at positions 0..L-1, its queries at L-c..L-1.
+    The attention backend is chosen first, so a backend that cannot run raises before the layer takes anything in.
     """
-    keys, values = layer.take_pending()  # [B, Hkv, q, D]
     batch, q_heads, n_queries, head_dim = query.shape
+    flash = choose_flash(layer.config.attention_backend, query.device, query.dtype, head_dim, n_queries == 1)
+    keys, values = layer.take_pending()  # [B, Hkv, q, D]
     chunk = layer.config.chunk_size
     first = chunk - (layer.seen - n_queries) % chunk  # queries up to the next multiple of chunk_size held
     if n_queries <= first:  # decode steps and short prompts: one chunk, no output buffer to fill
-        return _chunk_attention(layer, rotary, query, keys, values, scaling)
+        return _chunk_attention(layer, rotary, query, keys, values, scaling, flash)
     out = query.new_empty(batch, n_queries, q_heads, head_dim)  # [B, q, Hq, D], the layout the model reshapes
     for start in (0, *range(first, n_queries, chunk)):
         end = min(start + chunk if start else first, n_queries)
         chunk_kv = keys[:, :, start:end], values[:, :, start:end]
-        out[:, start:end] = _chunk_attention(layer, rotary, query[:, :, start:end], *chunk_kv, scaling)
+        out[:, start:end] = _chunk_attention(layer, rotary, query[:, :, start:end], *chunk_kv, scaling, flash)
     return out
 
 
 def _chunk_attention(layer: ReAttentionLayer, rotary: ScopeRotary, query: torch.Tensor, keys: torch.Tensor,
-                     values: torch.Tensor, scaling: float | None) -> torch.Tensor:
+                     values: torch.Tensor, scaling: float | None, flash: FlashKernel | None) -> torch.Tensor:
     """One query chunk [B, Hq, c, D] with its new K/V [B, Hkv, c, D]: ingest, select its spans, attend to
-    `[global | spans | local ending with the chunk]` -> [B, c, Hq, D]."""
+    `[global | spans | local ending with the chunk]` (with `flash`, else SDPA) -> [B, c, Hq, D]."""
     layer.ingest(keys, values)
     rotated_keys, scope_values = layer.gather_scope(layer.select(query), rotary)  # [B, Hkv, L, D]
     rotated_queries = dispatch.rotate(rotary, query, rotated_keys.shape[2] - query.shape[2], layer.use_kernels)
-    return _attend(rotated_queries, rotated_keys, scope_values, scaling)
+    return _attend(rotated_queries, rotated_keys, scope_values, scaling, flash)
 
 
-def _attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float | None) -> torch.Tensor:
-    """SDPA with the queries aligned to the end of the keys (bottom-right causal) -> [B, c, Hq, D].
+def _attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float | None,
+            flash: FlashKernel | None = None) -> torch.Tensor:
+    """query [B, Hq, c, D], keys / values [B, Hkv, L, D], all rotated, the queries aligned to the end of the keys
+    (bottom-right causal) -> [B, c, Hq, D]: FlashAttention's kernel when `flash` is given, else SDPA.
 
-    The g query heads sharing a KV head become g*c query rows of that head (a view), so no backend needs GQA support;
-    cuDNN's attention is left out: it builds a plan per key length, and the scope's length changes every step."""
+    For SDPA the g query heads sharing a KV head become g*c query rows of that head (a view), so no backend needs GQA
+    support; cuDNN's attention is left out: it builds a plan per key length, and the scope's length changes every
+    step."""
+    if flash is not None:
+        return _flash_attend(flash, query, keys, values, scaling)
     batch, q_heads, n_queries, head_dim = query.shape
     kv_heads, length = keys.shape[1], keys.shape[2]
     group = q_heads // kv_heads
@@ -64,6 +72,15 @@ def _attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scali
     # any strides (flash attention's output is laid out [B, g*c, Hkv, D]): at most one copy into the model's layout
     out = out.unflatten(2, (group, n_queries)).permute(0, 3, 1, 2, 4)  # [B, c, Hkv, g, D]
     return out.reshape(batch, n_queries, q_heads, head_dim)
+
+
+def _flash_attend(flash: FlashKernel, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                  scaling: float | None) -> torch.Tensor:
+    """_attend through FlashAttention: it takes the [B, c, Hq, D] / [B, L, Hkv, D] views as they are (only the last
+    dimension must be contiguous; transposing keeps it so), GQA and the bottom-right alignment natively."""
+    out = flash.function(query.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
+                         softmax_scale=scaling, causal=True)
+    return out[0] if isinstance(out, tuple) else out  # flash-attn-4 returns (out [B, c, Hq, D], lse)
 
 
 @functools.lru_cache(maxsize=1)

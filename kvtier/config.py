@@ -20,6 +20,7 @@ _MAX_LOCAL = 8192
 _SIZE_FIELDS = ("global_size", "local_size", "span_size", "top_k", "chunk_size")
 PLACEMENT_FIELDS = ("gpu_budget", "host_budget", "disk_path", "disk_budget")
 KERNEL_CHOICES = ("auto", "reference", "triton")
+ATTENTION_BACKENDS = ("auto", "flash", "sdpa")
 _BYTE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
                "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
@@ -48,6 +49,10 @@ class ReAttentionConfig:
     # "auto": Triton kernels on CUDA, PyTorch references elsewhere; "reference" / "triton": always that one ("triton"
     # on a CPU needs TRITON_INTERPRET=1, slow: for tests)
     kernels: str = "auto"
+    # the scope attention's kernel (kvtier.flash): "auto": FlashAttention for query chunks where it is installed and
+    # runs (CUDA, fp16 / bf16, its head sizes), SDPA for decode steps and elsewhere; "flash": FlashAttention for every
+    # call or a ValueError naming the fix; "sdpa": SDPA
+    attention_backend: str = "auto"
 
     # ---- construction -------------------------------------------------------------------------------------------
     @classmethod
@@ -160,6 +165,8 @@ class ReAttentionConfig:
 
         build_policy(self.policy, self.policy_options)
         self._validate_placement()
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
 
     def budget_bytes(self, name: str) -> int | None:
         """gpu_budget / host_budget / disk_budget in bytes (None: unlimited)."""
