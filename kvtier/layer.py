@@ -39,9 +39,29 @@ def tokens_to_crop(max_length, held: int) -> int:
     return held - max_length if max_length > 0 else -max_length
 
 
-class ReAttentionLayer(CacheLayerMixin):
+class GrowingLayer(CacheLayerMixin):
+    """transformers' length protocol for a layer that counts the tokens fed in `seen` and has no fixed size."""
+
     is_compileable = False
     is_sliding = False
+    seen = 0
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_mask_sizes(self, query_length, *args) -> tuple[int, int]:
+        if isinstance(query_length, torch.Tensor):  # older releases pass cache_position
+            query_length = query_length.shape[0]
+        return self.seen + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def get_max_cache_shape(self) -> int:
+        return -1
+
+
+class ReAttentionLayer(GrowingLayer):
     is_croppable = True  # within the local window (see crop); transformers' assisted generation asks the cache
 
     def __init__(self, config: ReAttentionConfig, policy: Policy, placement_source: PlacementSource, index: int = 0):
@@ -96,20 +116,6 @@ class ReAttentionLayer(CacheLayerMixin):
         self.local.append(state["local_keys"], state["local_values"])
         self.table.append(uids, state["summaries"])
         self.seen, self.largest_scope = seen, largest_scope
-
-    def get_seq_length(self) -> int:
-        return self.seen
-
-    def get_mask_sizes(self, query_length, *args) -> tuple[int, int]:
-        if isinstance(query_length, torch.Tensor):  # older releases pass cache_position
-            query_length = query_length.shape[0]
-        return self.seen + query_length, 0
-
-    def get_max_length(self) -> int:
-        return -1
-
-    def get_max_cache_shape(self) -> int:
-        return -1
 
     def reset(self) -> None:
         self.policy.reset(self.index)

@@ -11,10 +11,9 @@ import copy
 from dataclasses import dataclass
 
 import torch
-from transformers.cache_utils import CacheLayerMixin
 
 from kvtier.attention import scope_attention
-from kvtier.layer import PlacementSource, ReAttentionLayer, tokens_to_crop
+from kvtier.layer import GrowingLayer, PlacementSource, ReAttentionLayer, tokens_to_crop
 from kvtier.policies import Policy
 from kvtier.rotary import ScopeRotary
 
@@ -51,12 +50,10 @@ def follow_rows(rows: list[RowStream], index: list[int]) -> None:
     rows[:] = followed
 
 
-class PaddedLayer(CacheLayerMixin):
+class PaddedLayer(GrowingLayer):
     """One model layer of a padded batch, as transformers sees it: counts every column (pads too, as the attention
     mask and cache positions do) and hands each row's real K/V and queries to that row's stream."""
 
-    is_compileable = False
-    is_sliding = False
     is_croppable = True
 
     def __init__(self, rows: list[RowStream], index: int):
@@ -116,17 +113,3 @@ class PaddedLayer(CacheLayerMixin):
 
     def resident_bytes(self) -> int:
         return sum(layer.resident_bytes() for layer in self.row_layers())
-
-    def get_seq_length(self) -> int:
-        return self.seen
-
-    def get_mask_sizes(self, query_length, *args) -> tuple[int, int]:
-        if isinstance(query_length, torch.Tensor):  # older releases pass cache_position
-            query_length = query_length.shape[0]
-        return self.seen + query_length, 0
-
-    def get_max_length(self) -> int:
-        return -1
-
-    def get_max_cache_shape(self) -> int:
-        return -1
