@@ -191,6 +191,28 @@ def test_beams_on_a_cache_holding_a_prompt_need_it_repeated_first(model):
     assert torch.equal(_generate(model, conversation, cache, **beams), _generate(model, conversation, stock, **beams))
 
 
+def test_samples_share_a_prompt_prefilled_once(model):
+    """The README's recipe: prefill once, batch_repeat_interleave(3), then sample 3 answers: the stock cache's samples
+    inside the window; beyond it, 3 rows naming the prompt's spans and no span stored twice."""
+    prompt = random_ids(120, seed=8)
+    samples = dict(do_sample=True, num_return_sequences=3)
+
+    def sampled(cache):
+        cache.batch_repeat_interleave(3)
+        torch.manual_seed(5)
+        return _generate(model, prompt, cache, **samples)
+
+    inside = sampled(_prefill(model, ReAttentionCache(model), prompt[:, :-1]))
+    assert torch.equal(inside, sampled(_prefill(model, DynamicCache(config=model.config), prompt[:, :-1])))
+    beyond = _prefill(model, ReAttentionCache(model, **TINY), prompt[:, :-1])
+    stored, prompt_spans = beyond.placement.stats()["spans"]["gpu"], len(beyond.layers[0].table)
+    assert sampled(beyond).shape[0] == 3
+    uids = beyond.layers[0].table.uids_host.view()  # [3, spans]
+    assert torch.equal(uids[0, :prompt_spans], uids[2, :prompt_spans])  # the prompt's spans, named by every row
+    sealed_since = 3 * (len(beyond.layers[0].table) - prompt_spans) * len(beyond.layers)  # each row's answer spans
+    assert beyond.placement.stats()["spans"]["gpu"] == stored + sealed_since  # the prompt's are stored once
+
+
 # ---- crop -----------------------------------------------------------------------------------------------------------
 def _logits(model, cache, ids: torch.Tensor) -> torch.Tensor:
     with torch.inference_mode():
