@@ -1,7 +1,8 @@
 """Saving a cache to one LMDB file and loading it back for the same model.
 
 The file holds: a JSON `meta` record (format version, config, the model's fingerprint, token count, per-layer sizes),
-the token ids, each layer's global tokens, local window and span summaries, and every span. All records are raw
+the token ids, each layer's global tokens, local window, span summaries and span ids, and every span once (rows that
+share spans, as beams and samples of one prompt do, name the same saved span). All records are raw
 tensor bytes or JSON with checksums (kvtier.records); nothing is pickled. A save writes `<path>.partial`, syncs
 it and renames it over `path`, so an interrupted save leaves the previous file or none, never a partial one.
 """
@@ -24,11 +25,12 @@ from kvtier.tiers.disk import WRITE_BATCH_BYTES, LmdbStore, encode_each, open_sa
 from kvtier.version import __version__
 
 FORMAT = "kvtier-cache"
-VERSION = 2  # an unpadded batch: records layer/i/...
-PADDED_VERSION = 3  # a left-padded batch: records row/r/layer/i/..., one stream per row (kvtier.rows)
+VERSION = 3  # records layer/i/... with span ids, or for a left-padded batch row/r/layer/i/... (kvtier.rows)
+LEGACY_VERSION = 2  # read too: no span ids (each row's spans saved in order), no padded rows
 _PAGE = 4096
 _META_KEYS = {"config", "fingerprint", "dtype", "batch", "tokens", "token_ids", "span_shape", "spans", "layers"}
 _LAYER_TENSORS = ("global_keys", "global_values", "local_keys", "local_values", "summaries")
+_SPAN_IDS = "span_ids"  # [rows, spans] the saved span each of the layer's table entries names (format 3)
 _POLICY = "policy."  # the policy's per-layer state (Policy.layer_state), named in the layer's meta entry
 
 
@@ -99,9 +101,14 @@ def _write(cache, partial: Path) -> None:
     layers = [layer for stream, _ in streams for layer in stream if layer.is_initialized]
     if len(layers) != sum(len(stream) for stream, _ in streams):
         raise ValueError("some layers of this cache never saw a token; save after a complete forward")
-    span_count = sum(layer.table.uids_host.view().numel() for layer in layers)
+    uids = np.concatenate([layer.table.uids_host.view().flatten().numpy() for layer in layers])
+    distinct, first_seen, saved_ids = np.unique(uids, return_index=True, return_inverse=True)
+    order = np.argsort(first_seen, kind="stable")  # saved span i = the i-th distinct uid met, in table order
+    saved_ids = np.argsort(order)[saved_ids]  # [entries] the saved span each table entry names
+    span_count = len(distinct)
     estimate = (_record_pages(placement.span_bytes + 256) * span_count + 64) * _PAGE  # a span and its header per record
-    layer_records = [*_layer_tensors(layers[0]).values(), *streams[0][1].layer_state(0).values()]
+    layer_records = [*_layer_tensors(layers[0]).values(), layers[0].table.uids_host.view(),
+                     *streams[0][1].layer_state(0).values()]
     estimate += sum(_record_pages(t.numel() * t.element_size()) * _PAGE for t in layer_records) * len(layers)
     partial.unlink(missing_ok=True)
     env = lmdb.open(str(partial), subdir=False, map_size=int(estimate * 1.25) + 2**24, lock=False, sync=False,
@@ -109,17 +116,21 @@ def _write(cache, partial: Path) -> None:
     unlocked = _NoLock()
     try:
         items: list[tuple[bytes, bytes]] = []
+        entry = 0
         for prefix, (stream, policy) in zip(_prefixes(len(streams), cache.padded), streams):
             for index, layer in enumerate(stream):
+                table = layer.table.uids_host.view()  # [rows, spans]
+                ids = torch.from_numpy(saved_ids[entry : entry + table.numel()]).view(table.shape)
+                entry += table.numel()
                 items += [(_layer_key(prefix, index, name), records.encode_tensor(t.cpu()))
-                          for name, t in _layer_tensors(layer).items()]
+                          for name, t in (_layer_tensors(layer) | {_SPAN_IDS: ids}).items()]
                 items += [(_layer_key(prefix, index, _POLICY + name), records.encode_tensor(t.cpu()))
                           for name, t in policy.layer_state(index).items()]
         tokens = cache.token_ids
         if tokens is not None:
             items.append((b"tokens", records.encode_tensor(tokens)))
         put_records(env, items, unlocked)
-        _write_spans(placement, layers, env, span_count, unlocked)
+        _write_spans(placement, distinct[order], env, unlocked)
         put_records(env, [(b"meta", records.encode_json(_meta(cache, span_count, tokens is not None)))], unlocked)
         env.sync(True)
     finally:
@@ -132,11 +143,11 @@ def _layer_tensors(layer) -> dict[str, torch.Tensor]:
     return dict(zip(_LAYER_TENSORS, (global_keys, global_values, local_keys, local_values, layer.table.summaries.view())))
 
 
-def _write_spans(placement, layers, env, span_count: int, lock) -> None:
-    """Every span, in the order (stream, layer, row, span): saved uid 0, 1, 2, ... - the uids a load gives them back -
-    one record each, a batch of records per transaction."""
+def _write_spans(placement, uids: np.ndarray, env, lock) -> None:
+    """The spans `uids` [U] (distinct) as saved spans 0, 1, 2, ... - the uids a load gives them back - one record each,
+    a batch of records per transaction."""
     per_batch = max(1, WRITE_BATCH_BYTES // placement.span_bytes)
-    uids = np.concatenate([layer.table.uids_host.view().flatten().numpy() for layer in layers])
+    span_count = len(uids)
     with tqdm(total=span_count, unit="span", desc="saving spans", disable=span_count < 50_000) as progress:
         for start in range(0, span_count, per_batch):
             spans = placement.read_spans(uids[start : start + per_batch])  # [N, 2, Hkv, S, D] on the host
@@ -154,7 +165,7 @@ def _meta(cache, span_count: int, has_tokens: bool) -> dict[str, Any]:
     first = cache.streams()[0][0][0]
     meta: dict[str, Any] = {
         "format": FORMAT,
-        "version": PADDED_VERSION if cache.padded else VERSION,
+        "version": VERSION,
         "kvtier": __version__,
         "config": config.to_dict(),
         "fingerprint": cache.model_fingerprint,
@@ -169,6 +180,15 @@ def _meta(cache, span_count: int, has_tokens: bool) -> dict[str, Any]:
     if cache.padded:
         meta["rows"] = [{"pads": pads, "layers": stream} for pads, stream in zip(cache.pads, streams)]
     return meta
+
+
+def _span_ids(ids: torch.Tensor, shape: tuple[int, int], meta: dict[str, Any], path: Path) -> torch.Tensor:
+    """A layer's saved span ids, checked: [rows, spans] int64, each naming one of the file's spans."""
+    if tuple(ids.shape) != shape or ids.dtype != torch.int64 or (ids.numel() and not
+                                                                   0 <= int(ids.min()) <= int(ids.max()) < meta["spans"]):
+        raise CorruptCacheError(f"{str(path)!r}: a layer's span ids do not name {shape[0]} x {shape[1]} of the "
+                                f"file's {meta['spans']} spans")
+    return ids
 
 
 def _streams_meta(meta: dict[str, Any]) -> list[list[dict[str, Any]]]:
@@ -231,18 +251,18 @@ def _read_meta(env: lmdb.Environment, path: Path) -> dict[str, Any]:
     meta = records.decode_json(raw, "meta")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CorruptCacheError(f"{str(path)!r} is not a kvtier cache (its metadata names no kvtier format)")
-    if meta.get("version") not in (VERSION, PADDED_VERSION):
+    if meta.get("version") not in (LEGACY_VERSION, VERSION):
         raise IncompatibleCacheError(
             f"{str(path)!r} was written in kvtier cache format {meta.get('version')} (kvtier {meta.get('kvtier')}); "
-            f"this kvtier reads formats {VERSION} and {PADDED_VERSION}: re-run the prefill and save again"
+            f"this kvtier reads formats {LEGACY_VERSION} and {VERSION}: re-run the prefill and save again"
         )
-    required = _META_KEYS | {"rows"} if meta["version"] == PADDED_VERSION else _META_KEYS
-    missing = sorted(required - set(meta))
+    missing = sorted(_META_KEYS - set(meta))
     if missing:
         raise CorruptCacheError(f"{str(path)!r}: the metadata lacks {missing}")
     layers = [layer for stream in _streams_meta(meta) for layer in stream]
     policy_records = sum(len(layer.get("policy_state", ())) for layer in layers)
-    expected = meta["spans"] + len(layers) * len(_LAYER_TENSORS) + policy_records + 1 + bool(meta["token_ids"])
+    per_layer = len(_LAYER_TENSORS) + (meta["version"] == VERSION)  # and the span ids since format 3
+    expected = meta["spans"] + len(layers) * per_layer + policy_records + 1 + bool(meta["token_ids"])
     if env.stat()["entries"] != expected:
         raise CorruptCacheError(f"{str(path)!r} holds {env.stat()['entries']} records, its metadata says {expected}")
     return meta
@@ -278,7 +298,8 @@ def _restore(cache, env: lmdb.Environment, meta: dict[str, Any], path: Path, mod
                 device = next(decoder_layers[index].parameters()).device
                 state = {name: tensor(_layer_key(prefix, index, name)).to(device) for name in _LAYER_TENSORS}
                 count = info["spans"] * rows
-                uids = torch.arange(saved_uid, saved_uid + count).view(rows, info["spans"])
+                uids = (_span_ids(tensor(_layer_key(prefix, index, _SPAN_IDS)), (rows, info["spans"]), meta, path)
+                        if meta["version"] == VERSION else torch.arange(saved_uid, saved_uid + count).view(rows, -1))
                 layer.restore(state, uids, info["seen"], info["largest_scope"])
                 policy.restore_layer_state(index, {name: tensor(_layer_key(prefix, index, _POLICY + name)).to(device)
                                                    for name in info.get("policy_state", [])})

@@ -156,10 +156,12 @@ def test_rows_kept_across_save_and_load(model, tmp_path, order):
     prompts = random_ids(100, batch=2, seed=5)
     ids = prompts[[1, 0, 0, 1]]
     cache = _prefill(model, ReAttentionCache(model, policy="quest", **TINY), prompts[:, :-1])
-    if order == "reordered then saved":  # rows 1 and 2 share their spans; the file holds each row's own copy
+    distinct = cache.placement.stats()["spans"]["gpu"]
+    if order == "reordered then saved":  # rows 1 and 2 share their spans (and 0 and 3): the file holds each once
         cache.reorder_cache(torch.tensor([1, 0, 0, 1]))
     cache.save(tmp_path / "ctx.lmdb")
     loaded = ReAttentionCache.load(tmp_path / "ctx.lmdb", model)
+    assert loaded.placement.stats()["spans"]["disk"] == distinct
     if order == "saved then reordered":  # the spans are read from the saved file
         loaded.reorder_cache(torch.tensor([1, 0, 0, 1]))
     assert torch.equal(loaded.token_ids, ids[:, :-1])

@@ -22,7 +22,7 @@ import torch
 
 from kvtier import ReAttentionCache, records
 from kvtier.errors import CacheFileNotFoundError, CacheWriteError, CorruptCacheError, IncompatibleCacheError, TierFullError
-from kvtier.persist import PADDED_VERSION, VERSION
+from kvtier.persist import LEGACY_VERSION, VERSION
 from kvtier.tiers.disk import put_records, span_key
 from tests.conftest import greedy, random_ids, tiny_model
 from tests.tiers.persist_worker import read_records
@@ -206,7 +206,7 @@ def test_every_record_is_a_checksummed_kvtier_record_with_the_expected_keys(save
     assert (meta["version"], meta["tokens"], meta["spans"]) == (VERSION, saved.tokens, spans)
     span_records = {span_key(uid) for uid in range(spans)}  # one record per span
     layers = {f"layer/{i}/{name}".encode() for i in range(2)
-              for name in ("global_keys", "global_values", "local_keys", "local_values", "summaries")}
+              for name in ("global_keys", "global_values", "local_keys", "local_values", "summaries", "span_ids")}
     # the default policy (consensus) keeps its observation window, last selection and reuse count per layer
     policy = {f"layer/{i}/policy.{name}".encode() for i in range(2) for name in ("window", "selected", "steps")}
     assert [layer["policy_state"] for layer in meta["layers"]] == [["selected", "steps", "window"]] * 2
@@ -314,6 +314,28 @@ def test_damaged_spans_raise_corrupt_cache_during_generation(saves, load, model,
         greedy(model, saves["batch1"].ids, cache, new_tokens=NEW_TOKENS)
 
 
+def test_a_format_2_file_without_span_ids_still_loads_and_continues(model, load, copy_of_save, saves):
+    """Format 2 (before span ids) saved each row's spans in table order; a file of it loads as it did."""
+    meta = records.decode_json(read_records(copy_of_save)[b"meta"], "meta")
+    span_ids = tuple(f"layer/{index}/span_ids".encode() for index in range(len(meta["layers"])))
+    assert all(torch.equal(records.decode_tensor(read_records(copy_of_save)[key], "ids").flatten(),
+                           torch.arange(offset, offset + layer["spans"]))
+               for key, offset, layer in zip(span_ids, np.cumsum([0] + [l["spans"] for l in meta["layers"]]),
+                                             meta["layers"]))  # no shared spans: the ids format 2 implied
+    _rewrite_records(copy_of_save, put={b"meta": records.encode_json(dict(meta, version=LEGACY_VERSION))},
+                     delete=span_ids)
+    saved = saves["batch1"]
+    assert greedy(model, saved.ids, load(copy_of_save), new_tokens=NEW_TOKENS).tolist() == saved.reference
+
+
+def test_span_ids_naming_no_saved_span_raise_corrupt_cache(load, copy_of_save):
+    meta = records.decode_json(read_records(copy_of_save)[b"meta"], "meta")
+    ids = torch.full((1, meta["layers"][0]["spans"]), meta["spans"], dtype=torch.int64)
+    _rewrite_records(copy_of_save, put={b"layer/0/span_ids": records.encode_tensor(ids)})
+    with unchanged(copy_of_save.parent), pytest.raises(CorruptCacheError, match="span ids do not name"):
+        load(copy_of_save)
+
+
 def test_a_damaged_meta_record_raises_corrupt_cache(load, copy_of_save):
     _flip_byte_in_record(copy_of_save, b"meta")
     with unchanged(copy_of_save.parent), pytest.raises(CorruptCacheError, match="meta.*checksum"):
@@ -328,8 +350,8 @@ def test_a_missing_spans_record_raises_corrupt_cache(load, copy_of_save):
 
 def test_a_newer_format_version_raises_incompatible_cache(load, copy_of_save):
     meta = records.decode_json(read_records(copy_of_save)[b"meta"], "meta")
-    _rewrite_records(copy_of_save, put={b"meta": records.encode_json(dict(meta, version=PADDED_VERSION + 1))})
-    with unchanged(copy_of_save.parent), pytest.raises(IncompatibleCacheError, match=f"format {PADDED_VERSION + 1}"):
+    _rewrite_records(copy_of_save, put={b"meta": records.encode_json(dict(meta, version=VERSION + 1))})
+    with unchanged(copy_of_save.parent), pytest.raises(IncompatibleCacheError, match=f"format {VERSION + 1}"):
         load(copy_of_save)
 
 
@@ -342,7 +364,7 @@ def test_a_format_1_file_raises_incompatible_cache_asking_for_a_new_prefill(load
     old = dict(meta, version=1, spans_per_record=1, fingerprint=fingerprint)
     _rewrite_records(copy_of_save, put={b"meta": records.encode_json(old)})
     with unchanged(copy_of_save.parent), pytest.raises(
-        IncompatibleCacheError, match=f"format 1 .*reads formats {VERSION} and {PADDED_VERSION}: re-run the prefill and save again"
+        IncompatibleCacheError, match=f"format 1 .*reads formats {LEGACY_VERSION} and {VERSION}: re-run the prefill and save again"
     ):
         load(copy_of_save)
 
