@@ -16,6 +16,7 @@ from kvtier.persist import fingerprint, load_cache, save_cache
 from kvtier.policies import Policy, build_policy
 from kvtier.rotary import ScopeRotary
 from kvtier.rows import PaddedLayer, RowStream, follow_rows
+from kvtier.sharing import SharedRows
 from kvtier.tiers.placement import Placement, SharedPlacement
 
 
@@ -48,6 +49,7 @@ class ReAttentionCache(hf.HostedCache):
         self._padding = Padding()
         self._new_pads: list[int] = []  # [B] pads among the current forward's new tokens, per row
         self._rows: list[RowStream] = []  # a padded batch's rows (PaddedLayer reads them), empty otherwise
+        self._shared: SharedRows | None = None  # identical rows held once (kvtier.sharing), until their inputs differ
         super().__init__(layers=self._batched_layers())
 
     def _batched_layers(self) -> list[ReAttentionLayer]:
@@ -69,7 +71,18 @@ class ReAttentionCache(hf.HostedCache):
         self._new_pads = self._padding.plan(attention_mask, held, new)
         if held == 0 and self._padding.padded and not self._rows:
             self._start_rows(len(self._new_pads))
+        if self._shared is not None and not self._shared.still_holds(input_ids):
+            self._unshare()
+        if held == 0 and not self._rows:
+            self._shared = SharedRows.of(input_ids)
         self.record_tokens(input_ids)
+
+    def _unshare(self) -> None:
+        """Give every row its own state again, if identical rows are held once (their spans stay shared by uid)."""
+        if self._shared is not None:
+            for layer in self.layers:
+                layer.keep_rows(self._shared.rows)
+            self._shared = None
 
     def _start_rows(self, count: int) -> None:
         self._rows[:] = [RowStream.new(self.config, build_policy(self.config.policy, self.config.policy_options),
@@ -105,7 +118,7 @@ class ReAttentionCache(hf.HostedCache):
         if self._rows:
             self._rows.clear()
             self.layers = self._batched_layers()
-        self._padding, self._tokens, self._tokens_known = Padding(), None, True
+        self._padding, self._tokens, self._tokens_known, self._shared = Padding(), None, True, None
         super().reset()
 
     def _check_batch(self, batch: int) -> None:
@@ -136,14 +149,20 @@ class ReAttentionCache(hf.HostedCache):
         return self._tokens.view().clone()
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        keys, values = self.layers[layer_idx].update(key_states, value_states)
-        hf.publish(self, layer_idx, keys)
-        return keys, values
+        if self._shared is not None:
+            self.layers[layer_idx].update(self._shared.distinct(key_states), self._shared.distinct(value_states))
+        else:
+            key_states, value_states = self.layers[layer_idx].update(key_states, value_states)
+        hf.publish(self, layer_idx, key_states)
+        return key_states, value_states
 
     def attend(self, layer_idx: int, query: torch.Tensor, scaling: float | None) -> torch.Tensor:
         """query [B, Hq, q, D] pre-RoPE -> attention output [B, q, Hq, D] over the layer's scope."""
         if self._rows:
             return self.layers[layer_idx].attend(self._rotary_on(query.device), query, scaling, self._new_pads)
+        if self._shared is not None:
+            out = scope_attention(self.layers[layer_idx], self._rotary_on(query.device), self._shared.distinct(query), scaling)
+            return self._shared.expand(out)
         return scope_attention(self.layers[layer_idx], self._rotary_on(query.device), query, scaling)
 
     def _rotary_on(self, device: torch.device) -> ScopeRotary:
@@ -157,6 +176,7 @@ class ReAttentionCache(hf.HostedCache):
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Beam search's step: row i continues old row beam_idx[i] [B]. Spans are shared by uid, never copied (see
         ReAttentionLayer.keep_rows for what is copied and what it costs; a padded batch clones a row's stream)."""
+        self._unshare()
         if self._rows:
             follow_rows(self._rows, beam_idx.tolist())
         else:
@@ -167,6 +187,7 @@ class ReAttentionCache(hf.HostedCache):
         """Each row `repeats` times in a row ([a, b] -> [a, a, b, b] for 2): what a cache holding a prompt needs before
         generate(..., num_beams=n) or num_return_sequences=n continues it (generate expands its input ids, not the
         cache)."""
+        self._unshare()
         index = torch.arange(self._batch_held()).repeat_interleave(repeats)
         if self._rows:
             follow_rows(self._rows, index.tolist())
@@ -176,6 +197,7 @@ class ReAttentionCache(hf.HostedCache):
 
     def batch_select_indices(self, indices: torch.Tensor | list[int]) -> None:
         """Keep the rows numbered `indices` [B'] (any order, repeats allowed)."""
+        self._unshare()
         index = row_index(indices, self._batch_held()) if self._batch_held() else torch.as_tensor(indices)
         if self._rows:
             follow_rows(self._rows, index.tolist())
@@ -224,6 +246,7 @@ class ReAttentionCache(hf.HostedCache):
     def save(self, path: str | Path) -> None:
         """Write everything needed to continue into one LMDB file at `path`, atomically: an interrupted save
         leaves the previous file (or none), never a partial one."""
+        self._unshare()
         save_cache(self, Path(path))
 
     @classmethod
