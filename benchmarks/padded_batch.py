@@ -11,17 +11,17 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from kvtier.cache import ReAttentionCache
-from kvtier.tools.args import add_device_options, apply_device_options, format_length, fractions, lengths, versions
+from kvtier.tools.args import (add_device_options, add_script_options, apply_device_options, format_length, fractions,
+                               lengths, versions)
 from kvtier.tools.corpus import tokenized_corpus
 from kvtier.tools.measure import sync
 from kvtier.tools.memory import release_memory
-from kvtier.tools.model import GGUF_NAME, ByteTokenizer, load_smollm2, random_llama
+from kvtier.tools.model import load_model
 from kvtier.tools.niah import PREFILL_CHUNK, answer, answer_batch
 from kvtier.tools.output import default_out, print_report, write_json
 from kvtier.tools.tasks import answer_tokens, build_task_sample, score
@@ -90,10 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--depths", type=fractions, default=None,
                         help="needle depth of each row, or one for all (default 0.5)")
     parser.add_argument("--policy", default=None, help="selection policy (default: kvtier's default)")
-    parser.add_argument("--quick", action="store_true",
-                        help="a tiny random Llama on the CPU at small scope sizes, in seconds: checks the script (CI)")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="folder for padded_batch.json (default runs/padded_batch-<timestamp>)")
+    add_script_options(parser, "padded_batch.json", "padded_batch")
     add_device_options(parser)
     args = parser.parse_args(argv)
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -103,10 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--depths gives {len(depths)} depths for {len(prompt_lengths)} lengths: give one, or one per length")
     depths = depths * len(prompt_lengths) if len(depths) == 1 else depths
     device, dtype = apply_device_options(args, quick=args.quick)
-    if args.quick:
-        model, tokenizer, model_name = random_llama("tiny", device, dtype), ByteTokenizer(), "tiny random Llama"
-    else:
-        (model, tokenizer), model_name = load_smollm2(dtype=dtype, device=device), GGUF_NAME
+    model, tokenizer, model_name = load_model(args.quick, device, dtype)
     config = ReAttentionCache(model, **(QUICK_SIZES if args.quick else {}),
                               **({"policy": args.policy} if args.policy else {})).config
     corpus = tokenized_corpus(tokenizer)

@@ -30,10 +30,10 @@ from tqdm.auto import tqdm
 from kvtier.cache import ReAttentionCache
 from kvtier.hf import cache_keyword
 from kvtier.policies import MeanPolicy, QuestPolicy, ReAttentionPolicy
-from kvtier.tools.args import fractions, length, versions
+from kvtier.tools.args import add_script_options, fractions, length, versions
 from kvtier.tools.corpus import tokenized_corpus
 from kvtier.tools.memory import release_memory
-from kvtier.tools.model import GGUF_NAME, ByteTokenizer, load_smollm2, random_llama
+from kvtier.tools.model import load_model
 from kvtier.tools.niah import PREFILL_CHUNK
 from kvtier.tools.output import default_out, print_report, write_json
 from kvtier.tools.plots import pyplot, save_figure
@@ -207,23 +207,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--depths", type=fractions, default=None,
                         help=f"comma list of needle depths in [0, 1], a prompt each (default "
                              f"{','.join(map(str, DEPTHS))}; --quick {','.join(map(str, QUICK_DEPTHS))})")
-    parser.add_argument("--quick", action="store_true",
-                        help="a tiny random Llama on the CPU at small scope sizes, in seconds: checks the script (CI)")
     parser.add_argument("--policy", default=None,
                         help="the policy of the prefill that computes the keys (default: kvtier's default; RESULTS.md "
                              "14a used quest, the default then)")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="folder for selection_ranks.json and selection_ranks.png (default "
-                             "runs/selection_ranks-<timestamp>)")
+    add_script_options(parser, "selection_ranks.json and selection_ranks.png", "selection_ranks")
     args = parser.parse_args(argv)
     argv = sys.argv[1:] if argv is None else list(argv)
     prompt_length = args.length or (QUICK_LENGTH if args.quick else LENGTH)
     depths = args.depths or (QUICK_DEPTHS if args.quick else DEPTHS)
     device = "cuda" if torch.cuda.is_available() and not args.quick else "cpu"
-    if args.quick:
-        model, tokenizer, model_name = random_llama("tiny", device, torch.float32), ByteTokenizer(), "tiny random Llama"
-    else:
-        (model, tokenizer), model_name = load_smollm2(device=device), GGUF_NAME
+    model, tokenizer, model_name = load_model(args.quick, device, torch.float32)
     sizes = (QUICK_SIZES if args.quick else {}) | ({"policy": args.policy} if args.policy else {})
     corpus = tokenized_corpus(tokenizer)
     config = ReAttentionCache(model, **sizes).config  # resolved for the model's window; each prompt's cache gets it

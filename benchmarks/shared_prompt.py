@@ -12,16 +12,16 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from kvtier.cache import ReAttentionCache
-from kvtier.tools.args import add_device_options, apply_device_options, format_length, length, positive, versions
+from kvtier.tools.args import (add_device_options, add_script_options, apply_device_options, format_length, length,
+                               positive, versions)
 from kvtier.tools.corpus import tokenized_corpus
 from kvtier.tools.measure import sync
-from kvtier.tools.model import GGUF_NAME, ByteTokenizer, load_smollm2, random_llama
+from kvtier.tools.model import load_model
 from kvtier.tools.output import default_out, print_report, write_json
 from kvtier.tools.tasks import build_task_sample
 
@@ -62,18 +62,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--length", type=length, default=None, help="prompt tokens, e.g. 8k (default 8k; --quick 600)")
     parser.add_argument("--beams", type=positive, default=4, help="num_beams, and sequences returned (default 4)")
     parser.add_argument("--new-tokens", type=positive, default=16, help="tokens generated (default 16)")
-    parser.add_argument("--quick", action="store_true",
-                        help="a tiny random Llama on the CPU at small scope sizes, in seconds: checks the script (CI)")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="folder for shared_prompt.json (default runs/shared_prompt-<timestamp>)")
+    add_script_options(parser, "shared_prompt.json", "shared_prompt")
     add_device_options(parser)
     args = parser.parse_args(argv)
     argv = sys.argv[1:] if argv is None else list(argv)
     device, dtype = apply_device_options(args, quick=args.quick)
-    if args.quick:
-        model, tokenizer, model_name = random_llama("tiny", device, dtype), ByteTokenizer(), "tiny random Llama"
-    else:
-        (model, tokenizer), model_name = load_smollm2(dtype=dtype, device=device), GGUF_NAME
+    model, tokenizer, model_name = load_model(args.quick, device, dtype)
     config = ReAttentionCache(model, **(QUICK_SIZES if args.quick else {})).config
     size = args.length or (600 if args.quick else 8192)
     sample = build_task_sample(tokenized_corpus(tokenizer), size, 0.5, draw=f"shared:{size}")

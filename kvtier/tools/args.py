@@ -1,10 +1,11 @@
 """The units of kvtier's command lines: argparse value types (token lengths like 16k, depths, counts, milliseconds,
 byte budgets), the same units written back for tables and labels, the shared --device / --dtype / --threads options,
-and the versions a run records."""
+the benchmark scripts' --quick / --out, and the versions a run records."""
 from __future__ import annotations
 
 import argparse
 import platform
+from pathlib import Path
 
 import torch
 import transformers
@@ -93,6 +94,15 @@ def format_bytes(value: int | None) -> str:
 
 
 # ---- shared options -------------------------------------------------------------------------------------------------
+def add_script_options(parser: argparse.ArgumentParser, writes: str, command: str) -> None:
+    """--quick and --out, as every benchmarks/ script takes them: `writes` names what --out receives, `command` its
+    default folder runs/<command>-<timestamp>."""
+    parser.add_argument("--quick", action="store_true",
+                        help="a tiny random Llama on the CPU at small scope sizes, in seconds: checks the script (CI)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"folder for {writes} (default runs/{command}-<timestamp>)")
+
+
 def add_device_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="auto = cuda when available, else cpu")

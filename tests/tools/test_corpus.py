@@ -74,7 +74,7 @@ def test_a_damaged_corpus_is_refused_naming_the_fix(damaged_corpus, capsys):
     damaged_corpus.setattr(corpus, "CORPUS_SHA256", "0" * 64)
     with pytest.raises(CorpusError, match=f"has sha256 {CORPUS_SHA256}, not 0+: restore the committed file"):
         corpus_sentences()
-    damaged_corpus.setattr("kvtier.tools.cli.random_llama", lambda *_: pytest.fail("the model must not load"))
+    damaged_corpus.setattr("kvtier.tools.model.random_llama", lambda *_: pytest.fail("the model must not load"))
     assert main(["niah", "--quick"]) == 2
     err = capsys.readouterr().err
     assert "restore the committed file" in err and "Traceback" not in err

@@ -254,7 +254,7 @@ def test_sweep_task_refuses_what_does_not_exist():
     (["--needles", "3"], "niah_single hides one needle"),
     (["--task", "multikey", "--needles", "1"], "--needles: multikey needs 2 to 58 needles, got 1")])
 def test_niah_options_that_do_not_combine_are_errors_before_the_model_loads(options, problem, monkeypatch, capsys):
-    monkeypatch.setattr("kvtier.tools.cli.random_llama", lambda *_: pytest.fail("the model must not load"))
+    monkeypatch.setattr("kvtier.tools.model.random_llama", lambda *_: pytest.fail("the model must not load"))
     assert main(["niah", "--quick", *options]) == 2
     err = capsys.readouterr().err
     assert problem in err and "Traceback" not in err
