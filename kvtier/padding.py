@@ -33,7 +33,16 @@ class Padding:
     says how many of the forward's new tokens are pads in each row."""
 
     def __init__(self) -> None:
-        self.pads: torch.Tensor | None = None  # [B] leading pads of each row (CPU, long)
+        self._pads: torch.Tensor | None = None  # [B] leading pads of each row (CPU, long)
+        self._edges: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # see _unchanged, per mask device
+
+    @property
+    def pads(self) -> torch.Tensor | None:
+        return self._pads
+
+    @pads.setter
+    def pads(self, pads: torch.Tensor | None) -> None:
+        self._pads, self._edges = pads, {}
 
     @property
     def padded(self) -> bool:
@@ -65,7 +74,9 @@ class Padding:
     def _unchanged(self, mask: torch.Tensor, held: int) -> bool:
         """Whether the new tokens are all real and each row still turns from pad to token where it did: one read from
         the mask's device per forward, instead of the whole mask (decode steps)."""
-        edge = torch.stack(((self.pads - 1).clamp(min=0), self.pads), 1)  # [B, 2] the last pad, the first token
-        expected = torch.stack(((self.pads == 0).long(), torch.ones_like(self.pads)), 1)  # [B, 2]
-        seen = mask.gather(1, edge.to(mask.device)).long()
-        return bool(mask[:, held:].all() & (seen == expected.to(mask.device)).all())
+        if mask.device not in self._edges:
+            edge = torch.stack(((self.pads - 1).clamp(min=0), self.pads), 1)  # [B, 2] the last pad, the first token
+            expected = torch.stack(((self.pads == 0).long(), torch.ones_like(self.pads)), 1)  # [B, 2]
+            self._edges[mask.device] = edge.to(mask.device), expected.to(mask.device)
+        edge, expected = self._edges[mask.device]
+        return bool(mask[:, held:].all() & (mask.gather(1, edge).long() == expected).all())
