@@ -32,7 +32,6 @@ def prefill(model, ids, cache, mask=None):
         model(ids, attention_mask=mask, past_key_values=cache, use_cache=True)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
 def test_inside_the_window_each_row_equals_the_stock_cache_on_the_row_alone(family):
     model = tiny_model(family)
     ids, mask, rows = left_padded()
@@ -213,8 +212,8 @@ def beams(model, ids, cache, **kwargs) -> torch.Tensor:
     return greedy(model, ids, cache, new_tokens=12, num_beams=3, num_return_sequences=2, **kwargs)
 
 
-def test_beams_of_a_padded_batch_inside_the_window_equal_the_stock_cache_on_each_row_alone():
-    model = tiny_model("llama")
+def test_beams_of_a_padded_batch_inside_the_window_equal_the_stock_cache_on_each_row_alone(family):
+    model = tiny_model(family)
     ids, mask, rows = left_padded()
     together = beams(model, ids, ReAttentionCache(model), attention_mask=mask)
     for i, row in enumerate(rows):
