@@ -1,6 +1,7 @@
-"""Kernel benchmark: span scoring, top-k and the scope gather at 1M tokens of Llama-3.1-8B (Hq 32, Hkv 8, D 128,
-spans of 32, bf16), against ceilings measured in the same run (device copy, pinned host->GPU copy) and against one
-SDPA decode call over the ~8K-token scope that selection + gather feed. Timings: triton.testing.do_bench medians
+"""Kernel benchmark: span scoring, top-k, the scope gather and consensus' window scoring at 1M tokens of Llama-3.1-8B
+(Hq 32, Hkv 8, D 128, spans of 32, bf16), against ceilings measured in the same run (device copy, pinned host->GPU
+copy), against one SDPA decode call over the ~8K-token scope that selection + gather feed, and against the PyTorch
+references. Timings: triton.testing.do_bench medians
 (warm-up first, L2 flushed between calls) on fresh random inputs. Writes kernels.json and kernels.png (ms per
 measurement) into --out; prints the table last.
 
@@ -28,6 +29,7 @@ from tqdm.auto import tqdm  # noqa: E402
 from kvtier.kernels.scoring import score_spans, score_spans_reference  # noqa: E402
 from kvtier.kernels.select import select_spans  # noqa: E402
 from kvtier.kernels.topk import top_k_spans, top_k_spans_reference  # noqa: E402
+from kvtier.kernels.window_mass import span_best_scores, span_best_scores_reference  # noqa: E402
 from kvtier.tools.output import default_out, print_report, unwind_on_sigterm, write_json  # noqa: E402
 from kvtier.tools.plots import bar_chart  # noqa: E402
 
@@ -35,6 +37,7 @@ GiB = 2**30
 BLOCK_VECTORS = (32, 64, 128, 256)  # scoring configurations swept
 NUM_WARPS = (2, 4, 8)
 TOP_K_BLOCKS = (512, 1024, 2048, 4096)  # top-k first-stage block sizes swept
+KEYS_PER_DOT = (16, 32, 64, 128)  # consensus window scoring configurations swept (with NUM_WARPS)
 SCORED = (("mean (c=1), max", "dot", "max"), ("quest (c=2), vote", "bound", "vote"))  # label, kind, aggregation
 
 
@@ -51,6 +54,7 @@ class Shape:
     copy_bytes: int  # size of the ceiling copies
     host_block_slots: int  # spans per pinned host block
     chunk: int  # queries of one prefill chunk
+    window: int  # consensus' observation window: queries scored per query head
 
     @property
     def n_spans(self) -> int:
@@ -61,8 +65,8 @@ class Shape:
         return self.global_size + self.top_k * self.span + self.local_size
 
 
-FULL = Shape(2**20, 32, 32, 8, 128, 127, 32, 4064, GiB, 256, 512)
-QUICK = Shape(2**10, 16, 8, 2, 64, 7, 16, 64, 2**24, 16, 16)
+FULL = Shape(2**20, 32, 32, 8, 128, 127, 32, 4064, GiB, 256, 512, 64)
+QUICK = Shape(2**10, 16, 8, 2, 64, 7, 16, 64, 2**24, 16, 16, 8)
 
 
 @dataclass
@@ -290,6 +294,38 @@ def bench_prefill_chunk(shape: Shape, device: str) -> tuple[list[Row], dict]:
     return rows, details
 
 
+# ---- (g) one layer's consensus scoring at full depth --------------------------------------------------------------
+def bench_consensus(shape: Shape, device: str, sweep: bool) -> tuple[list[Row], dict]:
+    """The `consensus` policy's span scores, as each layer of each prefill chunk runs them: its observation window
+    (shape.window centred queries per query head) against every key of the context, the kernel
+    (kvtier.kernels.window_mass) against its PyTorch reference (the policy's blocked einsum + amax over S)."""
+    group = shape.q_heads // shape.kv_heads
+    queries = torch.randn(1, shape.kv_heads, group, shape.window, shape.head_dim, device=device,
+                          dtype=torch.bfloat16)  # [1, Hkv, g, w, D]
+    keys = torch.randn(1, shape.kv_heads, shape.n_spans, shape.span, shape.head_dim, device=device,
+                       dtype=torch.bfloat16)  # [1, Hkv, n, S, D]
+    flops = 2 * shape.q_heads * shape.window * shape.n_spans * shape.span * shape.head_dim
+    default = (None, None)  # (keys_per_dot, num_warps)
+    configs = [default] + ([(k, w) for k in KEYS_PER_DOT for w in NUM_WARPS] if sweep else [])
+    timings = {config: measure_ms(lambda: span_best_scores(queries, keys, keys_per_dot=config[0],
+                                                           num_warps=config[1]))
+               for config in configs}
+    best = min(timings, key=timings.get)
+    reference_ms = measure_ms(lambda: span_best_scores_reference(queries, keys))
+    label = f"span scores, w={shape.window} x {shape.q_heads} heads, n={shape.n_spans}"
+    rows = []
+    for name, config in ((f"{label}: default config", default), (f"  best of sweep {best}", best)):
+        ms = timings[config]
+        rate, speedup = f"{flops / ms / 1e9:.1f} TFLOP/s", f"{reference_ms / ms:.1f}x reference"
+        rows.append(Row("consensus", name, ms, rate, speedup))
+        if best == default:
+            break
+    rows.append(Row("consensus", "  PyTorch reference (blocked einsum + amax)", reference_ms,
+                    f"{flops / reference_ms / 1e9:.1f} TFLOP/s"))
+    return rows, {"flops": flops, "torch_reference_ms": reference_ms,
+                  "ms_by_keys_per_dot_num_warps": {str(c): ms for c, ms in timings.items()}}
+
+
 # ---- report -------------------------------------------------------------------------------------------------------
 def format_table(rows: list[Row], ceiling: dict) -> str:
     h2d = ceiling["h2d_pinned"]
@@ -334,6 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         ("gather", lambda: bench_gather(shape, ceiling, scope)),
         ("decode step", lambda: bench_decode_step(shape, device, scope)),
         ("prefill chunk", lambda: bench_prefill_chunk(shape, device)),
+        ("consensus", lambda: bench_consensus(shape, device, sweep)),
     )
     for section, run in tqdm(sections, desc="kernels", unit="section"):
         section_rows, details[section] = run()

@@ -46,6 +46,7 @@ def _chunk_attention(layer: ReAttentionLayer, rotary: ScopeRotary, query: torch.
     `[global | spans | local ending with the chunk]` (with `flash`, else SDPA) -> [B, c, Hq, D]."""
     layer.ingest(keys, values)
     rotated_keys, scope_values = layer.gather_scope(layer.select(query), rotary)  # [B, Hkv, L, D]
+    layer.scope_attended(rotated_keys, scope_values, query.shape[2])
     rotated_queries = dispatch.rotate(rotary, query, rotated_keys.shape[2] - query.shape[2], layer.use_kernels)
     return _attend(rotated_queries, rotated_keys, scope_values, scaling, flash)
 

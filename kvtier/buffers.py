@@ -6,11 +6,13 @@ import numpy as np
 import torch
 
 
-def buffer(shape, dtype: torch.dtype, device: torch.device | str = "cpu", pin_memory: bool = False) -> torch.Tensor:
-    """An empty tensor the cache keeps across calls. Never an inference tensor, even when made under
-    torch.inference_mode, so later calls may update it in place whichever mode their caller runs in."""
+def buffer(shape, dtype: torch.dtype, device: torch.device | str = "cpu", pin_memory: bool = False,
+           zeroed: bool = False) -> torch.Tensor:
+    """An empty (or with `zeroed`, zero-filled) tensor the cache keeps across calls. Never an inference tensor, even
+    when made under torch.inference_mode, so later calls may update it in place whichever mode their caller runs in."""
     with torch.inference_mode(False):
-        return torch.empty(shape, dtype=dtype, device=device, pin_memory=pin_memory)
+        made = torch.empty(shape, dtype=dtype, device=device, pin_memory=pin_memory)
+        return made.zero_() if zeroed else made
 
 
 def gather_rows(source: torch.Tensor, index: torch.Tensor, row_shape: tuple[int, ...] | None = None) -> torch.Tensor:

@@ -10,6 +10,7 @@ from kvtier import hf
 from kvtier.attention import scope_attention
 from kvtier.buffers import GrowableTensor
 from kvtier.config import ReAttentionConfig
+from kvtier.graphs import DecodeGraphs
 from kvtier.layer import ReAttentionLayer, row_index
 from kvtier.padding import Padding
 from kvtier.persist import fingerprint, load_cache, save_cache
@@ -50,10 +51,33 @@ class ReAttentionCache(hf.HostedCache):
         self._new_pads: list[int] = []  # [B] pads among the current forward's new tokens, per row
         self._rows: list[RowStream] = []  # a padded batch's rows (PaddedLayer reads them), empty otherwise
         self._shared: SharedRows | None = None  # identical rows held once (kvtier.sharing), until their inputs differ
+        self._graphs: DecodeGraphs | None = None  # the static decode path, made on the first forward (kvtier.graphs)
         super().__init__(layers=self._batched_layers())
 
     def _batched_layers(self) -> list[ReAttentionLayer]:
         return [ReAttentionLayer(self.config, self.policy, self._placement, index) for index in range(self.spec.num_layers)]
+
+    def decode_statically(self, capture: bool) -> None:
+        """Take the static path for the decode steps that allow it (kvtier.graphs), captured in a CUDA graph when
+        `capture`; a cache with decode_graphs="auto" does this on CUDA by itself."""
+        self._graphs = DecodeGraphs(self, capture)
+        for layer in self.layers:
+            layer.keeps_fast_scope = True
+
+    def fast_decode_ready(self) -> bool:
+        """Whether the next decode step can take the static path in every layer (an unpadded batch, rows not held
+        once, every layer's token adding only itself to its scope)."""
+        return not self._rows and self._shared is None and all(layer.fast_step_ready() for layer in self.layers)
+
+    def run_decoder(self, forward, kwargs):
+        auto = self.config.decode_graphs == "auto" and self.policy.keeps_selection and torch.cuda.is_available()
+        if self._graphs is None and auto:
+            device = next((value.device for value in kwargs.values() if isinstance(value, torch.Tensor)), None)
+            if device is not None and device.type == "cuda":
+                self.decode_statically(capture=True)
+        if self._graphs is not None and self._graphs.ready(kwargs):
+            return self._graphs.run(forward, kwargs)
+        return forward(**kwargs)
 
     @property
     def placement(self) -> Placement | None:
@@ -83,6 +107,8 @@ class ReAttentionCache(hf.HostedCache):
             for layer in self.layers:
                 layer.keep_rows(self._shared.rows)
             self._shared = None
+            if self._graphs is not None:
+                self._graphs.drop()
 
     def _start_rows(self, count: int) -> None:
         self._rows[:] = [RowStream.new(self.config, build_policy(self.config.policy, self.config.policy_options),
@@ -120,6 +146,8 @@ class ReAttentionCache(hf.HostedCache):
             self.layers = self._batched_layers()
         self._padding, self._tokens, self._tokens_known, self._shared = Padding(), None, True, None
         super().reset()
+        if self._graphs is not None:
+            self.decode_statically(self._graphs.capture)
 
     def _check_batch(self, batch: int) -> None:
         if self._tokens is not None and batch != self._tokens.data.shape[0]:
@@ -158,6 +186,9 @@ class ReAttentionCache(hf.HostedCache):
 
     def attend(self, layer_idx: int, query: torch.Tensor, scaling: float | None) -> torch.Tensor:
         """query [B, Hq, q, D] pre-RoPE -> attention output [B, q, Hq, D] over the layer's scope."""
+        if self._graphs is not None and self._graphs.active:
+            return self.layers[layer_idx].fast_attend(self._rotary_on(query.device), query,
+                                                      self._graphs.counters.of(layer_idx), scaling)
         if self._rows:
             return self.layers[layer_idx].attend(self._rotary_on(query.device), query, scaling, self._new_pads)
         if self._shared is not None:
@@ -220,7 +251,10 @@ class ReAttentionCache(hf.HostedCache):
             self._tokens.truncate(self._tokens.length - (held - self.get_seq_length()))
 
     def _keep_rows(self, index: torch.Tensor) -> None:
-        """The cache's own per-row records (token ids, leading pads) follow its layers' rows: index [B']."""
+        """The cache's own per-row records (token ids, leading pads) follow its layers' rows: index [B']; a captured
+        decode graph, whose buffers the layers replaced, is dropped."""
+        if self._graphs is not None:
+            self._graphs.drop()
         index = index.cpu()
         if self._tokens is not None:
             self._tokens.keep_rows(index)
@@ -230,7 +264,8 @@ class ReAttentionCache(hf.HostedCache):
     def stats(self) -> dict[str, Any]:
         """A plain dict: tokens fed, the largest rotary position used and scope seen; per tier the spans and bytes
         resident, bytes moved in each direction, selection hits and misses, promotions, evictions and time waited;
-        `gpu_fixed_bytes` is what stays on the GPU outside the span pool (global, local window, summaries)."""
+        `gpu_fixed_bytes` is what stays on the GPU outside the span pool (global, local window, summaries);
+        `decode_graphs` counts the static decode steps and what they keep (kvtier.graphs; None when they are off)."""
         scope = max((layer.largest_scope for layer in self.layers), default=0)
         tiers = self.placement.stats() if self.placement is not None else Placement.empty_stats()
         return {
@@ -241,6 +276,7 @@ class ReAttentionCache(hf.HostedCache):
             **tiers,
             "gpu_fixed_bytes": sum(layer.resident_bytes() for layer in self.layers),
             "policy": self.config.policy,
+            "decode_graphs": None if self._graphs is None else self._graphs.stats(),
         }
 
     def save(self, path: str | Path) -> None:

@@ -21,6 +21,7 @@ _SIZE_FIELDS = ("global_size", "local_size", "span_size", "top_k", "chunk_size")
 PLACEMENT_FIELDS = ("gpu_budget", "host_budget", "disk_path", "disk_budget")
 KERNEL_CHOICES = ("auto", "reference", "triton")
 ATTENTION_BACKENDS = ("auto", "flash", "sdpa")
+DECODE_GRAPHS = ("auto", "off")
 _BYTE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
                "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
@@ -53,6 +54,10 @@ class ReAttentionConfig:
     # runs (CUDA, fp16 / bf16, its head sizes), SDPA for decode steps and elsewhere; "flash": FlashAttention for every
     # call or a ValueError naming the fix; "sdpa": SDPA
     attention_backend: str = "auto"
+    # decode steps that only add their own token to the scope (a policy that reuses its selection, e.g. consensus
+    # between re-scorings) run statically and are replayed from a CUDA graph (kvtier.graphs): "auto" on CUDA for an
+    # unpadded batch, the eager path elsewhere; "off": always the eager path
+    decode_graphs: str = "auto"
 
     # ---- construction -------------------------------------------------------------------------------------------
     @classmethod
@@ -167,6 +172,8 @@ class ReAttentionConfig:
         self._validate_placement()
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
+        if self.decode_graphs not in DECODE_GRAPHS:
+            raise ValueError(f"decode_graphs must be one of {DECODE_GRAPHS}, got {self.decode_graphs!r}")
 
     def budget_bytes(self, name: str) -> int | None:
         """gpu_budget / host_budget / disk_budget in bytes (None: unlimited)."""

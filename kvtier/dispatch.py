@@ -3,12 +3,14 @@ imports kvtier.kernels nowhere else, and here only inside the kernel path: they 
 Which implementation runs each step: the Triton kernels (kvtier.kernels) on CUDA when Triton is installed and the
 config allows them (`kernels="auto"`), the PyTorch references everywhere else (`kernels="reference"` forces them;
 `kernels="triton"` forces the kernels, on a CPU through Triton's interpreter). A policy's summaries and selections
-take the kernel path only where it declares a kernel for them (Policy.kernel_summary / kernel_scoring, which a
-subclass overriding the methods they replace does not inherit); otherwise its own methods run.
+take the kernel path only where it declares a kernel for them (Policy.kernel_summary / kernel_scoring /
+kernel_span_scores, which a subclass overriding the methods they replace does not inherit); otherwise its own methods
+run.
 Both compute the same selections, summaries and scopes (the kernels' tests hold them to their references)."""
 from __future__ import annotations
 
 import importlib.util
+from typing import Callable
 
 import torch
 
@@ -27,13 +29,23 @@ def kernels_enabled(config: ReAttentionConfig, device: torch.device) -> bool:
 def select(policy: Policy, queries: torch.Tensor, summaries: torch.Tensor, config: ReAttentionConfig,
            use_kernels: bool, layer: int = 0, tokens: int = 0) -> torch.Tensor:
     """queries [B, Hq, q, D] pre-RoPE, summaries [B, Hkv, n, c, D] -> span ids [B, Hsel, k] ascending (`layer`,
-    `tokens`: see Policy.select_at)."""
+    `tokens`: see Policy.select_at). A policy declaring kernel_span_scores selects itself, calling the kernel given
+    as its span_scores_kernel on the kernel path."""
     if use_kernels and policy.kernel_scoring is not None:
         from kvtier.kernels.select import select_spans
 
         return select_spans(queries, summaries, policy.kernel_scoring, policy.aggregation, policy.votes,
                             config.top_k, config.per_kv_head, use_triton=True)
+    if policy.kernel_span_scores is not None:
+        policy.span_scores_kernel = _span_scores_kernel() if use_kernels else None
     return policy.select_at(queries, summaries, config.top_k, config.per_kv_head, layer=layer, tokens=tokens)
+
+
+def _span_scores_kernel() -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The kernel computing Policy.span_best_scores (kernel_span_scores "dot")."""
+    from kvtier.kernels.window_mass import span_best_scores
+
+    return span_best_scores
 
 
 def rotate(rotary: ScopeRotary, x: torch.Tensor, start: int, use_kernels: bool) -> torch.Tensor:

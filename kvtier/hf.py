@@ -5,14 +5,17 @@ How kvtier rides inside an unmodified model (see docs/architecture.md):
 - a pre-hook on the decoder notices when a ReAttentionCache drives the forward; while it does, a hook on the rotary
   module returns cos = 1, sin = 0, so q and k reach the cache and the attention function un-rotated;
 - the cache's `update` publishes (cache, layer, key) in a context variable; the attention function recognises its
-  own key and runs the scope attention, and otherwise (any other cache, or none) runs stock SDPA.
+  own key and runs the scope attention, and otherwise (any other cache, or none) runs stock SDPA;
+- the decoder's forward is wrapped (as accelerate's hooks wrap a module's forward) so that a HostedCache may run it
+  itself: kvtier.graphs replays a captured decode step through it. With any other cache it runs as it was.
 """
 from __future__ import annotations
 
 import contextvars
+import functools
 import inspect
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from transformers import AttentionInterface
@@ -53,6 +56,10 @@ class HostedCache(Cache):
 
     def attend(self, layer_idx: int, query: torch.Tensor, scaling: float | None) -> torch.Tensor:
         raise NotImplementedError
+
+    def run_decoder(self, forward: Callable, kwargs: dict[str, Any]):
+        """Run the decoder's own `forward` on this forward's keyword arguments (the cache may replay it instead)."""
+        return forward(**kwargs)
 
 
 def publish(cache: HostedCache, layer_idx: int, key: torch.Tensor) -> None:
@@ -111,6 +118,20 @@ def _decoder_post_hook(module, args, kwargs, output):
     _PUBLISHED.set(None)  # drop the reference to the last key tensor
 
 
+def _decoder_forward(forward: Callable) -> Callable:
+    """The decoder's forward, handed to the cache when a HostedCache drives it (what accelerate's hooks do to a
+    module's forward): kvtier.graphs replays captured decode steps through it."""
+
+    @functools.wraps(forward)
+    def hosted_forward(*args, **kwargs):
+        cache = _cache_of(kwargs)
+        if args or not isinstance(cache, HostedCache):
+            return forward(*args, **kwargs)
+        return cache.run_decoder(forward, kwargs)
+
+    return hosted_forward
+
+
 def _rotary_hook(module, args, output):
     if _ACTIVE_CACHE.get() is None:
         return output
@@ -157,5 +178,6 @@ def bind_model(model) -> ModelSpec:
         decoder.register_forward_pre_hook(_decoder_pre_hook, with_kwargs=True)
         decoder.register_forward_hook(_decoder_post_hook, with_kwargs=True, always_call=True)
         decoder.rotary_emb.register_forward_hook(_rotary_hook)
+        decoder.forward = _decoder_forward(decoder.forward)
         decoder._kvtier_hooked = True
     return spec

@@ -11,6 +11,7 @@ from transformers.cache_utils import CacheLayerMixin
 from kvtier import dispatch
 from kvtier.buffers import upload
 from kvtier.config import ReAttentionConfig
+from kvtier.fast_decode import FastScope, fast_attention
 from kvtier.policies import Policy
 from kvtier.regions import GlobalRegion, LocalWindow, SpanTable
 from kvtier.rotary import ScopeRotary
@@ -73,6 +74,8 @@ class ReAttentionLayer(GrowingLayer):
         self.seen = 0  # tokens fed to this layer (absolute)
         self.largest_scope = 0
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.keeps_fast_scope = False  # set by a cache that decodes statically (kvtier.graphs)
+        self.fast: FastScope | None = None  # the last decode step's scope, kept for the next static step
 
     # ---- transformers' layer protocol ---------------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -119,7 +122,9 @@ class ReAttentionLayer(GrowingLayer):
 
     def reset(self) -> None:
         self.policy.reset(self.index)
+        keeps_fast_scope = self.keeps_fast_scope
         self.__init__(self.config, self.policy, self.placement_source, self.index)
+        self.keeps_fast_scope = keeps_fast_scope
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Beam search's step: row i continues old row beam_idx[i] [B] (see keep_rows)."""
@@ -152,6 +157,7 @@ class ReAttentionLayer(GrowingLayer):
         self.table.keep_rows(index)
         self.policy.keep_rows(self.index, index)
         self.batch = index.shape[0]
+        self.fast = None
 
     def crop(self, max_length: int) -> None:
         """Remove the newest tokens: max_length <= 0 removes -max_length of them (what assisted generation does with a
@@ -166,6 +172,8 @@ class ReAttentionLayer(GrowingLayer):
         if count <= 0 or not self.is_initialized:
             return
         self.check_removable(count)
+        if self.fast is not None:
+            self.fast.current = False
         from_local = min(count, self.local.length)
         self.local.drop_newest(from_local)
         self.global_region.drop_newest(count - from_local)
@@ -191,6 +199,9 @@ class ReAttentionLayer(GrowingLayer):
             raise RuntimeError("the attention call found no new tokens: ReAttentionCache.update was not called first")
         pending, self._pending = self._pending, None
         return pending
+
+    def discard_pending(self) -> None:
+        self._pending = None
 
     def ingest(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Append one chunk's K/V [B, Hkv, c, D]; seal the oldest local tokens in whole spans until at most
@@ -281,10 +292,56 @@ class ReAttentionLayer(GrowingLayer):
         heads = torch.arange(self.kv_heads, device=self.device)[None, :, None]
         return spans[upload(inverse, self.device), :, heads]
 
+    # ---- the static decode step (kvtier.fast_decode; kvtier.graphs captures it) -----------------------------------
+    def scope_attended(self, keys: torch.Tensor, values: torch.Tensor, n_queries: int) -> None:
+        """An eager attention call attended this scope (rotated keys, values [B, Hkv, L, D]) with n_queries queries:
+        a decode step's is kept for the next static step, a prefill chunk's is not."""
+        if not self.keeps_fast_scope:
+            return
+        if n_queries > 1:
+            if self.fast is not None:
+                self.fast.current = False
+            return
+        if self.fast is None:
+            self.fast = FastScope(self.batch, self.kv_heads, self.config.scope_bound, self.head_dim, self.dtype,
+                                  self.device)
+        self.fast.keep(keys, values)
+
+    def fast_step_ready(self) -> bool:
+        """Whether the next decode step can be static: the kept scope is current, the token seals no span, moves no
+        buffer and goes to the local window (the global region is full), and the policy reuses its selection."""
+        fast, local = self.fast, self.local
+        return (fast is not None and fast.current and fast.length < fast.keys.shape[2]
+                and self.global_region.length == self.config.global_size
+                and local.length < self.config.local_size and local.start + local.length < local.keys.shape[2]
+                and self.policy.reuses_selection(self.index))
+
+    def fast_slots(self) -> tuple[int, int, int]:
+        """Where the static step writes: (local window slot, scope position, the policy's query slot)."""
+        return self.local.start + self.local.length, self.fast.length, self.policy.reused_query_slot(self.index)
+
+    def fast_attend(self, rotary: ScopeRotary, query: torch.Tensor, slots: tuple[torch.Tensor, ...],
+                    scaling: float | None) -> torch.Tensor:
+        """The static step (see kvtier.fast_decode): query [B, Hq, 1, D] pre-RoPE, slots as fast_slots gives them,
+        each a [1] tensor on the device -> [B, 1, Hq, D]."""
+        keys, values = self.take_pending()
+        out = fast_attention(self.fast, self.local.keys, self.local.values, rotary, query, keys, values, slots[:2],
+                             scaling)
+        self.policy.reuse_selection(self.index, query, slots[2])
+        return out
+
+    def fast_step_done(self) -> None:
+        """The host's account of a static step that ran (or replayed): one token more in the window and the scope."""
+        self.local.length += 1
+        self.fast.length += 1
+        self.largest_scope = max(self.largest_scope, self.fast.length)
+        self.policy.selection_reused(self.index)
+
     # ---- accounting ---------------------------------------------------------------------------------------------
     def resident_bytes(self) -> int:
-        """Bytes this layer keeps on the device outside the span pool: global, local window, span table."""
+        """Bytes this layer keeps on the device outside the span pool: global, local window, span table, kept scope."""
         if not self.is_initialized:
             return 0
         regions = (self.global_region.keys, self.global_region.values, self.local.keys, self.local.values)
+        regions += () if self.fast is None else (self.fast.keys, self.fast.values)
         return sum(t.numel() * t.element_size() for t in regions) + self.table.nbytes

@@ -28,10 +28,19 @@ class ScopeRotary:
         """x [B, H, L, D] pre-RoPE -> x rotated at positions start..start+L-1, in x's dtype."""
         self.check(start, x.shape[-2])
         length = x.shape[-2]
-        cos, sin = self.cos[start : start + length], self.sin[start : start + length]  # [L, D]
-        x32 = x.float()
-        half = x32.shape[-1] // 2
-        out = x32 * cos  # + rotate_half(x) * sin, written in place: rotate_half(x) = [-x2, x1]
-        out[..., :half].addcmul_(x32[..., half:], sin[:, :half], value=-1.0)
-        out[..., half:].addcmul_(x32[..., :half], sin[:, half:])
-        return out.to(x.dtype)
+        return _rotate(x, self.cos[start : start + length], self.sin[start : start + length])
+
+    def rotate_at(self, x: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        """x [B, H, 1, D] pre-RoPE -> rotated at `position`, a [1] int64 tensor on the tables' device (read there: the
+        host never learns it, so a CUDA graph can replay this at any position below the bound)."""
+        return _rotate(x, self.cos.index_select(0, position), self.sin.index_select(0, position))
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, H, L, D] pre-RoPE, cos / sin [L, D] fp32 -> x rotated, in x's dtype."""
+    x32 = x.float()
+    half = x32.shape[-1] // 2
+    out = x32 * cos  # + rotate_half(x) * sin, written in place: rotate_half(x) = [-x2, x1]
+    out[..., :half].addcmul_(x32[..., half:], sin[:, :half], value=-1.0)
+    out[..., half:].addcmul_(x32[..., :half], sin[:, half:])
+    return out.to(x.dtype)

@@ -12,6 +12,7 @@ AGGREGATIONS = ("vote", "max", "sum")
 _KERNEL_REPLACES = {
     "kernel_summary": ("summarise", "summary_size"),
     "kernel_scoring": ("candidate_scores", "aggregate", "select"),
+    "kernel_span_scores": ("span_best_scores",),
 }
 
 
@@ -32,6 +33,9 @@ class Policy:
     was declared with: a class that defines one of them (or gets it from a base listed before the declaring class)
     without declaring that kernel in its own body gets None, and runs its own methods. A subclass that only changes
     parameters keeps its parent's kernels, which take them from `aggregation`, `votes` and `kernel_summary_options`.
+    `kernel_span_scores` serves a policy that scores its own way (`consensus`) and calls `span_best_scores`, each
+    span's best key score per query: on the kernel path dispatch sets the policy's `span_scores_kernel` to that
+    kernel, and the policy calls it instead (None elsewhere).
     """
 
     aggregation: str = "max"
@@ -41,6 +45,8 @@ class Policy:
     name: ClassVar[str] = ""
     kernel_summary: ClassVar[str | None] = None  # "mean", "minmax" or "representatives" (kvtier.kernels.summarise)
     kernel_scoring: ClassVar[str | None] = None  # "dot" (best candidate's dot product) or "bound" (min/max bound)
+    keeps_selection: ClassVar[bool] = False  # whether decode steps may reuse a selection (see reuses_selection)
+    kernel_span_scores: ClassVar[str | None] = None  # "dot" (each span's best key, kvtier.kernels.window_mass)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -117,6 +123,24 @@ class Policy:
 
     def restore_layer_state(self, layer: int, state: dict[str, torch.Tensor]) -> None:
         """Take back what `layer_state` gave (tensors on the layer's device)."""
+
+    # ---- decode steps that reuse the last selection (kvtier.fast_decode) ----------------------------------------
+    def reuses_selection(self, layer: int) -> bool:
+        """Whether `layer`'s next decode step would keep its last selection (then the step may run statically, the
+        same kernels on the same buffers, and be replayed from a CUDA graph). Policies that select anew at every step
+        say False."""
+        return False
+
+    def reused_query_slot(self, layer: int) -> int:
+        """Where in this policy's own buffers such a step records its query (0 where it records none)."""
+        return 0
+
+    def reuse_selection(self, layer: int, query: torch.Tensor, slot: torch.Tensor) -> None:
+        """The device side of such a step: query [B, Hq, 1, D] pre-RoPE, recorded at `slot` ([1] on the device, as
+        reused_query_slot gave it) where the policy keeps queries; it launches the same kernels at every step."""
+
+    def selection_reused(self, layer: int) -> None:
+        """The host side of such a step, after it ran: what the policy counts (steps until it selects again)."""
 
     def aggregate(self, grouped: torch.Tensor, summaries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """grouped queries [B, Hkv, g, q, D] fp32, summaries [B, Hkv, n, c, D] fp32 -> (primary, secondary)

@@ -8,12 +8,14 @@ the spans (softmax at the model's scale). Layer l selects by the sum of that att
 same query chunk (layers vote; no layer alone ranks a needle in natural prose reliably, their sum does: RESULTS 14).
 A span's neighbours share its score (max-pooled), so a sentence cut by a span border comes in whole.
 
-Decode steps reuse their layer's last selection and re-score every `refresh` steps, with the window sliding over the
-generated queries. The "summary" is the span's full keys (as `reattention`'s), so every middle key stays on the
+Decode steps reuse their layer's last selection until a span is sealed (every span_size steps: the newest text
+becomes selectable) or `refresh` steps have passed, then re-score, with the window sliding over the generated queries.
+So a decode runs eagerly only where it seals anyway, and statically in between (kvtier.fast_decode). The "summary" is the span's full keys (as `reattention`'s), so every middle key stays on the
 model's device."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +33,7 @@ class _LayerState:
     next: int = 0  # the slot the next query is written to
     selected: torch.Tensor | None = None  # [B, Hsel, k] the last selection
     steps: int = 0  # decode steps that reused `selected`
+    spans: int | None = None  # spans held when `selected` was chosen (None: unknown, from a format-3 save without it)
 
     @property
     def window(self) -> torch.Tensor | None:
@@ -49,6 +52,14 @@ class _LayerState:
         if self.selected is not None:
             self.selected = gather_rows(self.selected, index)
 
+    def record_at(self, query: torch.Tensor, slot: torch.Tensor) -> None:
+        """query [B, Hq, 1, D] into the ring at `slot` ([1] on the device: next, as the host knows it)."""
+        self.ring.index_copy_(2, slot, query)
+
+    def recorded(self, size: int) -> None:
+        """Account for one query written at `next` by record_at."""
+        self.next, self.filled = (self.next + 1) % size, min(self.filled + 1, size)
+
     def remember(self, queries: torch.Tensor, size: int) -> torch.Tensor:
         """Write the newest of queries [B, Hq, c, D] over the oldest held (no copy of the rest), -> the window
         [B, Hq, filled, D]. A sum over queries, the window's mass needs no order."""
@@ -66,15 +77,22 @@ class _LayerState:
 
 @dataclass
 class ConsensusPolicy(ReAttentionPolicy):
-    """Summaries as `reattention`'s (the span's keys); its own scoring and selection, so no kernel."""
+    """Summaries as `reattention`'s (the span's keys); its own scoring and selection, so no scoring kernel: on the
+    kernel path only its span scores (`span_best_scores`) run as one (kernel_span_scores)."""
 
     aggregation: str = "sum"
     window: int = 64  # observation queries: the last `window` queries of the sequence
-    refresh: int = 16  # decode steps between re-scorings
+    refresh: int = 32  # decode steps at most between re-scorings (a seal re-scores sooner)
     neighbours: bool = True  # a span's neighbours share its score
     span_block: int = 1024  # spans scored at once: bounds the [B, Hkv, g, window, block, S] score tensor
+    # what computes span_best_scores' result instead of it: kvtier.kernels.window_mass on the kernel path (set by
+    # kvtier.dispatch at each selection), None elsewhere
+    span_scores_kernel: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = field(
+        default=None, init=False, repr=False, compare=False)
 
     name = "consensus"
+    kernel_span_scores = "dot"
+    keeps_selection = True
     _layers: dict[int, _LayerState] = field(default_factory=dict, init=False, repr=False)
     _votes: dict[int, tuple[int, torch.Tensor]] = field(default_factory=dict, init=False, repr=False)
 
@@ -99,13 +117,31 @@ class ConsensusPolicy(ReAttentionPolicy):
         if state is None or state.window is None:
             return {}
         saved = {"window": state.oldest_first(), "steps": torch.tensor([state.steps])}
+        if state.spans is not None:
+            saved["spans"] = torch.tensor([state.spans])
         return saved if state.selected is None else saved | {"selected": state.selected}
 
     def restore_layer_state(self, layer: int, state: dict[str, torch.Tensor]) -> None:
         if state:
-            restored = _LayerState(selected=state.get("selected"), steps=int(state["steps"][0]))
+            spans = int(state["spans"][0]) if "spans" in state else None
+            restored = _LayerState(selected=state.get("selected"), steps=int(state["steps"][0]), spans=spans)
             restored.remember(state["window"], self.window)
             self._layers[layer] = restored
+
+    def reuses_selection(self, layer: int) -> bool:
+        state = self._layers.get(layer)
+        return state is not None and state.selected is not None and state.steps < self.refresh
+
+    def reused_query_slot(self, layer: int) -> int:
+        return self._layers[layer].next
+
+    def reuse_selection(self, layer: int, query: torch.Tensor, slot: torch.Tensor) -> None:
+        self._layers[layer].record_at(query, slot)
+
+    def selection_reused(self, layer: int) -> None:
+        state = self._layers[layer]
+        state.recorded(self.window)
+        state.steps += 1
 
     def aggregate(self, grouped: torch.Tensor, summaries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One layer's ranking, as kvtier.tools.diagnose reads it: the window mass of these queries [B, Hkv, g, q, D]
@@ -124,7 +160,9 @@ class ConsensusPolicy(ReAttentionPolicy):
         if k == 0:
             return torch.empty(queries.shape[0], summaries.shape[1] if per_kv_head else 1, 0, dtype=torch.long,
                                device=queries.device)
-        reuse = state.selected is not None and state.selected.shape[-1] == k and state.steps < self.refresh
+        n_spans = summaries.shape[2]
+        reuse = (state.selected is not None and state.selected.shape[-1] == k and state.steps < self.refresh
+                 and state.spans in (None, n_spans))
         if queries.shape[2] == 1 and reuse:
             state.steps += 1
             return state.selected
@@ -134,23 +172,31 @@ class ConsensusPolicy(ReAttentionPolicy):
         votes = self._votes[tokens][1] + mass if tokens in self._votes else mass
         self._votes[tokens] = (layer, votes)
         score = F.max_pool1d(votes, 3, 1, 1) + 1e-3 * votes if self.neighbours and votes.shape[-1] > 1 else votes
-        state.selected, state.steps = best_spans(score, votes, k), 0
+        state.selected, state.steps, state.spans = best_spans(score, votes, k), 0, n_spans
         return state.selected
 
     def window_mass(self, window: torch.Tensor, summaries: torch.Tensor, per_kv_head: bool) -> torch.Tensor:
         """window [B, Hq, w, D] pre-RoPE queries, summaries (the keys) [B, Hkv, n, S, D] -> each span's attention mass
         [B, Hsel, n] fp32: the window's queries centred (w > 1), each (query, head) spread over the spans by a
         softmax of the span's best key score at scale 1/sqrt(D), summed over queries and heads. On a GPU the dot
-        products run in the keys' dtype (fp32 accumulation), elsewhere in fp32."""
+        products run in the keys' dtype (fp32 accumulation), elsewhere in fp32; the best scores come from
+        `span_scores_kernel` where dispatch set it, else from span_best_scores."""
         batch, q_heads, w, dim = window.shape
-        kv_heads, n_spans = summaries.shape[1], summaries.shape[2]
+        kv_heads = summaries.shape[1]
         queries = window.float()
         if w > 1:
             queries = queries - queries.mean(2, keepdim=True)
         dtype = summaries.dtype if summaries.is_cuda else torch.float32
         grouped = queries.to(dtype).view(batch, kv_heads, q_heads // kv_heads, w, dim)  # [B, Hkv, g, w, D]
-        best = torch.cat([torch.einsum("bkgwd,bknsd->bkgwns", grouped, summaries[:, :, start:start + self.span_block]
-                                       .to(dtype)).amax(-1)
-                          for start in range(0, n_spans, self.span_block)], dim=-1)  # [B, Hkv, g, w, n]
-        mass = torch.softmax(best.float() * dim ** -0.5, dim=-1).sum((2, 3))  # [B, Hkv, n]
+        best = (self.span_scores_kernel or self.span_best_scores)(grouped, summaries)  # [B, Hkv, g, w, n] fp32
+        mass = torch.softmax(best * dim ** -0.5, dim=-1).sum((2, 3))  # [B, Hkv, n]
         return mass if per_kv_head else mass.sum(1, keepdim=True)
+
+    def span_best_scores(self, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """queries [B, Hkv, g, w, D], keys [B, Hkv, n, S, D] -> best [B, Hkv, g, w, n] fp32: each span's best key
+        score q . k per (query head, query), computed in the queries' dtype (the keys cast to it) `span_block` spans
+        at a time."""
+        blocks = [torch.einsum("bkgwd,bknsd->bkgwns", queries, keys[:, :, start:start + self.span_block]
+                               .to(queries.dtype)).amax(-1)
+                  for start in range(0, keys.shape[2], self.span_block)]  # each [B, Hkv, g, w, block]
+        return torch.cat(blocks, dim=-1).float()

@@ -44,6 +44,7 @@ GiB = 1 << 30
 DEFAULTS = {"contexts": "8k,32k,128k,512k,1m", "decode_steps": 16, "warmup": 3, "max_prefill": 128 << 10,
             "prefill_chunk": 8192, "sample": 4096}
 # --quick: a tiny random Llama, on the CPU unless --device says otherwise; the 4K cells of kvtier are filled.
+LAUNCH_STEPS = 32  # decode steps whose launches are counted: one span's worth, so graph replays and eager steps mix
 QUICK = {"contexts": "1k,4k", "decode_steps": 4, "warmup": 1, "max_prefill": 1 << 10, "prefill_chunk": 256,
          "sample": 512}
 # (--gpu-budget, --host-budget) per model. The GPU budget holds the spans one decode step selects over all layers
@@ -258,7 +259,8 @@ def _cell_line(cell: dict) -> str:
     if cell["status"] != "ok":
         return f"{where}: {cell['status']}: {cell['reason']}"
     prefill = cell["prefill"]
-    return (f"{where}: decode {cell['decode']['ms_median']:.1f} ms/token, {prefill['kind']} prefill "
+    return (f"{where}: decode {cell['decode']['ms_median']:.1f} ms/token (mean {cell['decode']['ms_mean']:.1f}), "
+            f"{prefill['kind']} prefill "
             f"{prefill['tok_s']:,.0f} tok/s")
 
 
@@ -407,13 +409,15 @@ class Bench:
             "prefill": {"kind": "after-fill" if filled else "real", "tokens": context - filled,
                         "seconds": round(prefill_s, 4), "tok_s": round((context - filled) / prefill_s, 1)},
             "fill_s": None if fill_s is None else round(fill_s, 2),
-            "decode": {"ms_median": round(step_ms, 3), "ms_p90": round(_quantile(times, 0.9), 3),
+            "decode": {"ms_median": round(step_ms, 3), "ms_mean": round(statistics.fmean(times), 3),
+                       "ms_p90": round(_quantile(times, 0.9), 3),
                        "ms_min": round(min(times), 3), "steps": len(times), "warmup": self.plan.warmup},
             "peak_gpu_gib": None if built is None else _gib(max(built, decoded)),
             "decode_peak_gpu_gib": None if decoded is None else _gib(decoded),
             "transfer": self.transfer(method, cache, before, context, step_ms, ceilings),
             "tiers": None if before is None else {key: cache.stats()[key] for key in ("spans", "bytes", "tiers")},
-            "launches": launches(self.model, cache, token) if device.type == "cuda" else None,
+            "launches": launches(self.model, cache, token, steps=LAUNCH_STEPS) if device.type == "cuda" else None,
+            "decode_graphs": cache.stats()["decode_graphs"] if isinstance(cache, ReAttentionCache) else None,
         }
 
     def recorded(self) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -82,7 +82,17 @@ def _real(cell: dict | None) -> bool:
 
 
 def _decode_ms(cell: dict) -> float:
-    return cell["decode"]["ms_median"]
+    """A cell's ms per token: the mean over its steps (a graph-replayed decode mixes fast static steps with eager
+    ones: the mean is what a user waits), the median for results written before the mean was recorded."""
+    return cell["decode"].get("ms_mean", cell["decode"]["ms_median"])
+
+
+def _launch_cell(cell: dict) -> str:
+    counted = cell["launches"]
+    if not counted:
+        return "-"
+    host = f" ({counted['host_launches']})" if "host_launches" in counted else ""  # older results lack it
+    return f"{counted['kernels']} + {counted['copies']}{host}"
 
 
 def _prefill_tok_s(cell: dict) -> float:
@@ -160,7 +170,7 @@ def plot_cells(result: dict, path: Path) -> Path:
         prefill.scatter([c["context"] for c in after], [_prefill_tok_s(c) for c in after], s=90,
                         facecolors="none", edgecolors=line.get_color())
     contexts = result["settings"]["contexts"]
-    for axis, title in ((decode, "decode ms / token (median)"),
+    for axis, title in ((decode, "decode ms / token (mean)"),
                         (prefill, "prefill tokens / s (ringed: last chunk after a fill)")):
         axis.set_xscale("log", base=2)
         axis.set_xticks(contexts, [format_length(c) for c in contexts])
@@ -181,7 +191,7 @@ def format_report(result: dict) -> str:
     meta, settings, ceilings = result["meta"], result["settings"], result["ceilings"]
     contexts = settings["contexts"]
     parts = [f"kvtier bench: {meta['model']} ({meta['kv_bytes_per_token'] / 1024:g} KiB of KV per token), "
-             f"{meta['device']}, {meta['dtype']}; decode = median of {settings['decode_steps']} greedy steps after "
+             f"{meta['device']}, {meta['dtype']}; decode = mean of {settings['decode_steps']} greedy steps after "
              f"{settings['warmup']} warm-up"]
     if ceilings:
         parts.append("ceilings measured in this run, 1 GiB bulk copies, GB/s: pinned host->GPU "
@@ -198,8 +208,7 @@ def format_report(result: dict) -> str:
         tables += (("peak GPU GiB (whole cell: prefill or fill, then decode)",
                     lambda c: _or_dash(c["peak_gpu_gib"], "{:.1f}")),
                    ("peak GPU GiB during decode", lambda c: _or_dash(c["decode_peak_gpu_gib"], "{:.1f}")),
-                   ("CUDA launches per decode step (kernels + memcpy/memset)",
-                    lambda c: "-" if not c["launches"] else f"{c['launches']['kernels']} + {c['launches']['copies']}"))
+                   ("CUDA work per decode step: kernels + memcpy/memset (host launch calls)", _launch_cell))
     for title, show in tables:
         parts.append(f"{title}\n" + _grid(result, methods, contexts, show))
     transfers = [c for c in result["cells"] if c["status"] == "ok" and c["transfer"]]

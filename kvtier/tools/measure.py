@@ -60,20 +60,33 @@ def decode(model, cache, token: torch.Tensor, steps: int, warmup: int = 0,
     return times, token
 
 
-def launches(model, cache, tokens: torch.Tensor, by_name: bool = False) -> dict:
-    """GPU kernels and copies (memcpy / memset) that one more step over `tokens` launches, from the CUDA profiler:
-    {kernels, copies}; with `by_name` also the GPU's busy time in them (the sum of their durations, gpu_busy_ms) and
-    the count of each kernel name (by_name, most launched first)."""
+# the CUDA runtime / driver calls by which the host starts work on the GPU
+_HOST_LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cudaGraphLaunch", "cudaMemcpyAsync", "cudaMemsetAsync")
+
+
+def launches(model, cache, tokens: torch.Tensor, by_name: bool = False, steps: int = 1) -> dict:
+    """GPU kernels and copies (memcpy / memset) that `steps` more greedy steps from `tokens` launch, per step, from the
+    CUDA profiler: {kernels, copies, host_launches, graph_launches}; host_launches counts the calls by which the host
+    started them (a replayed CUDA graph runs its kernels from one call, graph_launches of those). With `by_name` also
+    the GPU's busy time in them per step (the sum of their durations, gpu_busy_ms) and the count of each kernel name
+    over the steps (by_name, most launched first). Several steps average over steps that differ (a decode that replays a graph between eager
+    steps)."""
     with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        step(model, cache, tokens)
+        for _ in range(steps):
+            token = step(model, cache, tokens)
+            tokens = token if tokens.shape[1] == 1 else tokens  # decode feeds its token back, a chunk is fed again
         sync()
     events = [event for event in prof.events() if event.device_type == DeviceType.CUDA]
+    calls = [event.name for event in prof.events() if event.device_type == DeviceType.CPU
+             and event.name.startswith(_HOST_LAUNCHES)]
     copies = sum(event.name.startswith(("Memcpy", "Memset")) for event in events)
-    counted = {"kernels": len(events) - copies, "copies": copies}
+    counted = {"kernels": round((len(events) - copies) / steps, 1), "copies": round(copies / steps, 1),
+               "host_launches": round(len(calls) / steps, 1),
+               "graph_launches": round(sum(name.startswith("cudaGraphLaunch") for name in calls) / steps, 2)}
     if by_name:
         names: dict[str, int] = {}
         for event in events:
             names[event.name[:80]] = names.get(event.name[:80], 0) + 1
-        busy_ms = sum(event.time_range.elapsed_us() for event in events) / 1e3
+        busy_ms = sum(event.time_range.elapsed_us() for event in events) / 1e3 / steps
         counted.update(gpu_busy_ms=round(busy_ms, 3), by_name=dict(sorted(names.items(), key=lambda item: -item[1])))
     return counted

@@ -224,6 +224,20 @@ def test_decode_steps_reuse_the_selection_for_refresh_steps_then_rescore():
     assert again is rescored and len(calls) == 2
 
 
+def test_a_sealed_span_rescores_the_next_decode_step():
+    """A decode step that brings a newly sealed span re-scores (the newest text becomes selectable) and the count to
+    `refresh` starts again; with no new span it reuses."""
+    keys = _spans([20, 0, 0, 0])
+    policy = ConsensusPolicy(window=2, refresh=16, neighbours=False)
+    calls = _count_scorings(policy)
+    policy.select_at(torch.cat((_e(0), _e(1)), 2), keys[:, :, :3], 1, False, layer=0, tokens=10)
+    policy.select_at(_e(0), keys[:, :, :3], 1, False, layer=0, tokens=11)
+    assert len(calls) == 1
+    policy.select_at(_e(0), keys, 1, False, layer=0, tokens=12)  # a fourth span was sealed
+    assert len(calls) == 2 and policy._layers[0].steps == 0 and policy._layers[0].spans == 4
+    assert policy.reuses_selection(0)
+
+
 def test_a_multi_query_chunk_always_rescores():
     keys = _spans([0, 20, 0, 0])
     policy = ConsensusPolicy(window=2, refresh=16, neighbours=False)

@@ -1,7 +1,7 @@
-"""Kernel declarations: a policy's Triton kernels (kernel_summary, kernel_scoring) stand in for the methods they
-replace only in the class that declares them; a subclass that overrides those methods runs its own code on the
-kernel path (kvtier.dispatch), one that only changes parameters or declares the kernel itself keeps the kernel.
-On a CPU-only machine the kernels run in Triton's interpreter (tests/conftest.py)."""
+"""Kernel declarations: a policy's Triton kernels (kernel_summary, kernel_scoring, kernel_span_scores) stand in for
+the methods they replace only in the class that declares them; a subclass that overrides those methods runs its own
+code on the kernel path (kvtier.dispatch), one that only changes parameters or declares the kernel itself keeps the
+kernel. On a CPU-only machine the kernels run in Triton's interpreter (tests/conftest.py)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -14,7 +14,10 @@ pytest.importorskip("triton", reason="the kernel path needs the triton package (
 from kvtier import ReAttentionConfig, dispatch  # noqa: E402
 from kvtier.kernels import select as select_module  # noqa: E402
 from kvtier.kernels import summarise as summarise_module  # noqa: E402
-from kvtier.policies import InfLLMPolicy, MeanPolicy, Policy, QuestPolicy, ReAttentionPolicy  # noqa: E402
+from kvtier.kernels import window_mass as window_mass_module  # noqa: E402
+from kvtier.policies import (  # noqa: E402
+    ConsensusPolicy, InfLLMPolicy, MeanPolicy, Policy, QuestPolicy, ReAttentionPolicy,
+)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 CONFIG = ReAttentionConfig(global_size=4, local_size=64, span_size=8, top_k=3, chunk_size=8, kernels="triton")
@@ -23,6 +26,7 @@ SCORING_KERNELS = [QuestPolicy, MeanPolicy, InfLLMPolicy, ReAttentionPolicy]
 REPLACED = {  # the methods each declaration's kernel computes in their place
     "kernel_summary": ("summarise", "summary_size"),
     "kernel_scoring": ("candidate_scores", "aggregate", "select"),
+    "kernel_span_scores": ("span_best_scores",),
 }
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -38,8 +42,10 @@ def config() -> ReAttentionConfig:
 @pytest.fixture
 def kernel_calls(monkeypatch) -> dict[str, list]:
     """The kernel launchers dispatch calls, each with the (args, kwargs) of every call."""
-    calls: dict[str, list] = {"summarise_spans": [], "select_spans": []}
-    for module, name in ((summarise_module, "summarise_spans"), (select_module, "select_spans")):
+    calls: dict[str, list] = {"summarise_spans": [], "select_spans": [], "span_best_scores": []}
+    launchers = ((summarise_module, "summarise_spans"), (select_module, "select_spans"),
+                 (window_mass_module, "span_best_scores"))
+    for module, name in launchers:
         def spy(*args, _launch=getattr(module, name), _name=name, **kwargs):
             calls[_name].append((args, kwargs))
             return _launch(*args, **kwargs)
@@ -158,3 +164,37 @@ def test_a_subclass_declaring_the_kernel_for_its_own_method_keeps_it(kernel_call
     keys = _keys()
     assert torch.equal(dispatch.summarise(StackedQuest(), keys, use_kernels=True), StackedQuest().summarise(keys))
     assert len(kernel_calls["summarise_spans"]) == 1
+
+
+# ---- consensus: only its span scores have a kernel ------------------------------------------------------------
+def test_consensus_declares_only_its_span_scores_kernel():
+    assert (ConsensusPolicy.kernel_summary, ConsensusPolicy.kernel_scoring) == (None, None)
+    assert ConsensusPolicy.kernel_span_scores == "dot"
+    assert _subclass(ConsensusPolicy, span_best_scores=ConsensusPolicy.span_best_scores).kernel_span_scores is None
+    wider = _subclass(ConsensusPolicy, __annotations__={"window": int}, window=8)
+    assert wider.kernel_span_scores == "dot" and wider().window == 8
+
+
+def test_consensus_calls_the_span_scores_kernel_on_the_kernel_path_only(kernel_calls, config):
+    policy = ConsensusPolicy()
+    queries, keys = _selection_inputs(policy)
+    on_kernels = dispatch.select(policy, queries, keys, config, use_kernels=True)
+    assert len(kernel_calls["span_best_scores"]) == 1 and policy.span_scores_kernel is not None
+    on_reference = dispatch.select(ConsensusPolicy(), queries, keys, config, use_kernels=False)
+    assert len(kernel_calls["span_best_scores"]) == 1
+    assert torch.equal(on_kernels, on_reference)
+    dispatch.select(policy, queries, keys, config, use_kernels=False)  # a layer on another device: no kernel there
+    assert policy.span_scores_kernel is None and len(kernel_calls["span_best_scores"]) == 1
+
+
+def test_an_overridden_span_best_scores_runs_on_the_kernel_path(kernel_calls, config):
+    def span_best_scores(self, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """Every span scores its id for every query: the last spans win."""
+        ids = torch.arange(keys.shape[2], dtype=torch.float32, device=keys.device)
+        return ids.expand(*queries.shape[:4], -1)
+
+    policy = _subclass(ConsensusPolicy, span_best_scores=span_best_scores)()
+    queries, keys = _selection_inputs(policy)
+    ids = dispatch.select(policy, queries, keys, config, use_kernels=True)
+    assert torch.equal(ids, torch.arange(7, 10, device=DEVICE).view(1, 1, 3))
+    assert not kernel_calls["span_best_scores"] and policy.span_scores_kernel is None

@@ -208,8 +208,8 @@ def test_every_record_is_a_checksummed_kvtier_record_with_the_expected_keys(save
     layers = {f"layer/{i}/{name}".encode() for i in range(2)
               for name in ("global_keys", "global_values", "local_keys", "local_values", "summaries", "span_ids")}
     # the default policy (consensus) keeps its observation window, last selection and reuse count per layer
-    policy = {f"layer/{i}/policy.{name}".encode() for i in range(2) for name in ("window", "selected", "steps")}
-    assert [layer["policy_state"] for layer in meta["layers"]] == [["selected", "steps", "window"]] * 2
+    policy = {f"layer/{i}/policy.{name}".encode() for i in range(2) for name in ("window", "selected", "spans", "steps")}
+    assert [layer["policy_state"] for layer in meta["layers"]] == [["selected", "spans", "steps", "window"]] * 2
     assert set(found) == {b"meta", b"tokens"} | layers | policy | span_records
     for key, value in found.items():  # every checksum verified
         records.decode(value, key.decode(errors="replace"))

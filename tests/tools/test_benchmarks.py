@@ -41,7 +41,8 @@ def test_tiers_quick_writes_every_configuration_with_its_traffic(tmp_path):
 
 def test_kernels_quick_reports_every_section(tmp_path):
     rows = _run("kernels.py", tmp_path)["rows"]
-    assert {"scoring", "top-k", "gather", "decode step", "prefill chunk"} <= {row["section"] for row in rows}
+    sections = {"scoring", "top-k", "gather", "decode step", "prefill chunk", "consensus"}
+    assert sections <= {row["section"] for row in rows}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["kernels.json", "kernels.png"]
 
 

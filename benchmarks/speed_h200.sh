@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# The speed runs of issue 17 on one H200 (benchmarks/RESULTS.md section 18): graph-captured decode against the eager
+# path, SmolLM2-135M-Instruct (joined at $KVTIER_MODEL_DIR; README, "Measuring on the GPU") and the Llama-3.1-8B
+# shape. Stages run one after the other (timings need the GPU alone); each writes OUT_DIR/STAGE/ and OUT_DIR/STAGE.log.
+set -u
+usage() {
+    cat <<'USAGE'
+usage: bash benchmarks/speed_h200.sh OUT_DIR STAGE...
+  tests    pytest -m gpu on the static decode and its graphs, and on consensus' window scoring kernel
+  kernels  benchmarks/kernels.py: the Triton kernels against their references at the 8B shape, 1M tokens
+  prefill  kvtier bench --model smollm2 at 32K and 128K, real prefills: stock, consensus (the default), quest
+  smollm2  kvtier bench --model smollm2 at 32K and 1M (kvtier filled, stock prefilled): stock, kvtier with graphs, eager
+  llama8b  kvtier bench --model llama8b at 8K and 128K (filled), the paper's 8K scope with consensus: graphs vs eager
+  long8b   kvtier bench --model llama8b at 1M (filled), kvtier-host (a 40 GiB span pool, the rest pinned), graphs
+  profile  benchmarks/decode_profile.py at 8K on the 8B shape with consensus: where a (replayed) decode step's time goes
+environment: SPEED_LIMIT seconds per stage (default 280), SPEED_STEPS decode steps per cell (default 64).
+An unknown stage runs nothing and exits 2.
+USAGE
+}
+known=" tests kernels prefill smollm2 llama8b long8b profile "
+here=$(cd "$(dirname "$0")" && pwd)
+source "$here/stages.sh"
+mkdir -p "$out"
+steps=${SPEED_STEPS:-64}
+bench() {  # name, kvtier bench arguments...
+    local name=$1
+    shift
+    timeout "${SPEED_LIMIT:-280}" python3 -m kvtier bench --decode-steps "$steps" --out "$out/$name" "$@" \
+        > "$out/$name.log" 2>&1
+    echo "== $name: kvtier bench $* -> exit $?"
+    tr '\r' '\n' < "$out/$name.log" | grep -E " @ |error|Error" | tail -n 12
+}
+for stage in "$@"; do
+    case $stage in
+        tests)
+            # the tests run beside the installed kvtier (a checkout's kvtier/ would shadow its kvtier.kernels)
+            rm -rf /tmp/kvtier-tests && mkdir -p /tmp/kvtier-tests && cp -r "$here/../tests" /tmp/kvtier-tests/
+            (cd /tmp/kvtier-tests && timeout "${SPEED_LIMIT:-280}" python3 -m pytest -q -p no:cacheprovider -m gpu \
+                tests/core/test_fast_decode.py tests/kernels/test_window_mass.py > "$out/tests.log" 2>&1)
+            echo "== tests: exit $?"; tail -n 5 "$out/tests.log" ;;
+        kernels)
+            timeout "${SPEED_LIMIT:-280}" python3 "$here/kernels.py" --out "$out/kernels" > "$out/kernels.log" 2>&1
+            echo "== kernels: exit $?"; tail -n 40 "$out/kernels.log" ;;
+        prefill)
+            bench prefill-consensus --model smollm2 --contexts 32k,128k --methods stock,kvtier
+            bench prefill-quest --model smollm2 --contexts 32k,128k --methods kvtier \
+                --config "$here/configs/policy-quest.yaml" ;;
+        long8b)
+            bench long8b-graphs --model llama8b --contexts 1m --prefill fill --methods kvtier-host \
+                --config "$here/configs/scope-8k-consensus.yaml" --gpu-budget 40GiB ;;
+        profile)
+            timeout "${SPEED_LIMIT:-280}" python3 "$here/decode_profile.py" --context 8k --steps 32 \
+                --config "$here/configs/scope-8k-consensus.yaml" --out "$out/profile" > "$out/profile.log" 2>&1
+            echo "== profile: exit $?"; grep -E "^===|^\|" "$out/profile.log" | tail -n 12 ;;
+        smollm2)
+            bench smollm2-graphs --model smollm2 --contexts 32k,1m --prefill fill --methods stock,kvtier
+            bench smollm2-eager --model smollm2 --contexts 32k,1m --prefill fill --methods kvtier \
+                --config "$here/configs/graphs-off.yaml" ;;
+        llama8b)
+            bench llama8b-graphs --model llama8b --contexts 8k,128k --prefill fill --methods stock,kvtier \
+                --config "$here/configs/scope-8k-consensus.yaml"
+            bench llama8b-eager --model llama8b --contexts 8k,128k --prefill fill --methods kvtier \
+                --config "$here/configs/scope-8k-consensus-eager.yaml" ;;
+    esac
+done
