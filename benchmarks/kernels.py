@@ -1,7 +1,7 @@
-"""Kernel benchmark: span scoring, top-k, the scope gather and consensus' window scoring at 1M tokens of Llama-3.1-8B
-(Hq 32, Hkv 8, D 128, spans of 32, bf16), against ceilings measured in the same run (device copy, pinned host->GPU
-copy), against one SDPA decode call over the ~8K-token scope that selection + gather feed, and against the PyTorch
-references. Timings: triton.testing.do_bench medians
+"""Kernel benchmark: span scoring, top-k, the scope gather, the static decode step's attention and consensus' window
+scoring at 1M tokens of Llama-3.1-8B (Hq 32, Hkv 8, D 128, spans of 32, bf16), against ceilings measured in the same
+run (device copy, pinned host->GPU copy), against one SDPA decode call over the ~8K-token scope that selection +
+gather feed, and against the PyTorch references. Timings: triton.testing.do_bench medians
 (warm-up first, L2 flushed between calls) on fresh random inputs. Writes kernels.json and kernels.png (ms per
 measurement) into --out; prints the table last.
 
@@ -26,6 +26,7 @@ import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
+from kvtier.kernels.decode_attention import decode_attention, decode_attention_reference  # noqa: E402
 from kvtier.kernels.scoring import score_spans, score_spans_reference  # noqa: E402
 from kvtier.kernels.select import select_spans  # noqa: E402
 from kvtier.kernels.topk import top_k_spans, top_k_spans_reference  # noqa: E402
@@ -38,6 +39,7 @@ BLOCK_VECTORS = (32, 64, 128, 256)  # scoring configurations swept
 NUM_WARPS = (2, 4, 8)
 TOP_K_BLOCKS = (512, 1024, 2048, 4096)  # top-k first-stage block sizes swept
 KEYS_PER_DOT = (16, 32, 64, 128)  # consensus window scoring configurations swept (with NUM_WARPS)
+SPLIT_KEYS = (128, 256, 512, 1024)  # decode attention's keys per split swept (with NUM_WARPS)
 SCORED = (("mean (c=1), max", "dot", "max"), ("quest (c=2), vote", "bound", "vote"))  # label, kind, aggregation
 
 
@@ -239,14 +241,16 @@ def bench_gather(shape: Shape, ceiling: dict, scope: Scope | None) -> tuple[list
     return rows, {"scope_bytes": scope_bytes, "span_bytes": span_bytes}
 
 
-# ---- (e) one decode step of one layer: selection + gather vs SDPA ---------------------------------------------------
-def bench_decode_step(shape: Shape, device: str, scope: Scope | None) -> tuple[list[Row], dict]:
+# ---- (e) one decode step of one layer: selection + gather vs SDPA, the static step's attention vs SDPA -------------
+def bench_decode_step(shape: Shape, device: str, scope: Scope | None, sweep: bool) -> tuple[list[Row], dict]:
     queries = decode_queries(shape, device)
     keys, values = (torch.randn(1, shape.kv_heads, shape.scope, shape.head_dim, device=device, dtype=torch.bfloat16)
                     for _ in range(2))  # each [1, Hkv, L, D]
     sdpa_ms = measure_ms(lambda: F.scaled_dot_product_attention(queries, keys, values, enable_gqa=True))
-    sdpa = f"SDPA decode, q=1, {shape.q_heads}/{shape.kv_heads} heads, L={shape.scope}"
+    sdpa = f"SDPA decode, q=1, {shape.q_heads}/{shape.kv_heads} heads, L={shape.scope} (unmasked, enable_gqa)"
     rows, details = [Row("decode step", sdpa, sdpa_ms)], {"sdpa_ms": sdpa_ms}
+    static_rows, details["static step"] = bench_static_attention(queries, keys, values, sdpa_ms, sweep)
+    rows += static_rows
     if scope is None:
         return rows + [Row("decode step", "selection + gather: unavailable (no kvtier.kernels.gather)", None)], details
     from kvtier.kernels.gather import scope_gather
@@ -266,6 +270,37 @@ def bench_decode_step(shape: Shape, device: str, scope: Scope | None) -> tuple[l
                         "<= 1x", step_ms <= sdpa_ms))
         details[label] = {"select_ms": select_ms, "step_ms": step_ms}
     return rows, details
+
+
+def bench_static_attention(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, sdpa_ms: float,
+                           sweep: bool) -> tuple[list[Row], dict]:
+    """The static decode step's attention (kvtier.fast_decode) over a buffer of bound L = keys' length, its length
+    on the device: the kernel (kvtier.kernels.decode_attention) at lengths L and L/2, against SDPA over the masked
+    buffer (the path without kernels) and against unmasked SDPA over exactly L keys (sdpa_ms)."""
+    bound = keys.shape[2]
+    full, half = (torch.tensor([n], device=keys.device) for n in (bound, bound // 2))
+    kv_bytes = 2 * keys.numel() * keys.element_size()
+    masked_ms = measure_ms(lambda: decode_attention_reference(queries, keys, values, full))
+    default = (None, 4)  # (split_keys, num_warps)
+    configs = [default] + ([(k, w) for k in SPLIT_KEYS for w in NUM_WARPS] if sweep else [])
+    timings = {config: measure_ms(lambda: decode_attention(queries, keys, values, full, split_keys=config[0],
+                                                           num_warps=config[1]))
+               for config in configs}
+    best = min(timings, key=timings.get)
+    half_ms = measure_ms(lambda: decode_attention(queries, keys, values, half))
+    label = f"static step over a bound of {bound}"
+    rows = [Row("decode step", f"{label}: masked SDPA (no kernels)", masked_ms, f"{gbps(kv_bytes, masked_ms):.1f} GB/s",
+                f"{masked_ms / sdpa_ms:.2f}x SDPA")]
+    for name, config in ((f"{label}: decode kernel, length {bound}", default), (f"  best of sweep {best}", best)):
+        ms = timings[config]
+        rows.append(Row("decode step", name, ms, f"{gbps(kv_bytes, ms):.1f} GB/s", f"{ms / sdpa_ms:.2f}x SDPA",
+                        "<= 1.5x", ms <= 1.5 * sdpa_ms))
+        if best == default:
+            break
+    rows.append(Row("decode step", f"{label}: decode kernel, length {bound // 2}", half_ms,
+                    f"{gbps(kv_bytes / 2, half_ms):.1f} GB/s", f"{half_ms / sdpa_ms:.2f}x SDPA"))
+    return rows, {"masked_sdpa_ms": masked_ms, "kernel_ms": timings[default], "kernel_half_length_ms": half_ms,
+                  "ms_by_split_keys_num_warps": {str(c): ms for c, ms in timings.items()}}
 
 
 # ---- (f) one prefill chunk of one layer at full depth: selection vs attention -------------------------------------
@@ -368,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
         ("scoring", lambda: bench_scoring(shape, device, ceiling, sweep)),
         ("top-k", lambda: bench_top_k(shape, device, sweep)),
         ("gather", lambda: bench_gather(shape, ceiling, scope)),
-        ("decode step", lambda: bench_decode_step(shape, device, scope)),
+        ("decode step", lambda: bench_decode_step(shape, device, scope, sweep)),
         ("prefill chunk", lambda: bench_prefill_chunk(shape, device)),
         ("consensus", lambda: bench_consensus(shape, device, sweep)),
     )

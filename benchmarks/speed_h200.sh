@@ -13,11 +13,12 @@ usage: bash benchmarks/speed_h200.sh OUT_DIR STAGE...
   llama8b  kvtier bench --model llama8b at 8K and 128K (filled), the paper's 8K scope with consensus: graphs vs eager
   long8b   kvtier bench --model llama8b at 1M (filled), kvtier-host (a 40 GiB span pool, the rest pinned), graphs
   profile  benchmarks/decode_profile.py at 8K on the 8B shape with consensus: where a (replayed) decode step's time goes
+  syncs    benchmarks/sync_points.py: where SmolLM2's prefill and decode make the host wait for the GPU
 environment: SPEED_LIMIT seconds per stage (default 280), SPEED_STEPS decode steps per cell (default 64).
 An unknown stage runs nothing and exits 2.
 USAGE
 }
-known=" tests kernels prefill smollm2 llama8b long8b profile "
+known=" tests kernels prefill smollm2 llama8b long8b profile syncs "
 here=$(cd "$(dirname "$0")" && pwd)
 source "$here/stages.sh"
 mkdir -p "$out"
@@ -36,7 +37,8 @@ for stage in "$@"; do
             # the tests run beside the installed kvtier (a checkout's kvtier/ would shadow its kvtier.kernels)
             rm -rf /tmp/kvtier-tests && mkdir -p /tmp/kvtier-tests && cp -r "$here/../tests" /tmp/kvtier-tests/
             (cd /tmp/kvtier-tests && timeout "${SPEED_LIMIT:-280}" python3 -m pytest -q -p no:cacheprovider -m gpu \
-                tests/core/test_fast_decode.py tests/kernels/test_window_mass.py > "$out/tests.log" 2>&1)
+                tests/core/test_fast_decode.py tests/kernels/test_window_mass.py tests/kernels/test_decode_attention.py \
+                > "$out/tests.log" 2>&1)
             echo "== tests: exit $?"; tail -n 5 "$out/tests.log" ;;
         kernels)
             timeout "${SPEED_LIMIT:-280}" python3 "$here/kernels.py" --out "$out/kernels" > "$out/kernels.log" 2>&1
@@ -52,6 +54,9 @@ for stage in "$@"; do
             timeout "${SPEED_LIMIT:-280}" python3 "$here/decode_profile.py" --context 8k --steps 32 \
                 --config "$here/configs/scope-8k-consensus.yaml" --out "$out/profile" > "$out/profile.log" 2>&1
             echo "== profile: exit $?"; grep -E "^===|^\|" "$out/profile.log" | tail -n 12 ;;
+        syncs)
+            timeout "${SPEED_LIMIT:-280}" python3 "$here/sync_points.py" --out "$out/syncs" > "$out/syncs.log" 2>&1
+            echo "== syncs: exit $?"; grep -E "^==|^  " "$out/syncs.log" | head -n 60 ;;
         smollm2)
             bench smollm2-graphs --model smollm2 --contexts 32k,1m --prefill fill --methods stock,kvtier
             bench smollm2-eager --model smollm2 --contexts 32k,1m --prefill fill --methods kvtier \

@@ -1,4 +1,4 @@
-"""Compile the span-selection kernels before a run: Triton compiles a kernel variant on its first launch (1-2 s
+"""Compile the span-selection kernels (and consensus' span-score kernel) before a run: Triton compiles a kernel variant on its first launch (1-2 s
 each on a GPU), which would otherwise land inside whatever is being timed when a growing context first reaches it.
 
 The launchers (kernels/scoring.py, kernels/topk.py) derive every block size from the span count's bucket
@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from .scoring import AGGREGATIONS, DTYPES, KINDS, span_bucket, triton_device
 from .rotary import rotate
 from .select import select_spans
+from .window_mass import span_best_scores
 
 
 def span_buckets(max_spans: int) -> list[int]:
@@ -74,6 +75,26 @@ def precompile(
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return len(calls)
+
+
+def precompile_span_scores(*, batch: int, q_heads: int, kv_heads: int, head_dim: int, span_size: int, window: int,
+                           max_spans: int, dtype: torch.dtype, device: torch.device | str) -> int:
+    """Compile every variant of consensus' span-score kernel (kvtier.kernels.window_mass) that a layer reaches with up
+    to max_spans sealed spans: one call per span bucket, on random inputs shaped as the policy calls it (its `window`
+    queries per head, the span table's keys as a narrowed buffer) -> the number of calls."""
+    _require_positive(batch=batch, q_heads=q_heads, kv_heads=kv_heads, head_dim=head_dim, span_size=span_size,
+                      window=window)
+    if q_heads % kv_heads:
+        raise ValueError(f"{q_heads} query heads cannot be grouped over {kv_heads} KV heads")
+    device = torch.device(device)
+    buckets = span_buckets(max_spans)
+    keys = torch.randn(batch, kv_heads, buckets[-1], span_size, head_dim, dtype=dtype, device=device)  # [B, Hkv, n, S, D]
+    queries = torch.randn(batch, kv_heads, q_heads // kv_heads, window, head_dim, dtype=dtype, device=device)
+    for n_spans in tqdm(buckets, desc="compiling Triton kernels", unit="call", leave=False):
+        span_best_scores(queries, keys.narrow(2, 0, n_spans))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return len(buckets)
 
 
 def _validate(batch, q_heads, kv_heads, head_dim, summary_size, kind, aggregation, votes, top_k, per_kv_head, dtype,

@@ -21,7 +21,7 @@ def scope_attention(
     """query [B, Hq, q, D] pre-RoPE, the layer holding this forward's q new K/V -> output [B, q, Hq, D].
 
     The queries go in chunks of `chunk_size`, cut where the tokens held reach a multiple of it (so a prompt fed in
-    pieces of any size is chunked as when fed whole); each chunk seals what left the local window, selects its own
+    pieces of a multiple of chunk_size is chunked as when fed whole; a piece's end cuts too); each chunk seals what left the local window, selects its own
     spans and attends to `[global | spans | local ending with the chunk]` at positions 0..L-1, its queries at L-c..L-1.
     The attention backend is chosen first, so a backend that cannot run raises before the layer takes anything in.
     """

@@ -58,6 +58,16 @@ def rotate(rotary: ScopeRotary, x: torch.Tensor, start: int, use_kernels: bool) 
     return rotary.rotate(x, start)
 
 
+def decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, length: torch.Tensor,
+                     scale: float | None) -> torch.Tensor:
+    """The static decode step's attention on the kernel path (kvtier.fast_decode): query [B, Hq, 1, D] rotated over
+    keys / values [B, Hkv, bound, D] at positions 0..length-1 (length [1] int64 on the device, never read by the
+    host) -> [B, 1, Hq, D], two launches. The reference path is SDPA over the masked buffer (fast_attention)."""
+    from kvtier.kernels.decode_attention import decode_attention as attend
+
+    return attend(query, keys, values, length, scale)
+
+
 def summarise(policy: Policy, keys: torch.Tensor, use_kernels: bool) -> torch.Tensor:
     """keys [N, Hkv, S, D] of the spans sealed in one step -> summaries [N, Hkv, c, D], one launch on the kernel path."""
     if use_kernels and policy.kernel_summary is not None:
@@ -93,12 +103,19 @@ def precompile_selection(model_config, config: ReAttentionConfig, max_tokens: in
     inside a timed prefill -> the sealed-span bound it compiled for, or None when the Triton selection does not run
     (no CUDA device, kernels="reference", or a policy without a scoring kernel)."""
     policy = build_policy(config.policy, config.policy_options)
-    if device.type != "cuda" or policy.kernel_scoring is None or not kernels_enabled(config, device):
+    scored_by_kernel = policy.kernel_scoring is not None or policy.kernel_span_scores is not None
+    if device.type != "cuda" or not scored_by_kernel or not kernels_enabled(config, device):
         return None
-    from kvtier.kernels.warmup import precompile
+    from kvtier.kernels.warmup import precompile, precompile_span_scores
 
     max_spans = -(-max_tokens // config.span_size)  # sealed spans per layer stay below this
     head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
+    if policy.kernel_scoring is None:  # consensus: its own selection around the span-score kernel
+        precompile_span_scores(batch=batch, q_heads=model_config.num_attention_heads,
+                               kv_heads=model_config.num_key_value_heads, head_dim=head_dim,
+                               span_size=config.span_size, window=policy.window, max_spans=max_spans, dtype=dtype,
+                               device=device)
+        return max_spans
     precompile(
         batch=batch, q_heads=model_config.num_attention_heads, kv_heads=model_config.num_key_value_heads,
         head_dim=head_dim, summary_size=policy.summary_size(config.span_size), kind=policy.kernel_scoring,

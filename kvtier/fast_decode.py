@@ -6,17 +6,20 @@ A decode step that seals no span and reuses its layer's last selection (a policy
 spans | local window + the new token]`, the new token at scope position L (the previous scope's length), the query
 there too. So each layer keeps its last decode step's rotated scope in a buffer of the scope's bound (`FastScope`),
 and the step writes the new token's K/V into the local window and its rotated key into the scope at indices read from
-device memory (`Counters`), then attends over the whole buffer with a mask of the positions below L + 1: the shapes
-and addresses never change, the host only says where the token goes.
+device memory (`Counters`), then attends to the positions below L + 1 of the whole buffer: the shapes and addresses
+never change, the host only says where the token goes. On the kernel path (kvtier.dispatch) a flash-decoding Triton
+kernel reads that length from the device and only the keys below it (kvtier.kernels.decode_attention); otherwise SDPA
+attends over the buffer with a mask of those positions.
 
 Equal to the eager step up to floating-point order: the same rotation and the same keys and values, attended over a
-masked buffer of the bound instead of a tensor of exactly L + 1 keys."""
+buffer of the bound instead of a tensor of exactly L + 1 keys."""
 from __future__ import annotations
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from kvtier import dispatch
 from kvtier.buffers import buffer, upload
 from kvtier.rotary import ScopeRotary
 
@@ -63,18 +66,22 @@ class Counters:
 
 def fast_attention(scope: FastScope, local_keys: torch.Tensor, local_values: torch.Tensor, rotary: ScopeRotary,
                    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                   slots: tuple[torch.Tensor, torch.Tensor], scaling: float | None) -> torch.Tensor:
+                   slots: tuple[torch.Tensor, torch.Tensor], scaling: float | None, use_kernel: bool) -> torch.Tensor:
     """The static step of one layer: the new token's pre-RoPE K/V [B, Hkv, 1, D] go into the local window's buffers
     at slot slots[0] and, the key rotated, into the scope at position slots[1]; query [B, Hq, 1, D] pre-RoPE, rotated
-    there, attends to scope positions 0..slots[1] -> [B, 1, Hq, D]."""
+    there, attends to scope positions 0..slots[1] -> [B, 1, Hq, D]: through the Triton decode kernel when use_kernel
+    (kvtier.dispatch.decode_attention, which reads only those positions), else SDPA over the masked buffer."""
     local_slot, position = slots
     local_keys.index_copy_(2, local_slot, keys)
     local_values.index_copy_(2, local_slot, values)
     scope.keys.index_copy_(2, position, rotary.rotate_at(keys, position))
     scope.values.index_copy_(2, position, values)
+    rotated = rotary.rotate_at(query, position)  # [B, Hq, 1, D]
+    if use_kernel:
+        return dispatch.decode_attention(rotated, scope.keys, scope.values, position + 1, scaling)
     batch, q_heads, _, head_dim = query.shape
     kv_heads, bound = scope.keys.shape[1], scope.keys.shape[2]
-    rows = rotary.rotate_at(query, position).view(batch, kv_heads, q_heads // kv_heads, head_dim)  # [B, Hkv, g, D]
+    rows = rotated.view(batch, kv_heads, q_heads // kv_heads, head_dim)  # [B, Hkv, g, D]
     visible = (torch.arange(bound, device=query.device) <= position)[None]  # [1, bound]
     out = F.scaled_dot_product_attention(rows, scope.keys, scope.values, attn_mask=visible, scale=scaling)
     return out.reshape(batch, 1, q_heads, head_dim)

@@ -326,7 +326,7 @@ class ReAttentionLayer(GrowingLayer):
         each a [1] tensor on the device -> [B, 1, Hq, D]."""
         keys, values = self.take_pending()
         out = fast_attention(self.fast, self.local.keys, self.local.values, rotary, query, keys, values, slots[:2],
-                             scaling)
+                             scaling, self.use_kernels)
         self.policy.reuse_selection(self.index, query, slots[2])
         return out
 

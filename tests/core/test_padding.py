@@ -251,14 +251,16 @@ def test_rows_of_a_padded_batch_selected_and_repeated_continue_as_those_rows_alo
 
 
 def test_a_crop_of_a_padded_batch_undoes_the_last_tokens_of_every_row_or_none():
+    """quest: a crop leaves consensus' observation window holding the removed tokens' queries (ReAttentionLayer.crop),
+    which may change its later selections; a policy without state continues exactly as without the removed tokens."""
     model = tiny_model("llama")
     ids, mask, _ = left_padded()
     follow = random_ids(5, batch=3, seed=17)
     full_mask = torch.cat([mask, torch.ones_like(follow)], 1)
-    expected = ReAttentionCache(model, **TINY)
+    expected = ReAttentionCache(model, **TINY, policy="quest")
     prefill(model, ids, expected, mask)
     expected_out = greedy(model, torch.cat([ids, follow], 1), expected, attention_mask=full_mask)
-    cache = ReAttentionCache(model, **TINY)
+    cache = ReAttentionCache(model, **TINY, policy="quest")
     prefill(model, ids, cache, mask)
     draft = random_ids(3, batch=3, seed=19)
     prefill(model, draft, cache, torch.cat([mask, torch.ones_like(draft)], 1))

@@ -103,13 +103,21 @@ def test_batch_of_equal_rows_equals_rows_one_at_a_time():
 
 
 def test_chunked_prefill_through_generate_matches_one_piece():
+    """Pieces of a multiple of chunk_size give the one-piece prefill's query chunks, so its tokens; any other piece
+    size also cuts a chunk where a piece ends (the chunk's queries select alone: the result may differ there)."""
     model = tiny_model("mistral")
     ids = random_ids(150)
     whole = greedy(model, ids, ReAttentionCache(model, **TINY), new_tokens=20)
-    # query chunks are cut at multiples of chunk_size of the tokens held, wherever the prefill pieces end
-    for piece in (36, 25):
+    for piece in (36, 24):
         chunked = greedy(model, ids, ReAttentionCache(model, **TINY), new_tokens=20, prefill_chunk_size=piece)
         assert torch.equal(whole, chunked)
+    cache = ReAttentionCache(model, **TINY)
+    held = []
+    layer = cache.layers[0]
+    original = layer.select
+    layer.select = lambda queries: held.append(layer.tokens_held()) or original(queries)
+    greedy(model, ids, cache, new_tokens=1, prefill_chunk_size=25)
+    assert held == sorted({*range(12, 150, 12), *range(25, 151, 25)})  # multiples of 12, and where pieces end
 
 
 def test_queries_are_processed_in_chunks_of_chunk_size():

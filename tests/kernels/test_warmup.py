@@ -48,6 +48,23 @@ def test_precompile_selects_once_per_bucket_and_query_count(monkeypatch, aggrega
     assert seen == expected  # max_spans 5: buckets 1, 2, 4, 8
 
 
+def test_precompile_span_scores_scores_once_per_bucket(monkeypatch):
+    seen = []
+
+    def span_best_scores(queries, keys):
+        seen.append((keys.shape[2], queries.shape[3]))
+        return real(queries, keys)
+
+    real = warmup.span_best_scores
+    monkeypatch.setattr(warmup, "span_best_scores", span_best_scores)
+    shapes = dict(batch=1, q_heads=4, kv_heads=2, head_dim=16, span_size=4, window=3, max_spans=5,
+                  dtype=torch.float32, device=DEVICE)
+    assert warmup.precompile_span_scores(**shapes) == 4
+    assert seen == [(1, 3), (2, 3), (4, 3), (8, 3)]  # each bucket once, with the policy's window of queries
+    with pytest.raises(ValueError, match="cannot be grouped"):
+        warmup.precompile_span_scores(**{**shapes, "q_heads": 3})
+
+
 @pytest.mark.parametrize("change, message", [
     (dict(max_spans=0), "max_spans must be a positive integer"),
     (dict(chunk_size=0), "chunk_size must be a positive integer"),

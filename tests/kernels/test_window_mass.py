@@ -5,8 +5,6 @@ kernels="triton") equal to the reference path's. Inputs are drawn fresh per test
 scores leave the selection boundaries far apart next to fp32 accumulation error."""
 from __future__ import annotations
 
-import os
-import zlib
 
 import pytest
 import torch
@@ -20,22 +18,7 @@ from tests.conftest import greedy, random_ids, tiny_model
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
-@pytest.fixture(autouse=True)
-def _cpu_cases_run_interpreted(request):
-    """The CPU cases feed CPU tensors to Triton's interpreter (CI); compiled Triton takes CUDA tensors only, so on a
-    CUDA machine the gpu-marked cases below test the kernel instead."""
-    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-    if not interpreted and request.node.get_closest_marker("gpu") is None and torch.cuda.is_available():
-        pytest.skip("a CPU-tensor case for Triton's interpreter; the gpu-marked cases run on this CUDA machine")
-
-
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture
-def seed(request) -> int:
-    """Fresh inputs for every test, the same on every run."""
-    return zlib.crc32(request.node.nodeid.encode())
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "cpu_cases_run_interpreted")
 
 
 def _draw(gen, batch, kv_heads, group, w, n_spans, span, dim, dtype, query_dtype=None, spare=3):

@@ -171,13 +171,16 @@ def test_a_cell_that_would_not_fit_is_skipped_with_its_reason(monkeypatch, tmp_p
 def test_kvtier_on_cuda_precompiles_the_selection_kernels_up_to_the_longest_context(monkeypatch, tmp_path, capsys):
     from kvtier.kernels import warmup
 
-    calls = []
+    calls, span_score_calls = [], []
     monkeypatch.setattr(warmup, "precompile", lambda **shapes: calls.append(shapes) or 10)
+    monkeypatch.setattr(warmup, "precompile_span_scores", lambda **shapes: span_score_calls.append(shapes) or 4)
     plan = bench.make_plan(_parser().parse_args(["bench", "--quick", "--out", str(tmp_path)]))
     model, _ = bench.build_model(plan)
     on_cuda = dataclasses.replace(plan, device=torch.device("cuda"))  # precompile itself is faked: no CUDA needed
     bench.Bench(model, on_cuda).precompile_kernels()
-    assert not calls  # the default policy, consensus, runs no Triton kernel
+    (shapes,) = span_score_calls  # the default policy, consensus: only its span-score kernel
+    assert not calls and (shapes["window"], shapes["q_heads"], shapes["kv_heads"]) == (64, 6, 2)
+    span_score_calls.clear()
     plan = dataclasses.replace(plan, kvtier_config=plan.kvtier_config.replace(policy="quest"))
     bench.Bench(model, plan).precompile_kernels()
     assert not calls  # the CPU: nothing is compiled
@@ -186,6 +189,7 @@ def test_kvtier_on_cuda_precompiles_the_selection_kernels_up_to_the_longest_cont
     assert not calls  # no kvtier method
     bench.Bench(model, on_cuda).precompile_kernels()
     (shapes,) = calls
+    assert not span_score_calls
     config = plan.kvtier_config.resolve(model.config.max_position_embeddings)
     tokens = 4096 + 1 + 4 + 1  # the longest context, --quick's warm-up and decode steps, the profiled step
     assert shapes["max_spans"] == -(-tokens // config.span_size)

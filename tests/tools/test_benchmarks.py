@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -81,7 +82,8 @@ def test_every_benchmark_script_explains_quick_and_out(script, capsys, monkeypat
     assert exit_info.value.code == 0 and "--quick" in printed and "--out" in printed
 
 
-@pytest.mark.parametrize("script, stage", [("niah_h200.sh", "1m-a"), ("profile_h200.sh", "1m")])
+@pytest.mark.parametrize("script, stage", [("niah_h200.sh", "1m-a"), ("profile_h200.sh", "1m"), ("natural_h200.sh", "16k"),
+                                           ("speed_h200.sh", "llama8b")])
 def test_the_h200_staging_scripts_list_their_stages_and_refuse_an_unknown_one(script, stage, tmp_path):
     helped = subprocess.run(["bash", str(ROOT / "benchmarks" / script), "--help"], capture_output=True, text=True)
     assert helped.returncode == 0 and helped.stdout.startswith(f"usage: bash benchmarks/{script} OUT_DIR STAGE")
@@ -106,3 +108,11 @@ def test_a_benchmark_stopped_by_sigterm_leaves_no_spill_file(tmp_path):
     run.send_signal(signal.SIGTERM)
     assert run.wait(timeout=60) == 128 + signal.SIGTERM, run.stderr.read()[-2000:]
     assert not spill.exists()
+
+
+def test_sync_points_says_it_needs_cuda_on_a_cpu(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("on a CUDA machine the script runs (benchmarks/speed_h200.sh runs it there)")
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "sync_points.py"), "--quick", "--out",
+                           str(tmp_path)], capture_output=True, text=True)
+    assert done.returncode == 2 and "needs a CUDA device" in done.stderr and not any(tmp_path.iterdir())
