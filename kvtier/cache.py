@@ -13,6 +13,7 @@ from kvtier.config import ReAttentionConfig
 from kvtier.graphs import DecodeGraphs
 from kvtier.layer import ReAttentionLayer, row_index
 from kvtier.padding import Padding
+from kvtier.parallel import HeadShards
 from kvtier.persist import fingerprint, load_cache, save_cache
 from kvtier.policies import Policy, build_policy
 from kvtier.rotary import ScopeRotary
@@ -40,11 +41,14 @@ class ReAttentionCache(hf.HostedCache):
             raise ValueError(f"config must be a ReAttentionConfig, a dict or a .yaml/.json path, got {type(config).__name__}")
         spec = hf.bind_model(model)
         self.config = config.replace(**overrides).resolve(spec.window)
-        self.policy = build_policy(self.config.policy, self.config.policy_options)
+        group = hf.tensor_parallel_group(model)
+        self._shards = None if group is None else HeadShards(group)  # tensor parallelism: this rank's heads
+        self.policy = self._new_policy()
         self.spec = spec
         self.model_fingerprint = fingerprint(model)  # checked against the model a saved cache is loaded into
         self._rotary: dict[torch.device, ScopeRotary] = {}
-        self._placement = SharedPlacement(self.config)  # made on the first layer's K/V (it needs their shape)
+        # one placement per device the layers' K/V live on, made on its first K/V (it needs their shape)
+        self._placement = SharedPlacement(self.config, hf.layer_device_shares(model))
         self._tokens: GrowableTensor | None = None  # [B, T] the token ids fed, while they are known
         self._tokens_known = True
         self._padding = Padding()
@@ -53,6 +57,12 @@ class ReAttentionCache(hf.HostedCache):
         self._shared: SharedRows | None = None  # identical rows held once (kvtier.sharing), until their inputs differ
         self._graphs: DecodeGraphs | None = None  # the static decode path, made on the first forward (kvtier.graphs)
         super().__init__(layers=self._batched_layers())
+
+    def _new_policy(self) -> Policy:
+        """The config's policy, seeing every rank's heads under tensor parallelism (kvtier.parallel)."""
+        policy = build_policy(self.config.policy, self.config.policy_options)
+        policy.head_shards = self._shards
+        return policy
 
     def _batched_layers(self) -> list[ReAttentionLayer]:
         return [ReAttentionLayer(self.config, self.policy, self._placement, index) for index in range(self.spec.num_layers)]
@@ -70,7 +80,9 @@ class ReAttentionCache(hf.HostedCache):
         return not self._rows and self._shared is None and all(layer.fast_step_ready() for layer in self.layers)
 
     def run_decoder(self, forward, kwargs):
-        auto = self.config.decode_graphs == "auto" and self.policy.keeps_selection and torch.cuda.is_available()
+        # not captured under tensor parallelism or over several devices yet: untested there
+        auto = (self.config.decode_graphs == "auto" and self.policy.keeps_selection and torch.cuda.is_available()
+                and self._shards is None and len(self._placement.shares) <= 1)
         if self._graphs is None and auto:
             device = next((value.device for value in kwargs.values() if isinstance(value, torch.Tensor)), None)
             if device is not None and device.type == "cuda":
@@ -81,8 +93,14 @@ class ReAttentionCache(hf.HostedCache):
 
     @property
     def placement(self) -> Placement | None:
-        """Where the spans of every layer live (None until the first forward)."""
+        """Where the spans of every layer live (None until the first forward); for a model whose layers are on several
+        devices (device_map), the first device's: `placements` has each one."""
         return self._placement.placement
+
+    @property
+    def placements(self) -> list[Placement]:
+        """One placement per device the layers' K/V live on (a model on one device has one)."""
+        return list(self._placement.placements.values())
 
     def begin_forward(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None) -> None:
         """Called by the decoder hook before each forward, with its input ids [B, q] (None when embeddings were passed)
@@ -111,7 +129,7 @@ class ReAttentionCache(hf.HostedCache):
                 self._graphs.drop()
 
     def _start_rows(self, count: int) -> None:
-        self._rows[:] = [RowStream.new(self.config, build_policy(self.config.policy, self.config.policy_options),
+        self._rows[:] = [RowStream.new(self.config, self._new_policy(),
                                        self._placement, self.spec.num_layers) for _ in range(count)]
         self.layers = [PaddedLayer(self._rows, index) for index in range(self.spec.num_layers)]
 
@@ -185,7 +203,14 @@ class ReAttentionCache(hf.HostedCache):
         return key_states, value_states
 
     def attend(self, layer_idx: int, query: torch.Tensor, scaling: float | None) -> torch.Tensor:
-        """query [B, Hq, q, D] pre-RoPE -> attention output [B, q, Hq, D] over the layer's scope."""
+        """query [B, Hq, q, D] pre-RoPE -> attention output [B, q, Hq, D] over the layer's scope, with the layer's
+        device current (Triton launches its kernels on the current device; device_map puts layers on several)."""
+        if query.is_cuda:
+            with torch.cuda.device(query.device):
+                return self._attend(layer_idx, query, scaling)
+        return self._attend(layer_idx, query, scaling)
+
+    def _attend(self, layer_idx: int, query: torch.Tensor, scaling: float | None) -> torch.Tensor:
         if self._graphs is not None and self._graphs.active:
             return self.layers[layer_idx].fast_attend(self._rotary_on(query.device), query,
                                                       self._graphs.counters.of(layer_idx), scaling)
@@ -267,7 +292,7 @@ class ReAttentionCache(hf.HostedCache):
         `gpu_fixed_bytes` is what stays on the GPU outside the span pool (global, local window, summaries);
         `decode_graphs` counts the static decode steps and what they keep (kvtier.graphs; None when they are off)."""
         scope = max((layer.largest_scope for layer in self.layers), default=0)
-        tiers = self.placement.stats() if self.placement is not None else Placement.empty_stats()
+        tiers = self._placement.stats()
         return {
             "tokens": self.get_seq_length(),
             "max_position": scope - 1,
@@ -294,8 +319,7 @@ class ReAttentionCache(hf.HostedCache):
 
     def close(self) -> None:
         """Wait for background copies, close the LMDB files and delete the spill file. The cache is unusable after."""
-        if self.placement is not None:
-            self.placement.close()
+        self._placement.close()
 
     def __repr__(self) -> str:
         return f"ReAttentionCache({self.config}, tokens={self.get_seq_length()})"

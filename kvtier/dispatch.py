@@ -35,7 +35,7 @@ def select(policy: Policy, queries: torch.Tensor, summaries: torch.Tensor, confi
         from kvtier.kernels.select import select_spans
 
         return select_spans(queries, summaries, policy.kernel_scoring, policy.aggregation, policy.votes,
-                            config.top_k, config.per_kv_head, use_triton=True)
+                            config.top_k, config.per_kv_head, use_triton=True, all_heads=policy.all_heads)
     if policy.kernel_span_scores is not None:
         policy.span_scores_kernel = _span_scores_kernel() if use_kernels else None
     return policy.select_at(queries, summaries, config.top_k, config.per_kv_head, layer=layer, tokens=tokens)

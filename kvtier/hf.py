@@ -167,6 +167,28 @@ def model_spec(model) -> ModelSpec:
     )
 
 
+def layer_device_shares(model) -> dict[torch.device, float]:
+    """Each device the model's attention layers are on (their key projections) -> its fraction of the layers: one
+    entry for a model on one device, several for one spread by accelerate's device_map."""
+    devices = [layer.self_attn.k_proj.weight.device for layer in model.get_decoder().layers]
+    return {device: devices.count(device) / len(devices) for device in dict.fromkeys(devices)}
+
+
+def tensor_parallel_group(model):
+    """The process group over which tensor parallelism (transformers' tp_plan) splits this model's attention heads, or
+    None: read from the first layer's key projection, a DTensor sharded by rows (its output heads) under a tp_plan."""
+    weight = model.get_decoder().layers[0].self_attn.k_proj.weight
+    mesh = getattr(weight, "device_mesh", None)
+    if mesh is None:
+        return None
+    from torch.distributed.tensor import Shard
+
+    rows = [dim for dim, placement in enumerate(weight.placements) if isinstance(placement, Shard) and placement.dim == 0]
+    if not rows or mesh.size(rows[0]) == 1:
+        return None
+    return mesh.get_group(mesh_dim=rows[0])
+
+
 def bind_model(model) -> ModelSpec:
     """Switch `model` to kvtier's attention and install the hooks, once (idempotent). With any other cache the
     switched model computes exactly what stock SDPA does."""

@@ -70,6 +70,11 @@ def _record_pages(length: int) -> int:
 def save_cache(cache, path: Path) -> None:
     if cache.placement is None:
         raise ValueError("this cache holds no tokens yet: run a forward (or generate) with it before saving")
+    if len(cache.placements) > 1:
+        raise ValueError(
+            "this cache's layers are on several devices (device_map) and each device numbers its spans on its own: "
+            "saving such a cache is not supported yet. Save from the model on one device; a saved file loads into "
+            "a model spread over several (each layer's state goes to its layer's device)")
     if path.is_dir():
         raise CacheWriteError(f"cannot save to {str(path)!r}: it is a directory; give a file path such as ctx.lmdb")
     if not path.parent.is_dir():
@@ -309,4 +314,5 @@ def _restore(cache, env: lmdb.Environment, meta: dict[str, Any], path: Path, mod
     span_shape = tuple(meta["span_shape"])
     dtype = records.DTYPES[meta["dtype"]]
     store = LmdbStore.saved(env, path, span_shape, dtype, meta["spans"])
-    cache.placement.attach_saved(store, meta["spans"])
+    for placement in cache.placements:  # one per device the layers are on: each reads the saved spans from the file
+        placement.attach_saved(store, meta["spans"])

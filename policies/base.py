@@ -1,7 +1,7 @@
 """The interface every selection policy shares: summarise a sealed span, score a query chunk, pick <= top_k spans."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -41,6 +41,9 @@ class Policy:
     aggregation: str = "max"
     votes: int = 4
     query_block: int = 64  # queries scored at once: bounds the [B, Hkv, g, q, n, m] score tensor
+    # under tensor parallelism (kvtier.parallel), what brings every rank's per-head scores to a selection shared by all
+    # heads (set by the cache; None on one device)
+    head_shards: Any = field(default=None, init=False, repr=False, compare=False)
 
     name: ClassVar[str] = ""
     kernel_summary: ClassVar[str | None] = None  # "mean", "minmax" or "representatives" (kvtier.kernels.summarise)
@@ -98,8 +101,15 @@ class Policy:
             raise ValueError(f"{hq} query heads cannot be grouped over {hkv} KV heads")
         grouped = queries.float().view(batch, hkv, hq // hkv, -1, dim)  # [B, Hkv, g, q, D]
         primary, secondary = self.aggregate(grouped, summaries.float())  # each [B, Hkv, n]
-        merge_heads = None if per_kv_head else ("max" if self.aggregation == "max" else "sum")
-        return best_spans(primary, secondary, top_k, merge_heads)
+        if per_kv_head:
+            return best_spans(primary, secondary, top_k)
+        merge_heads = "max" if self.aggregation == "max" else "sum"
+        return best_spans(self.all_heads(primary), self.all_heads(secondary), top_k, merge_heads)
+
+    def all_heads(self, scores: torch.Tensor) -> torch.Tensor:
+        """scores [B, h, n] of the heads this process holds -> of every head of the layer: under tensor parallelism
+        every rank's, gathered in head order (kvtier.parallel); on one device, scores itself."""
+        return scores if self.head_shards is None else self.head_shards.gather(scores)
 
     def select_at(self, queries: torch.Tensor, summaries: torch.Tensor, top_k: int, per_kv_head: bool, *,
                   layer: int, tokens: int) -> torch.Tensor:

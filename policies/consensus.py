@@ -169,7 +169,8 @@ class ConsensusPolicy(ReAttentionPolicy):
         mass = self.window_mass(window, summaries, per_kv_head)  # [B, Hsel, n]
         if layer == 0:  # a new chunk's vote: keep only the earlier chunks of this forward that layer 0 began
             self._votes = {t: vote for t, vote in self._votes.items() if vote[0] == 0 and t < tokens}
-        votes = self._votes[tokens][1] + mass if tokens in self._votes else mass
+        # a layer on another device (device_map) adds the earlier layers' votes on its own
+        votes = self._votes[tokens][1].to(mass.device) + mass if tokens in self._votes else mass
         self._votes[tokens] = (layer, votes)
         score = F.max_pool1d(votes, 3, 1, 1) + 1e-3 * votes if self.neighbours and votes.shape[-1] > 1 else votes
         state.selected, state.steps, state.spans = best_spans(score, votes, k), 0, n_spans
@@ -190,7 +191,7 @@ class ConsensusPolicy(ReAttentionPolicy):
         grouped = queries.to(dtype).view(batch, kv_heads, q_heads // kv_heads, w, dim)  # [B, Hkv, g, w, D]
         best = (self.span_scores_kernel or self.span_best_scores)(grouped, summaries)  # [B, Hkv, g, w, n] fp32
         mass = torch.softmax(best * dim ** -0.5, dim=-1).sum((2, 3))  # [B, Hkv, n]
-        return mass if per_kv_head else mass.sum(1, keepdim=True)
+        return mass if per_kv_head else self.all_heads(mass).sum(1, keepdim=True)
 
     def span_best_scores(self, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         """queries [B, Hkv, g, w, D], keys [B, Hkv, n, S, D] -> best [B, Hkv, g, w, n] fp32: each span's best key

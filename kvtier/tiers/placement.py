@@ -360,19 +360,54 @@ class Placement:
 
 
 class SharedPlacement:
-    """Makes a cache's Placement from its first layer's K/V and hands the same one to every layer. Layers hold this
-    object rather than the cache, so a cache dropped by its user is freed at once (no reference cycle)."""
+    """Makes a cache's Placements, one per device its layers' K/V live on (a model spread over GPUs by accelerate's
+    device_map has layers on several), each from the first K/V of its device, and hands every layer its device's.
+    `shares` (device -> the fraction of the model's attention layers on it) splits each byte budget among the devices:
+    a device holding a quarter of the layers gets a quarter of gpu_budget, host_budget and disk_budget. Layers hold
+    this object rather than the cache, so a cache dropped by its user is freed at once (no reference cycle)."""
 
-    def __init__(self, config: ReAttentionConfig):
+    def __init__(self, config: ReAttentionConfig, shares: dict[torch.device, float] | None = None):
         self.config = config
-        self.placement: Placement | None = None
+        self.shares = shares or {}
+        self.placements: dict[torch.device, Placement] = {}
+
+    @property
+    def placement(self) -> Placement | None:
+        """The first placement made: the only one for a model on one device (None before the first K/V)."""
+        return next(iter(self.placements.values()), None)
 
     def __call__(self, span_shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, step_spans: int) -> Placement:
-        if self.placement is None:
-            self.placement = Placement(self.config, span_shape, dtype, device, step_spans)
-        elif (self.placement.span_shape, self.placement.dtype) != (tuple(span_shape), dtype):
-            raise ValueError(
-                f"every layer must hold K/V of one shape and dtype; got {span_shape} {dtype} after "
-                f"{self.placement.span_shape} {self.placement.dtype}"
-            )
-        return self.placement
+        first = self.placement
+        if first is not None and (first.span_shape, first.dtype) != (tuple(span_shape), dtype):
+            raise ValueError(f"every layer must hold K/V of one shape and dtype; got {span_shape} {dtype} after "
+                             f"{first.span_shape} {first.dtype}")
+        if device not in self.placements:
+            self.placements[device] = Placement(self.config_on(device), span_shape, dtype, device, step_spans)
+        return self.placements[device]
+
+    def config_on(self, device: torch.device) -> ReAttentionConfig:
+        """The config with each byte budget scaled to `device`'s share of the layers."""
+        share = self.shares.get(device, 1.0)
+        budgets = {name: self.config.budget_bytes(name) for name in ("gpu_budget", "host_budget", "disk_budget")}
+        scaled = {name: max(int(value * share), 1) for name, value in budgets.items() if value is not None}
+        return self.config if share == 1.0 or not scaled else self.config.replace(**scaled)
+
+    def stats(self) -> dict:
+        """Every placement's stats() summed over the devices (span_bytes: the one span size); empty before the first
+        K/V."""
+        if not self.placements:
+            return Placement.empty_stats()
+        return _summed([placement.stats() for placement in self.placements.values()])
+
+    def close(self) -> None:
+        for placement in self.placements.values():
+            placement.close()
+
+
+def _summed(reports: list[dict]) -> dict:
+    """Placement.stats() reports of several devices -> one: numbers summed, span_bytes kept (every device's is the
+    same), nested reports summed alike."""
+    first = reports[0]
+    return {key: _summed([report[key] for report in reports]) if isinstance(value, dict)
+            else value if key == "span_bytes" else sum(report[key] for report in reports)
+            for key, value in first.items()}
