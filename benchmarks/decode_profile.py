@@ -4,7 +4,9 @@ references) at one context, on the Llama-3.1-8B shape with random weights (or a 
 Prints, per configuration: ms per step (median of --steps after a warm-up of one span cycle), GPU kernels and
 copies launched per step and the time the GPU spent in them (CUDA profiler: a step far longer than its GPU time is
 bound by the host), the host time of the step's Python frames (cProfile, top --top by own time), and the same per
-layer. A step is one decoded token, or with --chunk N one prefill forward of N new tokens at the context's depth.
+layer, and kvtier's scope attention by step (ingest and sealing, selection, gather with rotary, attention): the
+host's and the device's time per query chunk and layer. A step is one decoded token, or with --chunk N one prefill
+forward of N new tokens at the context's depth.
 kvtier's context is filled with recorded K/V (kvtier.tools.longctx); stock's is a real chunked prefill. Writes
 decode_profile.json and decode_profile.png (ms per step by configuration) into --out; prints the table last.
 
@@ -68,18 +70,21 @@ def profile_config(name: str, model, make_cache, prepare, args, layers: int) -> 
     token = prepare(cache)
     inputs = Inputs(args.chunk, model.config.vocab_size, token.device.type)
     times, token = decode(model, cache, token, args.steps, args.warmup, feed=inputs.next, desc=f"{name}: steps")
-    counted = launches(model, cache, inputs.next(token), by_name=True) if torch.cuda.is_available() else None
+    counted = launches(model, cache, inputs.next(token), by_name=True)  # on a CPU: no kernels, the phases' host time
     report = host_profile(model, cache, token, args.profile_steps, args.top, inputs)
     median = statistics.median(times)
     row = {"config": name, "ms_median": round(median, 3), "ms_min": round(min(times), 3),
            "ms_per_layer": round(median / layers, 4), "launches": counted}
-    busy = "" if counted is None else f", GPU busy {counted['gpu_busy_ms']:.2f} ms"
+    busy = f", GPU busy {counted['gpu_busy_ms']:.2f} ms" if torch.cuda.is_available() else ""
     tqdm.write(f"\n=== {name}: {median:.2f} ms per step of {args.chunk} token(s) (min {min(times):.2f}), "
                f"{median / layers:.3f} ms per layer{busy}; "
-               f"launches {None if counted is None else (counted['kernels'], counted['copies'])}")
-    if counted is not None:
-        for kernel, count in list(counted["by_name"].items())[:25]:
-            tqdm.write(f"  {count:5d}  {kernel}")
+               f"launches {(counted['kernels'], counted['copies'])}")
+    for kernel, count in list(counted["by_name"].items())[:25]:
+        tqdm.write(f"  {count:5d}  {kernel}")
+    for phase, spent in counted["phases"].items():  # per query chunk and layer
+        ranges = max(spent["ranges"], 1)
+        tqdm.write(f"  {phase}: {spent['ranges']:g} chunk-layers, per chunk-layer host "
+                   f"{spent['host_ms'] / ranges:.3f} ms, device {spent['device_ms'] / ranges:.3f} ms")
     tqdm.write(report)
     del cache
     release_memory(model.device)
@@ -162,8 +167,8 @@ def format_table(rows: list[dict], chunk: int) -> str:
              "|---|---|---|---|---|"]
     for row in rows:
         counted = row["launches"]
-        launch = "" if counted is None else f"{counted['kernels']} / {counted['copies']}"
-        busy = "" if counted is None else counted["gpu_busy_ms"]
+        launch = f"{counted['kernels']} / {counted['copies']}"
+        busy = counted["gpu_busy_ms"]
         lines.append(f"| {row['config']} | {row['ms_median']} | {row['ms_median'] / rows[0]['ms_median']:.2f}x | "
                      f"{launch} | {busy} |")
     return "\n".join(lines)

@@ -14,11 +14,13 @@ usage: bash benchmarks/speed_h200.sh OUT_DIR STAGE...
   long8b   kvtier bench --model llama8b at 1M (filled), kvtier-host (a 40 GiB span pool, the rest pinned), graphs
   profile  benchmarks/decode_profile.py at 8K on the 8B shape with consensus: where a (replayed) decode step's time goes
   syncs    benchmarks/sync_points.py: where SmolLM2's prefill and decode make the host wait for the GPU
+  chunks   benchmarks/decode_profile.py --chunk 8k at 128K on the 8B shape with consensus: a prefill forward's time
+           per query chunk and layer, by step of the scope attention (ingest, select, gather, attend)
 environment: SPEED_LIMIT seconds per stage (default 280), SPEED_STEPS decode steps per cell (default 64).
 An unknown stage runs nothing and exits 2.
 USAGE
 }
-known=" tests kernels prefill smollm2 llama8b long8b profile syncs "
+known=" tests kernels prefill smollm2 llama8b long8b profile syncs chunks "
 here=$(cd "$(dirname "$0")" && pwd)
 source "$here/stages.sh"
 mkdir -p "$out"
@@ -54,6 +56,10 @@ for stage in "$@"; do
             timeout "${SPEED_LIMIT:-280}" python3 "$here/decode_profile.py" --context 8k --steps 32 \
                 --config "$here/configs/scope-8k-consensus.yaml" --out "$out/profile" > "$out/profile.log" 2>&1
             echo "== profile: exit $?"; grep -E "^===|^\|" "$out/profile.log" | tail -n 12 ;;
+        chunks)
+            timeout "${SPEED_LIMIT:-280}" python3 "$here/decode_profile.py" --context 128k --chunk 8k --steps 2 \
+                --config "$here/configs/scope-8k-consensus.yaml" --out "$out/chunks" > "$out/chunks.log" 2>&1
+            echo "== chunks: exit $?"; grep -E "^===|kvtier\.|^\|" "$out/chunks.log" | tail -n 20 ;;
         syncs)
             timeout "${SPEED_LIMIT:-280}" python3 "$here/sync_points.py" --out "$out/syncs" > "$out/syncs.log" 2>&1
             echo "== syncs: exit $?"; grep -E "^==|^  " "$out/syncs.log" | head -n 60 ;;

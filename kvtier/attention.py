@@ -1,11 +1,13 @@
 """One attention call over a ReAttention scope: query chunks -> ingest -> select -> gather -> rotary -> attention."""
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.profiler import record_function
 
 from kvtier import dispatch
 from kvtier.flash import FlashKernel, choose_flash
@@ -40,15 +42,30 @@ def scope_attention(
     return out
 
 
+PHASES = ("kvtier.ingest", "kvtier.select", "kvtier.gather", "kvtier.attend")  # a chunk's steps, as profiled
+
+
 def _chunk_attention(layer: ReAttentionLayer, rotary: ScopeRotary, query: torch.Tensor, keys: torch.Tensor,
                      values: torch.Tensor, scaling: float | None, flash: FlashKernel | None) -> torch.Tensor:
     """One query chunk [B, Hq, c, D] with its new K/V [B, Hkv, c, D]: ingest, select its spans, attend to
-    `[global | spans | local ending with the chunk]` (with `flash`, else SDPA) -> [B, c, Hq, D]."""
-    layer.ingest(keys, values)
-    rotated_keys, scope_values = layer.gather_scope(layer.select(query), rotary)  # [B, Hkv, L, D]
-    layer.scope_attended(rotated_keys, scope_values, query.shape[2])
-    rotated_queries = dispatch.rotate(rotary, query, rotated_keys.shape[2] - query.shape[2], layer.use_kernels)
-    return _attend(rotated_queries, rotated_keys, scope_values, scaling, flash)
+    `[global | spans | local ending with the chunk]` (with `flash`, else SDPA) -> [B, c, Hq, D]. Under a profiler each
+    step is a labelled range (PHASES: ingest with sealing, selection, gather with rotary, attention)."""
+    ingest, select, gather, attend = (_phase(name) for name in PHASES)
+    with ingest:
+        layer.ingest(keys, values)
+    with select:
+        ids = layer.select(query)
+    with gather:
+        rotated_keys, scope_values = layer.gather_scope(ids, rotary)  # [B, Hkv, L, D]
+        layer.scope_attended(rotated_keys, scope_values, query.shape[2])
+        rotated_queries = dispatch.rotate(rotary, query, rotated_keys.shape[2] - query.shape[2], layer.use_kernels)
+    with attend:
+        return _attend(rotated_queries, rotated_keys, scope_values, scaling, flash)
+
+
+def _phase(name: str):
+    """A profiler range named `name` while a torch profiler runs, else nothing (a range costs a few microseconds)."""
+    return record_function(name) if torch.autograd.profiler._is_profiler_enabled else contextlib.nullcontext()
 
 
 def _attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float | None,

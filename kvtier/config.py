@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 # Chosen by measurement on SmolLM2-135M-Instruct with `kvtier niah` (README, "Why these defaults").
 DEFAULT_POLICY = "consensus"
 # The scope fills this fraction of the trained window: SmolLM2 retrieves better with half its window than with all
@@ -43,7 +45,9 @@ class ReAttentionConfig:
     per_kv_head: bool = False
     allow_exceeding_window: bool = False
     # where sealed spans live (None = no limit / no disk tier); budgets in bytes or strings like "8GiB"
-    gpu_budget: int | str | None = None
+    # gpu_budget may also be a mapping of device -> budget ({"cuda:0": "20GiB", "cuda:1": "30GiB"}) for a model whose
+    # layers device_map spread over several GPUs; a single budget is split by each device's share of the layers
+    gpu_budget: int | str | dict[str, int | str] | None = None
     host_budget: int | str | None = None
     disk_path: str | None = None
     disk_budget: int | str | None = None
@@ -176,12 +180,35 @@ class ReAttentionConfig:
             raise ValueError(f"decode_graphs must be one of {DECODE_GRAPHS}, got {self.decode_graphs!r}")
 
     def budget_bytes(self, name: str) -> int | None:
-        """gpu_budget / host_budget / disk_budget in bytes (None: unlimited)."""
-        return parse_bytes(getattr(self, name), name)
+        """gpu_budget / host_budget / disk_budget in bytes (None: unlimited); a gpu_budget given per device is read
+        with device_budgets instead."""
+        value = getattr(self, name)
+        if isinstance(value, dict):
+            raise ValueError(f"{name} is given per device ({sorted(value)}): read it with device_budgets()")
+        return parse_bytes(value, name)
+
+    def device_budgets(self) -> dict[str, int] | None:
+        """A gpu_budget given per device -> {"cuda:0": bytes, ...} (device names as torch writes them); None when it is a
+        single budget or unset. ValueError naming the entry for a name that is no device or a size that is none."""
+        if not isinstance(self.gpu_budget, dict):
+            return None
+        budgets = {}
+        for name, value in self.gpu_budget.items():
+            try:
+                device = torch.device(name)
+            except (RuntimeError, TypeError):
+                device = None
+            if device is None or device.index is None:
+                raise ValueError(f"gpu_budget names {name!r}, which is no device with an index: write the devices as "
+                                 f"'cuda:0', 'cuda:1', ...")
+            budgets[str(device)] = parse_bytes(value, f"gpu_budget[{name!r}]")
+        return budgets
 
     def _validate_placement(self) -> None:
+        self.device_budgets()
         for name in ("gpu_budget", "host_budget", "disk_budget"):
-            self.budget_bytes(name)
+            if not isinstance(getattr(self, name), dict):
+                self.budget_bytes(name)
         if self.disk_path is not None and (not isinstance(self.disk_path, str) or not self.disk_path):
             raise ValueError(f"disk_path must be a directory path (a string), got {self.disk_path!r}")
         if self.disk_budget is not None and self.disk_path is None:

@@ -386,10 +386,18 @@ class SharedPlacement:
         return self.placements[device]
 
     def config_on(self, device: torch.device) -> ReAttentionConfig:
-        """The config with each byte budget scaled to `device`'s share of the layers."""
+        """The config with each byte budget scaled to `device`'s share of the layers, or its gpu_budget the one given
+        for it (a gpu_budget per device)."""
         share = self.shares.get(device, 1.0)
-        budgets = {name: self.config.budget_bytes(name) for name in ("gpu_budget", "host_budget", "disk_budget")}
+        per_device = self.config.device_budgets()
+        names = ("host_budget", "disk_budget") if per_device else ("gpu_budget", "host_budget", "disk_budget")
+        budgets = {name: self.config.budget_bytes(name) for name in names}
         scaled = {name: max(int(value * share), 1) for name, value in budgets.items() if value is not None}
+        if per_device is not None:
+            if str(device) not in per_device:
+                raise ValueError(f"gpu_budget is given for {sorted(per_device)}, but this model has layers on "
+                                 f"{device}: add its budget")
+            return self.config.replace(**scaled, gpu_budget=per_device[str(device)])
         return self.config if share == 1.0 or not scaled else self.config.replace(**scaled)
 
     def stats(self) -> dict:

@@ -71,7 +71,8 @@ def launches(model, cache, tokens: torch.Tensor, by_name: bool = False, steps: i
     the GPU's busy time in them per step (the sum of their durations, gpu_busy_ms) and the count of each kernel name
     over the steps (by_name, most launched first). Several steps average over steps that differ (a decode that replays a graph between eager
     steps)."""
-    with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with torch.inference_mode(), profile(activities=activities) as prof:
         for _ in range(steps):
             token = step(model, cache, tokens)
             tokens = token if tokens.shape[1] == 1 else tokens  # decode feeds its token back, a chunk is fed again
@@ -88,5 +89,18 @@ def launches(model, cache, tokens: torch.Tensor, by_name: bool = False, steps: i
         for event in events:
             names[event.name[:80]] = names.get(event.name[:80], 0) + 1
         busy_ms = sum(event.time_range.elapsed_us() for event in events) / 1e3 / steps
-        counted.update(gpu_busy_ms=round(busy_ms, 3), by_name=dict(sorted(names.items(), key=lambda item: -item[1])))
+        counted.update(gpu_busy_ms=round(busy_ms, 3), by_name=dict(sorted(names.items(), key=lambda item: -item[1])),
+                       phases=phase_times(prof, steps))
     return counted
+
+
+def phase_times(prof, steps: int) -> dict[str, dict[str, float]]:
+    """The scope attention's labelled steps (kvtier.attention.PHASES) under `prof`, per step: how many ranges (one
+    per query chunk and layer), the host's time in them and the device's time in the kernels they launched, ms."""
+    from kvtier.attention import PHASES
+
+    averages = {entry.key: entry for entry in prof.key_averages() if entry.key in PHASES}
+    return {name: {"ranges": averages[name].count / steps,
+                   "host_ms": round(averages[name].cpu_time_total / 1e3 / steps, 3),
+                   "device_ms": round(getattr(averages[name], "device_time_total", 0.0) / 1e3 / steps, 3)}
+            for name in PHASES if name in averages}

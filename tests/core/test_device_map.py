@@ -26,6 +26,28 @@ def test_each_device_gets_its_share_of_every_budget():
     assert SharedPlacement(unlimited, {torch.device("cuda", 1): 0.5}).config_on(torch.device("cuda", 1)) is unlimited
 
 
+def test_a_gpu_budget_per_device_is_taken_as_given():
+    config = ReAttentionConfig(gpu_budget={"cuda:0": "2GiB", "cuda:1": 3 * GiB}, host_budget="4GiB",
+                               disk_path="/tmp").resolve(2048)
+    shared = SharedPlacement(config, {torch.device("cuda", 0): 0.25, torch.device("cuda", 1): 0.75})
+    first, second = shared.config_on(torch.device("cuda", 0)), shared.config_on(torch.device("cuda", 1))
+    assert (first.gpu_budget, second.gpu_budget) == (2 * GiB, 3 * GiB)  # as given, not split
+    assert (first.budget_bytes("host_budget"), second.budget_bytes("host_budget")) == (GiB, 3 * GiB)  # split
+    with pytest.raises(ValueError, match=r"gpu_budget is given for \['cuda:0', 'cuda:1'\], but this model has layers "
+                                         r"on cuda:2: add its budget"):
+        shared.config_on(torch.device("cuda", 2))
+
+
+@pytest.mark.parametrize("budget, message", [
+    ({"gpu0": "1GiB"}, r"gpu_budget names 'gpu0', which is no device with an index: write the devices as 'cuda:0'"),
+    ({"cuda": "1GiB"}, r"gpu_budget names 'cuda', which is no device with an index"),
+    ({"cuda:0": "lots"}, r"gpu_budget\['cuda:0'\]='lots' is not a size"),
+])
+def test_a_bad_gpu_budget_per_device_names_the_entry(budget, message):
+    with pytest.raises(ValueError, match=message):
+        ReAttentionConfig(gpu_budget=budget).resolve(2048)
+
+
 def test_a_model_on_one_device_has_one_share():
     assert layer_device_shares(tiny_model("llama")) == {torch.device("cpu"): 1.0}
 

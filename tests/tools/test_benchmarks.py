@@ -68,6 +68,12 @@ def test_decode_profile_chunk_profiles_a_prefill_forward(tmp_path):
     result = _run("decode_profile.py", tmp_path, "--chunk", "128", "--steps", "2", "--top", "3")
     assert result["chunk"] == 128 and len(result["rows"]) == 3
     assert all(row["ms_median"] > 0 for row in result["rows"])
+    stock, *kvtier = result["rows"]
+    assert stock["launches"]["phases"] == {}  # no scope attention
+    for row in kvtier:  # each step of the scope attention, per query chunk and layer: 128 queries in chunks of 64
+        phases = row["launches"]["phases"]
+        assert list(phases) == ["kvtier.ingest", "kvtier.select", "kvtier.gather", "kvtier.attend"]
+        assert all(spent["ranges"] >= 2 * 2 and spent["host_ms"] > 0 for spent in phases.values())
 
 
 @pytest.mark.parametrize("script", ["decode_profile.py", "kernels.py", "selection_ranks.py", "spill.py", "tiers.py"])
