@@ -99,7 +99,7 @@ class DecodeGraphs:
         graph = torch.cuda.CUDAGraph()
         reserved = torch.cuda.memory_reserved(self.input_ids.device)
         try:
-            with torch.cuda.graph(graph):
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # other threads may run forwards
                 self.output = self._static_forward(forward, step)
         except RuntimeError as error:
             warnings.warn(f"kvtier: capturing the decode step in a CUDA graph failed ({error}); this cache decodes "
