@@ -24,7 +24,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .scoring import _interpreting, _operand, triton_device
+from .scoring import _interpreting, _operand, require_same_device
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 BLOCK_K = 64  # keys per tl.dot
@@ -202,11 +202,7 @@ def _validate(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, len
                          f"and {values.dtype}")
     if length.shape != (1,) or length.dtype != torch.long:
         raise ValueError(f"length must be a [1] int64 tensor, got {tuple(length.shape)} {length.dtype}")
-    if not keys.device == values.device == length.device == query.device:
-        raise ValueError(f"query on {query.device}, keys on {keys.device}, values on {values.device}, "
-                         f"length on {length.device}")
-    if need_triton_device and not triton_device(query):
-        raise ValueError(f"the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1), got {query.device}")
+    require_same_device({"query": query, "keys": keys, "values": values, "length": length}, need_triton_device)
     if query.stride(3) != 1 or keys.stride(3) != 1 or values.stride(3) != 1:
         raise ValueError(f"query, keys and values need unit stride along head_dim, got strides {query.stride()}, "
                          f"{keys.stride()} and {values.stride()}")

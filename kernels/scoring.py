@@ -338,6 +338,16 @@ def triton_device(tensor: torch.Tensor) -> bool:
     return tensor.is_cuda or _interpreting()
 
 
+def require_same_device(tensors: dict[str, torch.Tensor], need_triton_device: bool) -> None:
+    """ValueError unless the named tensors share one device, and (need_triton_device) one Triton can take."""
+    (first, tensor), *others = tensors.items()
+    for name, other in others:
+        if other.device != tensor.device:
+            raise ValueError(f"{first} on {tensor.device} but {name} on {other.device}")
+    if need_triton_device and not triton_device(tensor):
+        raise ValueError(f"the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1), got {tensor.device}")
+
+
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -365,10 +375,7 @@ def _validate(queries, summaries, kind, aggregation, votes, out, need_triton_dev
     if queries.dtype not in DTYPES or summaries.dtype != queries.dtype:
         raise ValueError(f"queries and summaries must share one dtype of {DTYPES}, "
                          f"got {queries.dtype} and {summaries.dtype}")
-    if summaries.device != queries.device:
-        raise ValueError(f"queries on {queries.device} but summaries on {summaries.device}")
-    if need_triton_device and not triton_device(queries):
-        raise ValueError(f"the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1), got {queries.device}")
+    require_same_device({"queries": queries, "summaries": summaries}, need_triton_device)
     if queries.stride(3) != 1:
         raise ValueError(f"queries need unit stride along head_dim, got strides {queries.stride()}")
     if summaries.stride(4) != 1 or (c > 1 and summaries.stride(3) != dim):

@@ -20,7 +20,7 @@ import triton.language as tl
 
 from kvtier.policies import best_spans
 
-from .scoring import span_bucket, triton_device
+from .scoring import require_same_device, span_bucket
 
 MERGES = (None, "sum", "max")
 BLOCK = 2048  # spans per _block_keys_kernel program (at least K_PAD)
@@ -183,8 +183,7 @@ def _validate(primary, secondary, k, merge_heads, out, need_triton_device=True) 
     if secondary.shape != primary.shape or secondary.device != primary.device:
         raise ValueError(f"primary {tuple(primary.shape)} on {primary.device} and secondary {tuple(secondary.shape)} "
                          f"on {secondary.device} must match")
-    if need_triton_device and not triton_device(primary):
-        raise ValueError(f"the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1), got {primary.device}")
+    require_same_device({"primary": primary}, need_triton_device)
     if out is not None:
         batch, heads, n_spans = primary.shape
         shape = (batch, heads if merge_heads is None else 1, min(k, n_spans))

@@ -24,7 +24,7 @@ import triton.language as tl
 
 from kvtier.policies import ConsensusPolicy
 
-from .scoring import _dot_t, _interpreting, _operand, span_bucket, triton_device
+from .scoring import _dot_t, _interpreting, _operand, require_same_device, span_bucket
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 SCORE_TILE = 8192  # fp32 scores one tl.dot produces (rows x keys): its accumulator, in registers
@@ -156,10 +156,7 @@ def _validate(queries: torch.Tensor, keys: torch.Tensor, need_triton_device: boo
     if keys.dtype not in DTYPES or queries.dtype not in (keys.dtype, torch.float32):
         raise ValueError(f"keys must be one dtype of {DTYPES} and queries that dtype or float32, "
                          f"got {queries.dtype} and {keys.dtype}")
-    if keys.device != queries.device:
-        raise ValueError(f"queries on {queries.device} but keys on {keys.device}")
-    if need_triton_device and not triton_device(queries):
-        raise ValueError(f"the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1), got {queries.device}")
+    require_same_device({"queries": queries, "keys": keys}, need_triton_device)
     if queries.stride(4) != 1 or keys.stride(4) != 1:
         raise ValueError(f"queries and keys need unit stride along head_dim, got strides {queries.stride()} and "
                          f"{keys.stride()}")

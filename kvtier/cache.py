@@ -205,7 +205,7 @@ class ReAttentionCache(hf.HostedCache):
     def attend(self, layer_idx: int, query: torch.Tensor, scaling: float | None) -> torch.Tensor:
         """query [B, Hq, q, D] pre-RoPE -> attention output [B, q, Hq, D] over the layer's scope, with the layer's
         device current (Triton launches its kernels on the current device; device_map puts layers on several)."""
-        if query.is_cuda:
+        if query.is_cuda and len(self._placement.shares) > 1:
             with torch.cuda.device(query.device):
                 return self._attend(layer_idx, query, scaling)
         return self._attend(layer_idx, query, scaling)
