@@ -1,5 +1,6 @@
 """Where a decode step's time goes: stock DynamicCache against ReAttentionCache (Triton kernels and PyTorch
-references) at one context, on the Llama-3.1-8B shape with random weights (or a tiny Llama with --quick).
+references) at one context, on the Llama-3.1-8B shape with random weights, on SmolLM2-135M-Instruct (--model smollm2) or
+on a tiny Llama (--quick).
 
 Prints, per configuration: ms per step (median of --steps after a warm-up of one span cycle), GPU kernels and
 copies launched per step and the time the GPU spent in them (CUDA profiler: a step far longer than its GPU time is
@@ -34,7 +35,7 @@ from kvtier.tools.args import byte_budget, format_bytes, length, positive
 from kvtier.tools.longctx import fill, record_kv
 from kvtier.tools.measure import decode, launches, prefill, step, sync
 from kvtier.tools.memory import release_memory
-from kvtier.tools.model import random_llama
+from kvtier.tools.model import load_smollm2, random_llama
 from kvtier.tools.output import default_out, print_report, unwind_on_sigterm, write_json
 from kvtier.tools.plots import bar_chart
 
@@ -94,6 +95,9 @@ def profile_config(name: str, model, make_cache, prepare, args, layers: int) -> 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--context", type=length, default=None, help="context tokens (default 8k; --quick 2k)")
+    parser.add_argument("--model", choices=("llama8b", "smollm2"), default="llama8b",
+                        help="llama8b: the Llama-3.1-8B shape, random weights; smollm2: SmolLM2-135M-Instruct (default "
+                             "llama8b; --quick: a tiny random Llama)")
     parser.add_argument("--config", type=Path, default=None, help="a ReAttentionConfig .yaml/.json for kvtier")
     parser.add_argument("--steps", type=positive, default=None, help="timed steps (default 32; --quick 4)")
     parser.add_argument("--chunk", type=length, default=1,
@@ -120,7 +124,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--disk-path and --host-budget add a configuration to --gpu-budget's: give --gpu-budget too")
     device = "cuda" if torch.cuda.is_available() and not args.quick else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    model = random_llama("tiny" if args.quick else "llama8b", device, dtype)
+    if args.model == "smollm2" and not args.quick:
+        model, _ = load_smollm2(dtype=dtype, device=device)
+    else:
+        model = random_llama("tiny" if args.quick else args.model, device, dtype)
     layers = model.config.num_hidden_layers
     context = args.context or (2048 if args.quick else 8192)
     args.steps = args.steps or (4 if args.quick else 32)

@@ -19,13 +19,17 @@ given run at once, each in its own process, and the script waits for all of them
   ablate     consensus at 16K with one option changed: no neighbours, window 16, window 256
   long-quest quest at 256K (11 depths x 1 key), the baseline of `long`
   filler     quest and consensus on the filler passkey at 16K, 64K and 256K (5 depths)
+  long-keys2 consensus at 256K (11 depths x 2 keys)
+  multikey   RULER multikey (one of four keys asked), 11 depths x 2 keys: stock at 4K and consensus at 16K
+  default    consensus (the default) at 16K and 64K
+  chunksize  consensus at 16K and 64K with query chunks of 1024 and 2016 tokens (the default: 512)
   speed      kvtier bench on SmolLM2 at 32K and 128K: stock, quest and consensus prefill tokens/s, decode ms/token
 Every kvtier stage caps its GPU span pool at 12 GiB (configs/niah-gpu12.yaml; the rest goes to pinned host memory),
 so stages running side by side never fail to grow a pool.
 environment: NATURAL_LIMIT seconds per stage (default 560). An unknown stage runs nothing and exits 2.
 USAGE
 }
-known=" 16k 64k 64k-paper topk long stock tasks ablate long-quest filler speed "
+known=" 16k 64k 64k-paper topk long stock tasks ablate long-quest filler speed chunksize default long-keys2 multikey "
 here=$(cd "$(dirname "$0")" && pwd)
 source "$here/stages.sh"
 depths=0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1
@@ -64,6 +68,15 @@ for stage in "$@"; do
                     --batch 5 $gpu12 & ;;
         speed) (bench speed-consensus --contexts 32k,128k --methods stock,kvtier
                 bench speed-quest --contexts 32k,128k --methods kvtier --config "$here/configs/policy-quest.yaml") & ;;
+        long-keys2) run long-keys2 --lengths 256k --depths $depths --keys 2 --policy consensus --batch 4 $gpu12 & ;;
+        multikey) run multikey-stock --lengths 4k --depths $depths --keys 2 --task multikey --policy stock --batch 11 &
+                  run multikey-consensus --lengths 16k --depths $depths --keys 2 --task multikey --policy consensus \
+                      --batch 11 $gpu12 & ;;
+        default) run default --lengths 16k,64k --depths $depths --keys 2 --policy consensus --batch 11 $gpu12 & ;;
+        chunksize) for size in 1024 2016; do
+                       run "chunk-$size" --lengths 16k,64k --depths $depths --keys 2 --policy consensus --chunk-size "$size" \
+                           --batch 11 $gpu12 &
+                   done ;;
         stock) run stock --lengths 4k --depths $depths --keys 2 --policy stock --batch 11 & ;;
     esac
 done

@@ -91,6 +91,7 @@ class Recorder:
         self.queries: list[list[torch.Tensor]] = [[] for _ in cache.layers]  # per layer, chunks [Hq, c, D] float32
         self.asking = False
         for layer in cache.layers:
+            layer.batches_forwards = False  # each query chunk through ingest and select
             layer.ingest = self._keeping_keys(layer.index, layer.ingest)
             layer.select = self._keeping_queries(layer.index, layer.select)
 

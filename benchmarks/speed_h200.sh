@@ -8,11 +8,15 @@ usage() {
 usage: bash benchmarks/speed_h200.sh OUT_DIR STAGE...
   tests    pytest -m gpu on the static decode and its graphs, and on consensus' window scoring kernel
   kernels  benchmarks/kernels.py: the Triton kernels against their references at the 8B shape, 1M tokens
-  prefill  kvtier bench --model smollm2 at 32K and 128K, real prefills: stock, consensus (the default), quest
+  prefill  kvtier bench --model smollm2 at 32K and 128K, real prefills: stock and consensus (the default)
+  prefill-quest the same with quest
+  prefill8b kvtier bench --model llama8b at 128K, real prefills, the paper's 8K scope with consensus: stock and kvtier
   smollm2  kvtier bench --model smollm2 at 32K and 1M (kvtier filled, stock prefilled): stock, kvtier with graphs, eager
   llama8b  kvtier bench --model llama8b at 8K and 128K (filled), the paper's 8K scope with consensus: graphs vs eager
   long8b   kvtier bench --model llama8b at 1M (filled), kvtier-host (a 40 GiB span pool, the rest pinned), graphs
   profile  benchmarks/decode_profile.py at 8K on the 8B shape with consensus: where a (replayed) decode step's time goes
+  chunksize kvtier bench --model smollm2 at 32K and 128K, real prefills, consensus with query chunks of 1024 and 2016
+  chunks-smollm2 benchmarks/decode_profile.py --model smollm2 --chunk 8k at 32K, query chunks of 512 and 2016
   syncs    benchmarks/sync_points.py: where SmolLM2's prefill and decode make the host wait for the GPU
   chunks   benchmarks/decode_profile.py --chunk 8k at 128K on the 8B shape with consensus: a prefill forward's time
            per query chunk and layer, by step of the scope attention (ingest, select, gather, attend)
@@ -20,7 +24,7 @@ environment: SPEED_LIMIT seconds per stage (default 280), SPEED_STEPS decode ste
 An unknown stage runs nothing and exits 2.
 USAGE
 }
-known=" tests kernels prefill smollm2 llama8b long8b profile syncs chunks "
+known=" tests kernels prefill prefill-quest prefill8b chunksize smollm2 llama8b long8b profile syncs chunks chunks-smollm2 "
 here=$(cd "$(dirname "$0")" && pwd)
 source "$here/stages.sh"
 mkdir -p "$out"
@@ -39,16 +43,34 @@ for stage in "$@"; do
             # the tests run beside the installed kvtier (a checkout's kvtier/ would shadow its kvtier.kernels)
             rm -rf /tmp/kvtier-tests && mkdir -p /tmp/kvtier-tests && cp -r "$here/../tests" /tmp/kvtier-tests/
             (cd /tmp/kvtier-tests && timeout "${SPEED_LIMIT:-280}" python3 -m pytest -q -p no:cacheprovider -m gpu \
-                tests/core/test_fast_decode.py tests/kernels/test_window_mass.py tests/kernels/test_decode_attention.py \
+                tests/core/test_fast_decode.py tests/core/test_prefill.py tests/kernels/test_window_mass.py tests/kernels/test_decode_attention.py \
                 > "$out/tests.log" 2>&1)
             echo "== tests: exit $?"; tail -n 5 "$out/tests.log" ;;
         kernels)
             timeout "${SPEED_LIMIT:-280}" python3 "$here/kernels.py" --out "$out/kernels" > "$out/kernels.log" 2>&1
             echo "== kernels: exit $?"; tail -n 40 "$out/kernels.log" ;;
         prefill)
-            bench prefill-consensus --model smollm2 --contexts 32k,128k --methods stock,kvtier
+            bench prefill-consensus --model smollm2 --contexts 32k,128k --methods stock,kvtier ;;
+        prefill-quest)
             bench prefill-quest --model smollm2 --contexts 32k,128k --methods kvtier \
                 --config "$here/configs/policy-quest.yaml" ;;
+        prefill8b)
+            bench prefill8b --model llama8b --contexts 128k --methods stock,kvtier \
+                --config "$here/configs/scope-8k-consensus.yaml" ;;
+        chunksize)
+            for size in 1024 2016; do
+                bench "prefill-chunk$size" --model smollm2 --contexts 32k,128k --methods kvtier \
+                    --config "$here/configs/chunk-$size.yaml"
+            done ;;
+        chunks-smollm2)
+            for size in 512 2016; do
+                config=()
+                [ "$size" = 512 ] || config=(--config "$here/configs/chunk-$size.yaml")
+                timeout "${SPEED_LIMIT:-280}" python3 "$here/decode_profile.py" --model smollm2 --context 32k \
+                    --chunk 8k --steps 2 "${config[@]}" --out "$out/chunks-smollm2-$size" \
+                    > "$out/chunks-smollm2-$size.log" 2>&1
+                echo "== chunks-smollm2 $size: exit $?"; grep -E "^===|kvtier\.|^\|" "$out/chunks-smollm2-$size.log" | tail -n 20
+            done ;;
         long8b)
             bench long8b-graphs --model llama8b --contexts 1m --prefill fill --methods kvtier-host \
                 --config "$here/configs/scope-8k-consensus.yaml" --gpu-budget 40GiB ;;

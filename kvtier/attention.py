@@ -12,6 +12,7 @@ from torch.profiler import record_function
 from kvtier import dispatch
 from kvtier.flash import FlashKernel, choose_flash
 from kvtier.layer import ReAttentionLayer
+from kvtier.prefill import chunk_bounds
 from kvtier.rotary import ScopeRotary
 
 BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
@@ -22,23 +23,35 @@ def scope_attention(
 ) -> torch.Tensor:
     """query [B, Hq, q, D] pre-RoPE, the layer holding this forward's q new K/V -> output [B, q, Hq, D].
 
-    The queries go in chunks of `chunk_size`, cut where the tokens held reach a multiple of it (so a prompt fed in
-    pieces of a multiple of chunk_size is chunked as when fed whole; a piece's end cuts too); each chunk seals what left the local window, selects its own
-    spans and attends to `[global | spans | local ending with the chunk]` at positions 0..L-1, its queries at L-c..L-1.
+    The queries go in chunks of `chunk_size` (kvtier.prefill.chunk_bounds); each chunk seals what left the local
+    window, selects its own spans and attends to `[global | spans | local ending with the chunk]` at positions
+    0..L-1, its queries at L-c..L-1. Once the global region is full, a forward of several chunks is taken in and
+    sealed at once and its chunks' spans selected together (kvtier.prefill: the same scopes, fewer launches); only
+    the gather and the attention run chunk by chunk.
     The attention backend is chosen first, so a backend that cannot run raises before the layer takes anything in.
     """
     batch, q_heads, n_queries, head_dim = query.shape
     flash = choose_flash(layer.config.attention_backend, query.device, query.dtype, head_dim, n_queries == 1)
     keys, values = layer.take_pending()  # [B, Hkv, q, D]
-    chunk = layer.config.chunk_size
-    first = chunk - (layer.seen - n_queries) % chunk  # queries up to the next multiple of chunk_size held
-    if n_queries <= first:  # decode steps and short prompts: one chunk, no output buffer to fill
+    bounds = chunk_bounds(layer.seen, n_queries, layer.config.chunk_size)
+    if len(bounds) == 1:  # decode steps and short prompts: one chunk, no output buffer to fill
         return _chunk_attention(layer, rotary, query, keys, values, scaling, flash)
     out = query.new_empty(batch, n_queries, q_heads, head_dim)  # [B, q, Hq, D], the layout the model reshapes
-    for start in (0, *range(first, n_queries, chunk)):
-        end = min(start + chunk if start else first, n_queries)
-        chunk_kv = keys[:, :, start:end], values[:, :, start:end]
-        out[:, start:end] = _chunk_attention(layer, rotary, query[:, :, start:end], *chunk_kv, scaling, flash)
+    plan = layer.plan_forward(bounds)
+    if plan is None:
+        for start, end in bounds:
+            chunk_kv = keys[:, :, start:end], values[:, :, start:end]
+            out[:, start:end] = _chunk_attention(layer, rotary, query[:, :, start:end], *chunk_kv, scaling, flash)
+        return out
+    chunks, sealed = plan
+    with _phase(PHASES[0]):
+        stream = layer.ingest_forward(keys, values, sealed)
+    with _phase(PHASES[1]):
+        chosen = layer.select_chunks(query, chunks)
+    for chunk, ids in zip(chunks, chosen):
+        local = stream[0][:, :, chunk.local], stream[1][:, :, chunk.local]
+        out[:, chunk.start : chunk.end] = _scope_attention(layer, rotary, query[:, :, chunk.start : chunk.end], ids,
+                                                           scaling, flash, local)
     return out
 
 
@@ -50,16 +63,23 @@ def _chunk_attention(layer: ReAttentionLayer, rotary: ScopeRotary, query: torch.
     """One query chunk [B, Hq, c, D] with its new K/V [B, Hkv, c, D]: ingest, select its spans, attend to
     `[global | spans | local ending with the chunk]` (with `flash`, else SDPA) -> [B, c, Hq, D]. Under a profiler each
     step is a labelled range (PHASES: ingest with sealing, selection, gather with rotary, attention)."""
-    ingest, select, gather, attend = (_phase(name) for name in PHASES)
-    with ingest:
+    with _phase(PHASES[0]):
         layer.ingest(keys, values)
-    with select:
+    with _phase(PHASES[1]):
         ids = layer.select(query)
-    with gather:
-        rotated_keys, scope_values = layer.gather_scope(ids, rotary)  # [B, Hkv, L, D]
+    return _scope_attention(layer, rotary, query, ids, scaling, flash)
+
+
+def _scope_attention(layer: ReAttentionLayer, rotary: ScopeRotary, query: torch.Tensor, ids: torch.Tensor,
+                     scaling: float | None, flash: FlashKernel | None,
+                     local: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """A chunk's queries [B, Hq, c, D] attend to `[global | spans ids [B, Hkv, k] | local window]` (`local`: its keys
+    and values when not the layer's own) -> [B, c, Hq, D]."""
+    with _phase(PHASES[2]):
+        rotated_keys, scope_values = layer.gather_scope(ids, rotary, local)  # [B, Hkv, L, D]
         layer.scope_attended(rotated_keys, scope_values, query.shape[2])
         rotated_queries = dispatch.rotate(rotary, query, rotated_keys.shape[2] - query.shape[2], layer.use_kernels)
-    with attend:
+    with _phase(PHASES[3]):
         return _attend(rotated_queries, rotated_keys, scope_values, scaling, flash)
 
 

@@ -13,6 +13,7 @@ from kvtier.buffers import upload
 from kvtier.config import ReAttentionConfig
 from kvtier.fast_decode import FastScope, fast_attention
 from kvtier.policies import Policy
+from kvtier.prefill import QueryChunk, plan_chunks
 from kvtier.regions import GlobalRegion, LocalWindow, SpanTable
 from kvtier.rotary import ScopeRotary
 from kvtier.tiers.placement import Placement
@@ -75,6 +76,9 @@ class ReAttentionLayer(GrowingLayer):
         self.largest_scope = 0
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
         self.keeps_fast_scope = False  # set by a cache that decodes statically (kvtier.graphs)
+        # a forward of several query chunks is taken in at once (kvtier.prefill); False: chunk by chunk, each chunk's
+        # selection through `select` with the layer as it stands at that chunk (kvtier.tools.diagnose wraps it)
+        self.batches_forwards = True
         self.fast: FastScope | None = None  # the last decode step's scope, kept for the next static step
 
     # ---- transformers' layer protocol ---------------------------------------------------------------------------
@@ -122,9 +126,9 @@ class ReAttentionLayer(GrowingLayer):
 
     def reset(self) -> None:
         self.policy.reset(self.index)
-        keeps_fast_scope = self.keeps_fast_scope
+        keeps_fast_scope, batches_forwards = self.keeps_fast_scope, self.batches_forwards
         self.__init__(self.config, self.policy, self.placement_source, self.index)
-        self.keeps_fast_scope = keeps_fast_scope
+        self.keeps_fast_scope, self.batches_forwards = keeps_fast_scope, batches_forwards
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Beam search's step: row i continues old row beam_idx[i] [B] (see keep_rows)."""
@@ -215,9 +219,13 @@ class ReAttentionLayer(GrowingLayer):
             self._seal(-(-excess // self.config.span_size))
 
     def _seal(self, count: int) -> None:
+        self._seal_tokens(*self.local.pop_front(count * self.config.span_size))
+
+    def _seal_tokens(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Seal keys / values [B, Hkv, count*S, D], the oldest tokens after the last sealed span, as count spans."""
         span = self.config.span_size
         batch, kv_heads, head_dim = self.batch, self.kv_heads, self.head_dim
-        keys, values = self.local.pop_front(count * span)  # [B, Hkv, count*S, D]
+        count = keys.shape[2] // span
         keys = keys.reshape(batch, kv_heads, count, span, head_dim).transpose(1, 2)  # [B, count, Hkv, S, D]
         values = values.reshape(batch, kv_heads, count, span, head_dim).transpose(1, 2)
         spans = torch.stack((keys, values), dim=2).flatten(0, 1)  # [B*count, 2, Hkv, S, D], span-major
@@ -225,6 +233,39 @@ class ReAttentionLayer(GrowingLayer):
         summaries = summaries.view(batch, count, *summaries.shape[1:]).transpose(1, 2)  # [B, Hkv, count, c, D]
         uids = torch.from_numpy(self.placement.add(spans)).view(batch, count)
         self.table.append(uids, summaries)
+
+    def plan_forward(self, bounds: list[tuple[int, int]]) -> tuple[list[QueryChunk], int] | None:
+        """The query chunks at `bounds` of this forward (kvtier.prefill.plan_chunks) with the stream tokens they seal,
+        or None: chunk by chunk (while the global region is not full, its first tokens go there; or not
+        batches_forwards)."""
+        if not self.batches_forwards or self.global_region.length < self.config.global_size or len(bounds) < 2:
+            return None
+        cfg = self.config
+        return plan_chunks(bounds, self.local.length, len(self.table), self.global_region.length, cfg.local_size,
+                           cfg.span_size)
+
+    def ingest_forward(self, keys: torch.Tensor, values: torch.Tensor,
+                       sealed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Take a whole forward's K/V [B, Hkv, q, D] in at once (the global region full): seal the first `sealed`
+        tokens of the stream `[local window | keys]` as spans and keep the rest as the local window -> the stream
+        (keys, values [B, Hkv, local + q, D]) that plan_forward's chunks cut their local windows from."""
+        old_keys, old_values = self.local.view()
+        stream = torch.cat((old_keys, keys), 2), torch.cat((old_values, values), 2)  # [B, Hkv, local + q, D]
+        cfg = self.config
+        # a bounded GPU pool takes at most one chunk's spans per add (as chunk by chunk), an unbounded one all at once
+        step = sealed if self.placement.gpu.capacity is None else -(-cfg.chunk_size // cfg.span_size) * cfg.span_size
+        for start in range(0, sealed, max(step, 1)):
+            end = min(start + step, sealed)
+            self._seal_tokens(stream[0][:, :, start:end], stream[1][:, :, start:end])
+        self.local.replace(stream[0][:, :, sealed:], stream[1][:, :, sealed:])
+        return stream
+
+    def select_chunks(self, queries: torch.Tensor, chunks: list[QueryChunk]) -> list[torch.Tensor]:
+        """queries [B, Hq, q, D] pre-RoPE of a forward ingested whole -> each chunk's span ids [B, Hkv, k] ascending,
+        chosen among the spans sealed before it, as `select` would have chosen them chunk by chunk."""
+        chosen = dispatch.select_chunks(self.policy, queries, self.table.summaries.view(), chunks, self.config,
+                                        self.use_kernels, self.index)
+        return [ids.expand(-1, self.kv_heads, -1) for ids in chosen]
 
     def select(self, queries: torch.Tensor) -> torch.Tensor:
         """queries [B, Hq, c, D] pre-RoPE -> span ids [B, Hkv, k] ascending (the same ids for every head unless
@@ -237,11 +278,13 @@ class ReAttentionLayer(GrowingLayer):
         """Tokens taken in so far, up to the end of the query chunk being attended (the same for every layer)."""
         return self.global_region.length + len(self.table) * self.config.span_size + self.local.length
 
-    def gather_scope(self, ids: torch.Tensor, rotary: ScopeRotary) -> tuple[torch.Tensor, torch.Tensor]:
+    def gather_scope(self, ids: torch.Tensor, rotary: ScopeRotary,
+                     local_kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """ids [B, Hkv, k] -> scope keys (rotated at positions 0..L-1), values [B, Hkv, L, D] in original token
-        order: `[global | selected spans | local window]`, L = g + k*S + local."""
+        order: `[global | selected spans | local window]`, L = g + k*S + local. `local_kv`: the local window's
+        keys / values [B, Hkv, local, D] when not the layer's own (a chunk of a forward ingested whole)."""
         batch, kv_heads, head_dim = self.batch, self.kv_heads, self.head_dim
-        global_kv, local_kv = self.global_region.view(), self.local.view()
+        global_kv, local_kv = self.global_region.view(), local_kv or self.local.view()
         n_global, n_local, n_sel = global_kv[0].shape[2], local_kv[0].shape[2], ids.shape[-1] * self.config.span_size
         length = n_global + n_sel + n_local
         self.largest_scope = max(self.largest_scope, length)

@@ -59,6 +59,13 @@ class LocalWindow:
         self.values[:, :, end : end + count] = values
         self.length += count
 
+    def replace(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Hold exactly keys / values [B, Hkv, n, D] (n <= the window), copied to the buffer's start."""
+        count = keys.shape[2]
+        self.keys[:, :, :count] = keys
+        self.values[:, :, :count] = values
+        self.start, self.length = 0, count
+
     def pop_front(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Remove the `count` oldest tokens; returns views [B, Hkv, count, D], valid until the next append."""
         keys = self.keys[:, :, self.start : self.start + count]

@@ -118,6 +118,14 @@ class Policy:
         across layers or steps (`consensus`) overrides this; the others select from the queries alone."""
         return self.select(queries, summaries, top_k, per_kv_head)
 
+    def select_chunks(self, queries: torch.Tensor, summaries: torch.Tensor, chunks: list, top_k: int,
+                      per_kv_head: bool, *, layer: int) -> list[torch.Tensor] | None:
+        """Every query chunk's selection of one forward in one pass, where a policy can do that faster than chunk by
+        chunk: queries [B, Hq, q, D] pre-RoPE, summaries [B, Hkv, n, c, D] of all spans sealed by the forward's end,
+        chunks (kvtier.prefill.QueryChunk) -> each chunk's select_at result, chosen among its first `chunk.spans` spans
+        at its `chunk.tokens`; or None: select chunk by chunk (the default)."""
+        return None
+
     def reset(self, layer: int) -> None:
         """Forget what earlier calls left behind for `layer` (it was reset); stateless policies have nothing to forget."""
 

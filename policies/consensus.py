@@ -14,16 +14,21 @@ So a decode runs eagerly only where it seals anyway, and statically in between (
 model's device."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from kvtier.buffers import buffer, gather_rows
+from kvtier.buffers import buffer, gather_rows, upload
+from kvtier.prefill import QueryChunk
 
 from .base import best_spans
 from .reattention import ReAttentionPolicy
+
+
+_MASS_BLOCK_BYTES = 2**29  # select_chunks scores chunks in blocks whose fp32 scores stay within this
 
 
 @dataclass
@@ -176,21 +181,79 @@ class ConsensusPolicy(ReAttentionPolicy):
         state.selected, state.steps, state.spans = best_spans(score, votes, k), 0, n_spans
         return state.selected
 
+    def select_chunks(self, queries: torch.Tensor, summaries: torch.Tensor, chunks: list[QueryChunk], top_k: int,
+                      per_kv_head: bool, *, layer: int) -> list[torch.Tensor] | None:
+        """select_at's choice for every chunk of a forward in one pass (the same windows, votes and ranking; the mass
+        of spans sealed after a chunk masked out of its softmax), once the window is full and every chunk has top_k
+        spans to choose from; None before (chunk by chunk)."""
+        state = self._layers.get(layer)
+        grouped_heads = queries.shape[1] % summaries.shape[1] == 0
+        if state is None or state.filled < self.window or chunks[0].spans < max(top_k, 1) or not grouped_heads:
+            return None
+        n_spans = chunks[-1].spans
+        windows, next_slot = self._chunk_windows(state, queries, chunks)  # [B, Hq, m, window, D]
+        state.ring.copy_(windows[:, :, -1])  # the ring as the last chunk leaves it, slot for slot
+        state.next = next_slot
+        spans = torch.tensor([chunk.spans for chunk in chunks])
+        beyond = upload(torch.arange(n_spans)[None, :] >= spans[:, None], queries.device)  # [m, n] sealed later
+        mass = torch.cat([self.chunks_mass(windows[:, :, block], summaries[:, :, :n_spans], per_kv_head,
+                                           beyond[block])
+                          for block in self._chunk_blocks(windows.shape, n_spans)], dim=2)  # [B, Hsel, m, n]
+        key = chunks[-1].tokens
+        if layer == 0:  # a forward's vote begins (a forward selects either chunk by chunk or all at once)
+            self._votes = {}
+        votes = self._votes[key][1].to(mass.device) + mass if key in self._votes else mass
+        self._votes[key] = (layer, votes)
+        score = votes
+        if self.neighbours:
+            score = F.max_pool1d(votes.flatten(0, 1), 3, 1, 1).view_as(votes) + 1e-3 * votes
+        chosen = best_spans(score.masked_fill(beyond, -torch.inf), votes.masked_fill(beyond, -torch.inf), top_k)
+        state.selected, state.steps, state.spans = chosen[:, :, -1], 0, n_spans  # [B, Hsel, m, k] -> the last's
+        return list(chosen.unbind(2))
+
+    def _chunk_windows(self, state: _LayerState, queries: torch.Tensor,
+                       chunks: list[QueryChunk]) -> tuple[torch.Tensor, int]:
+        """Each chunk's observation window as the full ring holds it after `remember` of the chunk's queries, slot
+        for slot (so its sums run in the order chunk by chunk runs them), read from `[the window held before the
+        forward, oldest first | queries [B, Hq, q, D]]` -> ([B, Hq, m, window, D], the ring's next slot after the
+        last chunk)."""
+        bounds = tuple((chunk.start, chunk.end) for chunk in chunks)
+        index, next_slot = _ring_windows(self.window, state.next, bounds, queries.device)
+        stream = torch.cat((state.oldest_first(), queries), dim=2)  # [B, Hq, window + q, D]
+        windows = stream.index_select(2, index)  # [B, Hq, m * window, D]
+        return windows.unflatten(2, (len(chunks), self.window)), next_slot
+
+    def _chunk_blocks(self, shape: torch.Size, n_spans: int) -> list[slice]:
+        """Chunks scored at once: their [B, Hq, chunks, window, n] fp32 scores within _MASS_BLOCK_BYTES."""
+        batch, q_heads, m, w, _ = shape
+        step = max(1, _MASS_BLOCK_BYTES // max(batch * q_heads * w * n_spans * 4, 1))
+        return [slice(start, start + step) for start in range(0, m, step)]
+
     def window_mass(self, window: torch.Tensor, summaries: torch.Tensor, per_kv_head: bool) -> torch.Tensor:
         """window [B, Hq, w, D] pre-RoPE queries, summaries (the keys) [B, Hkv, n, S, D] -> each span's attention mass
-        [B, Hsel, n] fp32: the window's queries centred (w > 1), each (query, head) spread over the spans by a
-        softmax of the span's best key score at scale 1/sqrt(D), summed over queries and heads. On a GPU the dot
+        [B, Hsel, n] fp32 (chunks_mass of one window)."""
+        return self.chunks_mass(window[:, :, None], summaries, per_kv_head)[:, :, 0]
+
+    def chunks_mass(self, windows: torch.Tensor, summaries: torch.Tensor, per_kv_head: bool,
+                    beyond: torch.Tensor | None = None) -> torch.Tensor:
+        """windows [B, Hq, m, w, D] pre-RoPE queries (one window per chunk), summaries (the keys) [B, Hkv, n, S, D]
+        -> each span's attention mass per window [B, Hsel, m, n] fp32: each window's queries centred (w > 1), each
+        (query, head) spread over the spans by a softmax of the span's best key score at scale 1/sqrt(D), summed over
+        queries and heads; `beyond` [m, n] bool: spans left out of a window's softmax (mass 0). On a GPU the dot
         products run in the keys' dtype (fp32 accumulation), elsewhere in fp32; the best scores come from
         `span_scores_kernel` where dispatch set it, else from span_best_scores."""
-        batch, q_heads, w, dim = window.shape
-        kv_heads = summaries.shape[1]
-        queries = window.float()
+        batch, q_heads, m, w, dim = windows.shape
+        kv_heads, n_spans = summaries.shape[1], summaries.shape[2]
+        queries = windows.float()
         if w > 1:
-            queries = queries - queries.mean(2, keepdim=True)
+            queries = queries - queries.mean(3, keepdim=True)
         dtype = summaries.dtype if summaries.is_cuda else torch.float32
-        grouped = queries.to(dtype).view(batch, kv_heads, q_heads // kv_heads, w, dim)  # [B, Hkv, g, w, D]
-        best = (self.span_scores_kernel or self.span_best_scores)(grouped, summaries)  # [B, Hkv, g, w, n] fp32
-        mass = torch.softmax(best * dim ** -0.5, dim=-1).sum((2, 3))  # [B, Hkv, n]
+        grouped = queries.to(dtype).view(batch, kv_heads, q_heads // kv_heads, m * w, dim)  # [B, Hkv, g, m*w, D]
+        best = (self.span_scores_kernel or self.span_best_scores)(grouped, summaries)  # [B, Hkv, g, m*w, n] fp32
+        best = best.view(batch, kv_heads, q_heads // kv_heads, m, w, n_spans)
+        if beyond is not None:
+            best = best.masked_fill(beyond[:, None, :], -torch.inf)
+        mass = torch.softmax(best * dim ** -0.5, dim=-1).sum((2, 4))  # [B, Hkv, m, n]
         return mass if per_kv_head else self.all_heads(mass).sum(1, keepdim=True)
 
     def span_best_scores(self, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
@@ -201,3 +264,21 @@ class ConsensusPolicy(ReAttentionPolicy):
                                .to(queries.dtype)).amax(-1)
                   for start in range(0, keys.shape[2], self.span_block)]  # each [B, Hkv, g, w, block]
         return torch.cat(blocks, dim=-1).float()
+
+
+@functools.lru_cache(maxsize=4)
+def _ring_windows(size: int, next_slot: int, bounds: tuple[tuple[int, int], ...],
+                  device: torch.device) -> tuple[torch.Tensor, int]:
+    """The ring of `size` slots (its next slot `next_slot`, full) after remembering the queries of each chunk of
+    `bounds` in turn -> (for each chunk the stream index of each slot's query [m * size] on `device`, the stream being
+    `[the ring oldest first | the forward's queries]`; the next slot after the last chunk). Every layer of a forward
+    asks the same: computed once."""
+    slots = [(slot - next_slot) % size for slot in range(size)]
+    index = []
+    for start, end in bounds:
+        newest = range(size + max(start, end - size), size + end)
+        for offset, query in enumerate(newest):
+            slots[(next_slot + offset) % size] = query
+        next_slot = (next_slot + len(newest)) % size
+        index += slots
+    return upload(torch.tensor(index), device), next_slot

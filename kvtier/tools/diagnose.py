@@ -2,8 +2,9 @@
 the model misreads once selected: which spans hold a needle's tokens, what each answer query selected and where the
 needle's spans ranked under the policy, and an oracle that puts them in the scope.
 
-Both hooks wrap `select` on the cache's layer instances (an instance attribute, removed on exit): the library is not
-changed, and a cache used outside the `with` block selects as it always does. Only attention calls whose query chunk
+Both hooks wrap `select` on the cache's layer instances (an instance attribute, removed on exit) and have the layers
+take every forward chunk by chunk meanwhile (`batches_forwards`: the same selections, each through `select`): the
+library is not changed, and a cache used outside the `with` block selects as it always does. Only attention calls whose query chunk
 holds a token at or after `from_token` are touched (with `kvtier.tools.niah.answer`, `from_token = len(ids) - 1`
 picks the answer's queries: the last prompt token, then each generated token).
 """
@@ -230,13 +231,15 @@ def _wrapped_selects(cache: ReAttentionCache,
                      wrap: Callable[[int, ReAttentionLayer, Select], Select]) -> Iterator[None]:
     """Each layer's `select` replaced by wrap(layer index, layer, the select it had) as an instance attribute, put
     back on exit (hooks nest: the innermost wraps the library's, and each is undone in turn)."""
-    previous = [vars(layer).get("select", _ABSENT) for layer in cache.layers]
+    previous = [(vars(layer).get("select", _ABSENT), layer.batches_forwards) for layer in cache.layers]
     for index, layer in enumerate(cache.layers):
         layer.select = wrap(index, layer, layer.select)
+        layer.batches_forwards = False
     try:
         yield
     finally:
-        for layer, before in zip(cache.layers, previous):
+        for layer, (before, batches) in zip(cache.layers, previous):
+            layer.batches_forwards = batches
             if before is _ABSENT:
                 del layer.select
             else:

@@ -77,7 +77,10 @@ def launches(model, cache, tokens: torch.Tensor, by_name: bool = False, steps: i
             token = step(model, cache, tokens)
             tokens = token if tokens.shape[1] == 1 else tokens  # decode feeds its token back, a chunk is fed again
         sync()
-    events = [event for event in prof.events() if event.device_type == DeviceType.CUDA]
+    from kvtier.attention import PHASES
+
+    # the scope attention's labelled steps also show on the GPU's timeline as ranges, not kernels
+    events = [event for event in prof.events() if event.device_type == DeviceType.CUDA and event.name not in PHASES]
     calls = [event.name for event in prof.events() if event.device_type == DeviceType.CPU
              and event.name.startswith(_HOST_LAUNCHES)]
     copies = sum(event.name.startswith(("Memcpy", "Memset")) for event in events)
@@ -96,11 +99,18 @@ def launches(model, cache, tokens: torch.Tensor, by_name: bool = False, steps: i
 
 def phase_times(prof, steps: int) -> dict[str, dict[str, float]]:
     """The scope attention's labelled steps (kvtier.attention.PHASES) under `prof`, per step: how many ranges (one
-    per query chunk and layer), the host's time in them and the device's time in the kernels they launched, ms."""
+    per query chunk and layer, or per layer where a forward's chunks go at once), the host's time in them and the
+    span of the GPU's timeline they cover (the first to the last of their kernels, idle gaps included: a step bound
+    by the host shows about its host time there too), ms."""
     from kvtier.attention import PHASES
 
-    averages = {entry.key: entry for entry in prof.key_averages() if entry.key in PHASES}
-    return {name: {"ranges": averages[name].count / steps,
-                   "host_ms": round(averages[name].cpu_time_total / 1e3 / steps, 3),
-                   "device_ms": round(getattr(averages[name], "device_time_total", 0.0) / 1e3 / steps, 3)}
-            for name in PHASES if name in averages}
+    times = {name: {"ranges": 0, "host_ms": 0.0, "device_ms": 0.0} for name in PHASES}
+    for event in prof.events():
+        if event.name in times:
+            spent = times[event.name]
+            on_device = event.device_type == DeviceType.CUDA
+            spent["ranges"] += 0 if on_device else 1
+            spent["device_ms" if on_device else "host_ms"] += event.time_range.elapsed_us() / 1e3
+    return {name: {"ranges": spent["ranges"] / steps, "host_ms": round(spent["host_ms"] / steps, 3),
+                   "device_ms": round(spent["device_ms"] / steps, 3)}
+            for name, spent in times.items() if spent["ranges"]}

@@ -18,8 +18,8 @@ def test_positions_stay_below_the_bound_over_a_long_generation():
     scopes = []
     original = cache.layers[0].gather_scope
 
-    def recording(ids, rotary):
-        keys, values = original(ids, rotary)
+    def recording(ids, rotary, local=None):
+        keys, values = original(ids, rotary, local)
         scopes.append(keys.shape[2])
         return keys, values
 
@@ -45,6 +45,7 @@ def _record_selections(cache):
     """Collect every (layer, selected ids) the cache's layers return."""
     seen = []
     for index, layer in enumerate(cache.layers):
+        layer.batches_forwards = False  # each chunk's selection through `select`
         original = layer.select
 
         def recording(queries, original=original, index=index, layer=layer):
@@ -114,6 +115,7 @@ def test_chunked_prefill_through_generate_matches_one_piece():
     cache = ReAttentionCache(model, **TINY)
     held = []
     layer = cache.layers[0]
+    layer.batches_forwards = False  # each chunk's selection through `select`, as the layer stands at that chunk
     original = layer.select
     layer.select = lambda queries: held.append(layer.tokens_held()) or original(queries)
     greedy(model, ids, cache, new_tokens=1, prefill_chunk_size=25)
