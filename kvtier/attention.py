@@ -12,10 +12,11 @@ from torch.profiler import record_function
 from kvtier import dispatch
 from kvtier.flash import FlashKernel, choose_flash
 from kvtier.layer import ReAttentionLayer
-from kvtier.prefill import chunk_bounds
+from kvtier.prefill import QueryChunk, chunk_bounds, padded_index, unpadded_positions
 from kvtier.rotary import ScopeRotary
 
 BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+_CHUNK_GROUP_BYTES = 2**28  # the chunks of a forward attended at once hold at most this much scope K/V
 
 
 def scope_attention(
@@ -26,8 +27,9 @@ def scope_attention(
     The queries go in chunks of `chunk_size` (kvtier.prefill.chunk_bounds); each chunk seals what left the local
     window, selects its own spans and attends to `[global | spans | local ending with the chunk]` at positions
     0..L-1, its queries at L-c..L-1. Once the global region is full, a forward of several chunks is taken in and
-    sealed at once and its chunks' spans selected together (kvtier.prefill: the same scopes, fewer launches); only
-    the gather and the attention run chunk by chunk.
+    sealed at once and its chunks' spans selected together (kvtier.prefill: the same scopes, fewer launches); with
+    SDPA, spans read where they lie and as many spans for every chunk, their scopes are gathered and attended at once
+    too, else chunk by chunk.
     The attention backend is chosen first, so a backend that cannot run raises before the layer takes anything in.
     """
     batch, q_heads, n_queries, head_dim = query.shape
@@ -48,6 +50,8 @@ def scope_attention(
         stream = layer.ingest_forward(keys, values, sealed)
     with _phase(PHASES[1]):
         chosen = layer.select_chunks(query, chunks)
+    if flash is None and layer.gathers_chunks_at_once() and len({ids.shape[-1] for ids in chosen}) == 1:
+        return _chunks_attention(layer, rotary, query, chunks, chosen, stream, scaling)
     for chunk, ids in zip(chunks, chosen):
         local = stream[0][:, :, chunk.local], stream[1][:, :, chunk.local]
         out[:, chunk.start : chunk.end] = _scope_attention(layer, rotary, query[:, :, chunk.start : chunk.end], ids,
@@ -83,15 +87,58 @@ def _scope_attention(layer: ReAttentionLayer, rotary: ScopeRotary, query: torch.
         return _attend(rotated_queries, rotated_keys, scope_values, scaling, flash)
 
 
+def _chunks_attention(layer: ReAttentionLayer, rotary: ScopeRotary, query: torch.Tensor, chunks: list[QueryChunk],
+                      chosen: list[torch.Tensor], stream: tuple[torch.Tensor, torch.Tensor],
+                      scaling: float | None) -> torch.Tensor:
+    """Every chunk of a forward taken in at once attends to its scope in one gather and one SDPA call per group of
+    chunks (_CHUNK_GROUP_BYTES of scope at most): query [B, Hq, q, D] pre-RoPE, chosen each chunk's span ids, stream
+    the forward's `[local window | new tokens]` -> [B, q, Hq, D]. Each chunk's rows padded to the group's longest
+    scope and query count, the padding masked."""
+    batch, head_dim = query.shape[0], query.shape[3]
+    scope_bytes = 2 * layer.kv_heads * layer.config.scope_bound * head_dim * query.element_size()
+    group = max(1, _CHUNK_GROUP_BYTES // (batch * scope_bytes))
+    parts = []
+    for first in range(0, len(chunks), group):
+        part = slice(first, first + group)
+        parts.append(_group_attention(layer, rotary, query, chunks[part], chosen[part], stream, scaling))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+def _group_attention(layer: ReAttentionLayer, rotary: ScopeRotary, query: torch.Tensor, chunks: list[QueryChunk],
+                     chosen: list[torch.Tensor], stream: tuple[torch.Tensor, torch.Tensor],
+                     scaling: float | None) -> torch.Tensor:
+    """_chunks_attention for consecutive chunks -> [B, their queries, Hq, D]."""
+    batch, q_heads = query.shape[:2]
+    m, device = len(chunks), query.device
+    with _phase(PHASES[2]):
+        keys, values, lengths = layer.gather_chunk_scopes(chosen, chunks, stream, rotary)  # [B*m, Hkv, Lmax, D]
+        layer.scope_attended(keys, values, query.shape[2])  # a scope kept for static decode steps is stale now
+        counts = [chunk.end - chunk.start for chunk in chunks]
+        widest = max(counts)
+        rows = query.index_select(2, padded_index(tuple((c.start, c.end) for c in chunks), widest, device))
+        rows = rows.unflatten(2, (m, widest)).transpose(1, 2).flatten(0, 1)  # [B*m, Hq, widest, D]
+        ends = tuple((length - count, length) for length, count in zip(lengths, counts))
+        positions = padded_index(ends, widest, device).view(m, widest)  # each query's scope position
+        rotated = rotary.rotate_rows(rows, positions.repeat(batch, 1))
+        group = q_heads // layer.kv_heads
+        key_positions = torch.arange(keys.shape[2], device=device)
+        mask = (key_positions <= positions[:, :, None]).repeat(batch, group, 1)[:, None]  # [B*m, 1, g*widest, Lmax]
+    with _phase(PHASES[3]):
+        out = _attend(rotated, keys, values, scaling, mask=mask)  # [B*m, widest, Hq, D]
+    real = unpadded_positions(tuple(counts), widest, device)
+    return out.unflatten(0, (batch, m)).flatten(1, 2).index_select(1, real)  # [B, sum(counts), Hq, D]
+
+
 def _phase(name: str):
     """A profiler range named `name` while a torch profiler runs, else nothing (a range costs a few microseconds)."""
     return record_function(name) if torch.autograd.profiler._is_profiler_enabled else contextlib.nullcontext()
 
 
 def _attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float | None,
-            flash: FlashKernel | None = None) -> torch.Tensor:
+            flash: FlashKernel | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
     """query [B, Hq, c, D], keys / values [B, Hkv, L, D], all rotated, the queries aligned to the end of the keys
-    (bottom-right causal) -> [B, c, Hq, D]: FlashAttention's kernel when `flash` is given, else SDPA.
+    (bottom-right causal; or `mask` [B, 1, g*c, L] bool, rows as below, for SDPA) -> [B, c, Hq, D]: FlashAttention's
+    kernel when `flash` is given, else SDPA.
 
     For SDPA the g query heads sharing a KV head become g*c query rows of that head (a view), so no backend needs GQA
     support; cuDNN's attention is left out: it builds a plan per key length, and the scope's length changes every
@@ -102,8 +149,7 @@ def _attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scali
     kv_heads, length = keys.shape[1], keys.shape[2]
     group = q_heads // kv_heads
     rows = query.reshape(batch, kv_heads, group * n_queries, head_dim)  # [B, Hkv, g*c, D]
-    mask = None
-    if n_queries > 1:
+    if mask is None and n_queries > 1:
         mask = _bottom_right_mask(length, n_queries, group, query.device, torch.is_inference_mode_enabled())
     with sdpa_kernel(BACKENDS):
         out = F.scaled_dot_product_attention(rows, keys, values, attn_mask=mask, scale=scaling)  # [B, Hkv, g*c, D]

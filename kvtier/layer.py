@@ -13,7 +13,7 @@ from kvtier.buffers import upload
 from kvtier.config import ReAttentionConfig
 from kvtier.fast_decode import FastScope, fast_attention
 from kvtier.policies import Policy
-from kvtier.prefill import QueryChunk, plan_chunks
+from kvtier.prefill import QueryChunk, padded_index, plan_chunks
 from kvtier.regions import GlobalRegion, LocalWindow, SpanTable
 from kvtier.rotary import ScopeRotary
 from kvtier.tiers.placement import Placement
@@ -303,6 +303,48 @@ class ReAttentionLayer(GrowingLayer):
             values[:, :, n_global : n_global + n_sel] = spans[:, :, :, 1].flatten(2, 3)
         keys[:, :, n_global + n_sel :], values[:, :, n_global + n_sel :] = local_kv
         return rotary.rotate(keys, 0), values
+
+    def gathers_chunks_at_once(self) -> bool:
+        """Whether gather_chunk_scopes may build several chunks' scopes in one go: every span is read where it lies
+        (the device table or an unbounded GPU pool), so no chunk's spans need room made for them."""
+        return self.placement.locates_on_device if self.use_kernels else self.placement.slot_is_uid
+
+    def gather_chunk_scopes(self, chosen: list[torch.Tensor], chunks: list[QueryChunk],
+                            stream: tuple[torch.Tensor, torch.Tensor],
+                            rotary: ScopeRotary) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """The scopes of several chunks of a forward taken in at once (gathers_chunks_at_once): chosen, each chunk's
+        span ids [B, Hkv, k]; stream, the forward's `[local window | new tokens]` their local windows are cut from ->
+        keys (rotated at 0..L_j-1), values [B*m, Hkv, Lmax, D] (row b*m + j: chunk j of row b; the positions past L_j
+        hold copies of its last local token, to be masked) and each chunk's L_j."""
+        batch, kv_heads, head_dim, m = self.batch, self.kv_heads, self.head_dim, len(chunks)
+        ids = torch.stack(chosen, dim=2)  # [B, Hkv, m, k]
+        n_spans = ids.shape[-1] * self.config.span_size
+        global_kv = tuple(part.repeat_interleave(m, dim=0) for part in self.global_region.view())  # [B*m, Hkv, G, D]
+        head = global_kv[0].shape[2] + n_spans  # global and spans: the same positions in every chunk's scope
+        local_lengths = [chunk.local.stop - chunk.local.start for chunk in chunks]
+        longest = max(local_lengths)
+        self.largest_scope = max(self.largest_scope, head + longest)
+        keys = torch.empty(batch * m, kv_heads, head + longest, head_dim, dtype=self.dtype, device=self.device)
+        values = torch.empty_like(keys)
+        spans_of_rows = ids.flatten(2)  # [B, Hkv, m*k]: one selection of every chunk's spans
+        if self.use_kernels:
+            loc = self._locate(spans_of_rows).unflatten(2, (m, -1)).transpose(1, 2).flatten(0, 1)  # [B*m, Hkv, k]
+            pool, host_blocks = self.placement.gather_sources()
+            no_local = (global_kv[0][:, :, :0], global_kv[1][:, :, :0])
+            dispatch.scope_gather(global_kv, no_local, pool, host_blocks, loc, rotary, keys[:, :, :head],
+                                  values[:, :, :head])
+            self.placement.host_reads_launched()
+        else:
+            spans = self._fetch(spans_of_rows).unflatten(2, (m, -1)).transpose(1, 2).flatten(0, 1)
+            # spans [B*m, Hkv, k, 2, S, D]
+            keys[:, :, :head] = rotary.rotate(torch.cat((global_kv[0], spans[:, :, :, 0].flatten(2, 3)), 2), 0)
+            values[:, :, :head] = torch.cat((global_kv[1], spans[:, :, :, 1].flatten(2, 3)), 2)
+        index = padded_index(tuple((chunk.local.start, chunk.local.stop) for chunk in chunks), longest, self.device)
+        local_keys, local_values = (part.index_select(2, index).unflatten(2, (m, longest)).transpose(1, 2)
+                                    .flatten(0, 1) for part in stream)  # [B*m, Hkv, longest, D]
+        keys[:, :, head:] = dispatch.rotate(rotary, local_keys, head, self.use_kernels)
+        values[:, :, head:] = local_values
+        return keys, values, [head + length for length in local_lengths]
 
     def _selected_uids(self, ids: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """ids [B, Hkv, k] -> (the distinct uids selected [U], the index of each id's uid in them [B, Hkv, k])."""

@@ -4,7 +4,12 @@ spans at once, and a policy that can selects every chunk's spans in one pass, in
 costs the host a few dozen launches: issue 17's prefill profile). The chunks see exactly what they would one by one."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
+
+import torch
+
+from kvtier.buffers import upload
 
 
 @dataclass(frozen=True)
@@ -42,3 +47,21 @@ def plan_chunks(bounds: list[tuple[int, int]], local_held: int, spans_held: int,
         chunks.append(QueryChunk(start, end, spans_held + sealed // span_size, slice(sealed, stop),
                                  global_tokens + spans_held * span_size + stop))
     return chunks, sealed
+
+
+@functools.lru_cache(maxsize=16)
+def padded_index(ranges: tuple[tuple[int, int], ...], width: int, device: torch.device) -> torch.Tensor:
+    """Each non-empty [start, end) of `ranges` as `width` indices, the last one repeated past its end: the rows of
+    chunks of different lengths laid out side by side -> [len(ranges) * width] int64 on `device`. Every layer of a
+    forward asks the same: built once."""
+    bounds = torch.tensor(ranges).view(-1, 2)  # [m, 2]
+    index = torch.minimum(bounds[:, :1] + torch.arange(width), bounds[:, 1:] - 1)  # [m, width]
+    return upload(index.flatten(), device)
+
+
+@functools.lru_cache(maxsize=16)
+def unpadded_positions(lengths: tuple[int, ...], width: int, device: torch.device) -> torch.Tensor:
+    """Where the real entries sit among rows of `width` padded from rows of `lengths` -> [sum(lengths)] int64 on
+    `device`."""
+    real = torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]  # [m, width]
+    return upload(real.flatten().nonzero().flatten(), device)

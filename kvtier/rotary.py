@@ -35,12 +35,17 @@ class ScopeRotary:
         host never learns it, so a CUDA graph can replay this at any position below the bound)."""
         return _rotate(x, self.cos.index_select(0, position), self.sin.index_select(0, position))
 
+    def rotate_rows(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """x [R, H, L, D] pre-RoPE -> each row r rotated at its own positions[r] ([R, L] int64 on the tables' device,
+        all below the bound)."""
+        return _rotate(x, self.cos[positions][:, None], self.sin[positions][:, None])
+
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, H, L, D] pre-RoPE, cos / sin [L, D] fp32 -> x rotated, in x's dtype."""
+    """x [..., L, D] pre-RoPE, cos / sin [..., L, D] fp32 (broadcast against x) -> x rotated, in x's dtype."""
     x32 = x.float()
     half = x32.shape[-1] // 2
     out = x32 * cos  # + rotate_half(x) * sin, written in place: rotate_half(x) = [-x2, x1]
-    out[..., :half].addcmul_(x32[..., half:], sin[:, :half], value=-1.0)
-    out[..., half:].addcmul_(x32[..., :half], sin[:, half:])
+    out[..., :half].addcmul_(x32[..., half:], sin[..., :half], value=-1.0)
+    out[..., half:].addcmul_(x32[..., :half], sin[..., half:])
     return out.to(x.dtype)

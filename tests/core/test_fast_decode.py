@@ -162,3 +162,16 @@ def test_replayed_graphs_in_bf16_follow_the_eager_logits():
             logits = model(input_ids=eager_tokens[:, step:step + 1], past_key_values=graphs).logits[:, -1]
             torch.testing.assert_close(logits.float(), eager_scores[step + 1].float(), rtol=0, atol=3e-2)
     assert graphs._graphs.steps["replayed"] > NEW // 2
+
+
+def test_a_second_prompt_taken_in_at_once_after_static_steps_gives_the_eager_tokens():
+    """A follow-up prompt of several chunks goes through the forward-at-once prefill (kvtier.prefill), which must
+    leave no kept scope behind for the next static step."""
+    model, ids, follow_up = tiny_model("llama"), random_ids(150), random_ids(70, seed=9)
+    eager, static = caches(model, False), caches(model, True)
+    turns = {}
+    for name, cache in (("eager", eager), ("static", static)):
+        first = generate(model, ids, cache)[0]
+        turns[name] = generate(model, torch.cat((ids, first, follow_up), dim=1), cache)
+    assert torch.equal(turns["static"][0], turns["eager"][0])
+    torch.testing.assert_close(turns["static"][1], turns["eager"][1], rtol=0, atol=1e-5)

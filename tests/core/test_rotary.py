@@ -45,3 +45,13 @@ def test_attention_scaling_is_applied():
     rotary = ScopeRotary(torch.rand(4), 0.5, bound=16, device=torch.device("cpu"))
     x = torch.randn(1, 1, 1, 8)
     torch.testing.assert_close(rotary.rotate(x, 0), 0.5 * x)
+
+
+def test_rows_rotated_at_their_own_positions_equal_each_row_rotated_alone():
+    rotary = ScopeRotary(1.0 / 10000 ** (torch.arange(0, 16, 2) / 16), 1.0, 64, torch.device("cpu"))
+    x = torch.randn(3, 2, 5, 16)
+    starts = [0, 7, 59]
+    positions = torch.tensor([[start + offset for offset in range(5)] for start in starts])
+    rotated = rotary.rotate_rows(x, positions)
+    for row, start in enumerate(starts):
+        assert torch.equal(rotated[row : row + 1], rotary.rotate(x[row : row + 1], start))
