@@ -38,13 +38,21 @@ def scope_attention(
     bounds = chunk_bounds(layer.seen, n_queries, layer.config.chunk_size)
     if len(bounds) == 1:  # decode steps and short prompts: one chunk, no output buffer to fill
         return _chunk_attention(layer, rotary, query, keys, values, scaling, flash)
-    out = query.new_empty(batch, n_queries, q_heads, head_dim)  # [B, q, Hq, D], the layout the model reshapes
     plan = layer.plan_forward(bounds)
-    if plan is None:
-        for start, end in bounds:
-            chunk_kv = keys[:, :, start:end], values[:, :, start:end]
-            out[:, start:end] = _chunk_attention(layer, rotary, query[:, :, start:end], *chunk_kv, scaling, flash)
-        return out
+    if plan is not None:
+        return _forward_at_once(layer, rotary, query, keys, values, plan, scaling, flash)
+    out = query.new_empty(batch, n_queries, q_heads, head_dim)  # [B, q, Hq, D], the layout the model reshapes
+    for start, end in bounds:
+        chunk_kv = keys[:, :, start:end], values[:, :, start:end]
+        out[:, start:end] = _chunk_attention(layer, rotary, query[:, :, start:end], *chunk_kv, scaling, flash)
+    return out
+
+
+def _forward_at_once(layer: ReAttentionLayer, rotary: ScopeRotary, query: torch.Tensor, keys: torch.Tensor,
+                     values: torch.Tensor, plan: tuple[list[QueryChunk], int], scaling: float | None,
+                     flash: FlashKernel | None) -> torch.Tensor:
+    """A forward of several chunks taken in at once (plan_forward's plan): ingest and select for all chunks, then
+    gather and attend for all of them together where _chunks_attention can, else chunk by chunk -> [B, q, Hq, D]."""
     chunks, sealed = plan
     with _phase(PHASES[0]):
         stream = layer.ingest_forward(keys, values, sealed)
@@ -52,6 +60,8 @@ def scope_attention(
         chosen = layer.select_chunks(query, chunks)
     if flash is None and layer.gathers_chunks_at_once() and len({ids.shape[-1] for ids in chosen}) == 1:
         return _chunks_attention(layer, rotary, query, chunks, chosen, stream, scaling)
+    batch, q_heads, n_queries, head_dim = query.shape
+    out = query.new_empty(batch, n_queries, q_heads, head_dim)  # [B, q, Hq, D]
     for chunk, ids in zip(chunks, chosen):
         local = stream[0][:, :, chunk.local], stream[1][:, :, chunk.local]
         out[:, chunk.start : chunk.end] = _scope_attention(layer, rotary, query[:, :, chunk.start : chunk.end], ids,

@@ -194,8 +194,8 @@ class ConsensusPolicy(ReAttentionPolicy):
         windows, next_slot = self._chunk_windows(state, queries, chunks)  # [B, Hq, m, window, D]
         state.ring.copy_(windows[:, :, -1])  # the ring as the last chunk leaves it, slot for slot
         state.next = next_slot
-        spans = torch.tensor([chunk.spans for chunk in chunks])
-        beyond = upload(torch.arange(n_spans)[None, :] >= spans[:, None], queries.device)  # [m, n] sealed later
+        spans = upload(torch.tensor([chunk.spans for chunk in chunks]), queries.device)  # [m]
+        beyond = torch.arange(n_spans, device=queries.device)[None, :] >= spans[:, None]  # [m, n] sealed later
         mass = torch.cat([self.chunks_mass(windows[:, :, block], summaries[:, :, :n_spans], per_kv_head,
                                            beyond[block])
                           for block in self._chunk_blocks(windows.shape, n_spans)], dim=2)  # [B, Hsel, m, n]

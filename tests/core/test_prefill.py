@@ -113,7 +113,8 @@ def test_through_the_triton_kernels_a_forward_at_once_gives_chunk_by_chunks_logi
     assert at_once.layers[0].use_kernels and at_once.layers[0].gathers_chunks_at_once()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the Triton kernel path)")
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="needs a CUDA GPU: the Triton kernels on the device (the test above runs them interpreted)")
 @pytest.mark.gpu
 @pytest.mark.parametrize("policy", ["consensus", "quest"])
 def test_on_the_kernel_path_a_forward_at_once_gives_chunk_by_chunks_logits(policy):
