@@ -13,6 +13,8 @@ usage: bash benchmarks/speed_h200.sh OUT_DIR STAGE...
   prefill8b kvtier bench --model llama8b at 128K, real prefills, the paper's 8K scope with consensus: stock and kvtier
   smollm2  kvtier bench --model smollm2 at 32K and 1M (kvtier filled, stock prefilled): stock, kvtier with graphs, eager
   llama8b  kvtier bench --model llama8b at 8K and 128K (filled), the paper's 8K scope with consensus: graphs vs eager
+  decode8b   the same, graphs only (stock beside)
+  decode-smollm2 kvtier bench --model smollm2 at 32K and 1M (filled), graphs only (stock beside)
   long8b   kvtier bench --model llama8b at 1M (filled), kvtier-host (a 40 GiB span pool, the rest pinned), graphs
   profile  benchmarks/decode_profile.py at 8K on the 8B shape with consensus: where a (replayed) decode step's time goes
   chunksize kvtier bench --model smollm2 at 32K and 128K, real prefills, consensus with query chunks of 1024 and 2016
@@ -20,15 +22,17 @@ usage: bash benchmarks/speed_h200.sh OUT_DIR STAGE...
   syncs    benchmarks/sync_points.py: where SmolLM2's prefill and decode make the host wait for the GPU
   chunks   benchmarks/decode_profile.py --chunk 8k at 128K on the 8B shape with consensus: a prefill forward's time
            per query chunk and layer, by step of the scope attention (ingest, select, gather, attend)
-environment: SPEED_LIMIT seconds per stage (default 280), SPEED_STEPS decode steps per cell (default 64).
+environment: SPEED_LIMIT seconds per stage (default 280), SPEED_STEPS decode steps per cell (default 128: a seal group
+of the default scope, so the mean holds one eager step).
 An unknown stage runs nothing and exits 2.
 USAGE
 }
-known=" tests kernels prefill prefill-quest prefill8b chunksize smollm2 llama8b long8b profile syncs chunks chunks-smollm2 "
+known=" tests kernels prefill prefill-quest prefill8b chunksize smollm2 llama8b decode8b decode-smollm2 long8b profile "
+known+="syncs chunks chunks-smollm2 "
 here=$(cd "$(dirname "$0")" && pwd)
 source "$here/stages.sh"
 mkdir -p "$out"
-steps=${SPEED_STEPS:-64}
+steps=${SPEED_STEPS:-128}
 bench() {  # name, kvtier bench arguments...
     local name=$1
     shift
@@ -85,14 +89,14 @@ for stage in "$@"; do
         syncs)
             timeout "${SPEED_LIMIT:-280}" python3 "$here/sync_points.py" --out "$out/syncs" > "$out/syncs.log" 2>&1
             echo "== syncs: exit $?"; grep -E "^==|^  " "$out/syncs.log" | head -n 60 ;;
-        smollm2)
+        smollm2|decode-smollm2)
             bench smollm2-graphs --model smollm2 --contexts 32k,1m --prefill fill --methods stock,kvtier
-            bench smollm2-eager --model smollm2 --contexts 32k,1m --prefill fill --methods kvtier \
+            [ "$stage" = decode-smollm2 ] || bench smollm2-eager --model smollm2 --contexts 32k,1m --prefill fill --methods kvtier \
                 --config "$here/configs/graphs-off.yaml" ;;
-        llama8b)
+        llama8b|decode8b)
             bench llama8b-graphs --model llama8b --contexts 8k,128k --prefill fill --methods stock,kvtier \
                 --config "$here/configs/scope-8k-consensus.yaml"
-            bench llama8b-eager --model llama8b --contexts 8k,128k --prefill fill --methods kvtier \
-                --config "$here/configs/scope-8k-consensus-eager.yaml" ;;
+            [ "$stage" = decode8b ] || bench llama8b-eager --model llama8b --contexts 8k,128k --prefill fill \
+                --methods kvtier --config "$here/configs/scope-8k-consensus-eager.yaml" ;;
     esac
 done

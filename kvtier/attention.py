@@ -26,8 +26,8 @@ def scope_attention(
 
     The queries go in chunks of `chunk_size` (kvtier.prefill.chunk_bounds); each chunk seals what left the local
     window, selects its own spans and attends to `[global | spans | local ending with the chunk]` at positions
-    0..L-1, its queries at L-c..L-1. Once the global region is full, a forward of several chunks is taken in and
-    sealed at once and its chunks' spans selected together (kvtier.prefill: the same scopes, fewer launches); with
+    0..L-1, its queries at L-c..L-1. Once the global region is full (in a prompt's first forward: after the chunk
+    that fills it), the forward's remaining chunks are taken in and sealed at once and its chunks' spans selected together (kvtier.prefill: the same scopes, fewer launches); with
     SDPA, spans read where they lie and as many spans for every chunk, their scopes are gathered and attended at once
     too, else chunk by chunk.
     The attention backend is chosen first, so a backend that cannot run raises before the layer takes anything in.
@@ -38,11 +38,20 @@ def scope_attention(
     bounds = chunk_bounds(layer.seen, n_queries, layer.config.chunk_size)
     if len(bounds) == 1:  # decode steps and short prompts: one chunk, no output buffer to fill
         return _chunk_attention(layer, rotary, query, keys, values, scaling, flash)
-    plan = layer.plan_forward(bounds)
-    if plan is not None:
-        return _forward_at_once(layer, rotary, query, keys, values, plan, scaling, flash)
-    out = query.new_empty(batch, n_queries, q_heads, head_dim)  # [B, q, Hq, D], the layout the model reshapes
-    for start, end in bounds:
+    out = None  # [B, q, Hq, D], the layout the model reshapes; made once a chunk goes alone
+    for index, (start, end) in enumerate(bounds):
+        # the rest at once once the global region is full (in a prompt's first forward: after its first chunk)
+        plan = layer.plan_forward([(first - start, last - start) for first, last in bounds[index:]])
+        if plan is not None:
+            part = slice(start, n_queries)
+            rest = _forward_at_once(layer, rotary, query[:, :, part], keys[:, :, part], values[:, :, part], plan,
+                                    scaling, flash)
+            if out is None:
+                return rest
+            out[:, part] = rest
+            break
+        if out is None:
+            out = query.new_empty(batch, n_queries, q_heads, head_dim)
         chunk_kv = keys[:, :, start:end], values[:, :, start:end]
         out[:, start:end] = _chunk_attention(layer, rotary, query[:, :, start:end], *chunk_kv, scaling, flash)
     return out

@@ -18,6 +18,8 @@ _PAPER_GLOBAL = 32
 _PAPER_SPAN = 32
 _PAPER_CHUNK = 512
 _MAX_LOCAL = 8192
+# spans sealed at once by default: a graph-replayed decode runs one eager step per SEAL_GROUP * span_size tokens
+SEAL_GROUP = 4
 
 _SIZE_FIELDS = ("global_size", "local_size", "span_size", "top_k", "chunk_size")
 PLACEMENT_FIELDS = ("gpu_budget", "host_budget", "disk_path", "disk_budget")
@@ -62,6 +64,12 @@ class ReAttentionConfig:
     # between re-scorings) run statically and are replayed from a CUDA graph (kvtier.graphs): "auto" on CUDA for an
     # unpadded batch, the eager path elsewhere; "off": always the eager path
     decode_graphs: str = "auto"
+    # the local window seals its oldest tokens seal_group spans at a time (kvtier.regions.spans_to_seal): it grows up
+    # to (seal_group - 1) * span_size tokens past local_size, then seals back to at most local_size, so a decode of
+    # static steps (decode_graphs) takes one eager step (the seal, and consensus' re-scoring) per seal_group *
+    # span_size tokens. 1 seals each span as it fills (the paper's); "auto": SEAL_GROUP, fewer where the scope would
+    # exceed the model's window
+    seal_group: int | str = "auto"
 
     # ---- construction -------------------------------------------------------------------------------------------
     @classmethod
@@ -124,15 +132,24 @@ class ReAttentionConfig:
 
     # ---- derived quantities -------------------------------------------------------------------------------------
     @property
+    def local_limit(self) -> int:
+        """Most tokens the local window holds when a query attends: local_size + (seal_group - 1) * span_size."""
+        self._require_resolved()
+        return self.local_size + (self.seal_group - 1) * self.span_size
+
+    @property
     def scope_bound(self) -> int:
         """Largest scope an attention call can see; every rotary position used is below it."""
-        self._require_resolved()
-        return self.global_size + self.top_k * self.span_size + self.local_size
+        local_limit = self.local_limit  # checks that the config is resolved
+        return self.global_size + self.top_k * self.span_size + local_limit
 
     def resolve(self, window: int) -> "ReAttentionConfig":
-        """Fill the fields left at None from `window` (the model's trained context), then validate."""
+        """Fill the fields left at None (and seal_group "auto") from `window` (the model's trained context), then
+        validate."""
         given = {name: getattr(self, name) for name in _SIZE_FIELDS if getattr(self, name) is not None}
         resolved = dataclasses.replace(self, **derive_defaults(window, **given))
+        if resolved.seal_group == "auto":
+            resolved = dataclasses.replace(resolved, seal_group=fitting_seal_group(resolved, window))
         resolved.validate(window)
         return resolved
 
@@ -147,6 +164,10 @@ class ReAttentionConfig:
                 raise ValueError(f"{name} must be positive, got {value}; try the default by leaving it out")
             if value < 0:
                 raise ValueError(f"{name} must be >= 0, got {value}")
+        if isinstance(self.seal_group, bool) or not (isinstance(self.seal_group, int) and self.seal_group >= 1
+                                                     or self.seal_group == "auto"):
+            raise ValueError(f"seal_group must be a positive integer (spans sealed at once) or 'auto', got "
+                             f"{self.seal_group!r}")
         self._require_resolved()
         if self.chunk_size + self.span_size > self.local_size:
             raise ValueError(
@@ -155,16 +176,18 @@ class ReAttentionConfig:
                 f"{max(self.local_size - self.span_size, 1)} or raise local_size"
             )
         if self.scope_bound > window and not self.allow_exceeding_window:
-            fit_k = (window - self.global_size - self.local_size) // self.span_size
+            slack = (self.seal_group - 1) * self.span_size
+            fit_k = (window - self.global_size - self.local_limit) // self.span_size
             fix = (
                 f"lower top_k to {fit_k}"
                 if fit_k >= 0
-                else f"lower local_size to at most {window - self.global_size - self.top_k * self.span_size}"
+                else f"lower local_size to at most {window - self.global_size - self.top_k * self.span_size - slack}"
             )
+            fix += ", lower seal_group" if self.seal_group > 1 else ""
             raise ValueError(
-                f"global_size + top_k * span_size + local_size = {self.global_size} + {self.top_k}*{self.span_size} + "
-                f"{self.local_size} = {self.scope_bound} exceeds the model's {window}-token window; {fix} "
-                "or pass allow_exceeding_window=True"
+                f"global_size + top_k * span_size + local_size + (seal_group - 1) * span_size = {self.global_size} + "
+                f"{self.top_k}*{self.span_size} + {self.local_size} + {slack} = {self.scope_bound} exceeds the model's "
+                f"{window}-token window; {fix} or pass allow_exceeding_window=True"
             )
         if not isinstance(self.per_kv_head, bool) or not isinstance(self.allow_exceeding_window, bool):
             raise ValueError("per_kv_head and allow_exceeding_window must be true or false")
@@ -223,6 +246,7 @@ class ReAttentionConfig:
 
     def _require_resolved(self) -> None:
         missing = [name for name in _SIZE_FIELDS if getattr(self, name) is None]
+        missing += ["seal_group"] if self.seal_group == "auto" else []
         if missing:
             raise ValueError(f"config fields {missing} are unset; call config.resolve(window) first")
 
@@ -245,6 +269,17 @@ def derive_defaults(window: int, **given: int) -> dict[str, int]:
         sizes.setdefault("top_k", max((target - glob - local) // span, 0))
         sizes.setdefault("chunk_size", max(min(_PAPER_CHUNK, local - span), 1))
     return sizes
+
+
+def fitting_seal_group(config: ReAttentionConfig, window: int) -> int:
+    """seal_group "auto": SEAL_GROUP, or the largest group whose scope stays within `window` (at least 1; sizes that
+    do not fit at all are validate's to report)."""
+    sizes = (config.global_size, config.top_k, config.span_size, config.local_size)
+    if config.allow_exceeding_window or not all(isinstance(v, int) and not isinstance(v, bool) for v in sizes) \
+            or config.span_size <= 0:
+        return SEAL_GROUP
+    room = window - (config.global_size + config.top_k * config.span_size + config.local_size)
+    return max(1, min(SEAL_GROUP, room // config.span_size + 1))
 
 
 def parse_bytes(value: int | str | None, name: str = "size") -> int | None:

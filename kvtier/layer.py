@@ -14,7 +14,7 @@ from kvtier.config import ReAttentionConfig
 from kvtier.fast_decode import FastScope, fast_attention
 from kvtier.policies import Policy
 from kvtier.prefill import QueryChunk, padded_index, plan_chunks
-from kvtier.regions import GlobalRegion, LocalWindow, SpanTable
+from kvtier.regions import GlobalRegion, LocalWindow, SpanTable, spans_to_seal
 from kvtier.rotary import ScopeRotary
 from kvtier.tiers.placement import Placement
 
@@ -89,10 +89,10 @@ class ReAttentionLayer(GrowingLayer):
         self.dtype, self.device = dtype, device
         self.batch, self.kv_heads, self.head_dim = batch, kv_heads, head_dim
         self.global_region = GlobalRegion(batch, kv_heads, cfg.global_size, head_dim, dtype, device)
-        self.local = LocalWindow(batch, kv_heads, cfg.local_size, cfg.chunk_size, head_dim, dtype, device)
+        self.local = LocalWindow(batch, kv_heads, cfg.local_limit, cfg.chunk_size, head_dim, dtype, device)
         self.table = SpanTable(batch, kv_heads, self.policy.summary_size(cfg.span_size), head_dim, dtype, device)
         selected = cfg.top_k * (kv_heads if cfg.per_kv_head else 1)
-        step_spans = batch * (selected + -(-cfg.chunk_size // cfg.span_size))
+        step_spans = batch * (selected + -(-cfg.chunk_size // cfg.span_size) + cfg.seal_group - 1)
         self.placement = self.placement_source((2, kv_heads, cfg.span_size, head_dim), dtype, device, step_spans)
         self.use_kernels = dispatch.kernels_enabled(cfg, device)
         self.is_initialized = True
@@ -208,18 +208,17 @@ class ReAttentionLayer(GrowingLayer):
         self._pending = None
 
     def ingest(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Append one chunk's K/V [B, Hkv, c, D]; seal the oldest local tokens in whole spans until at most
-        local_size remain (so the local window keeps between local_size - span_size + 1 and local_size tokens)."""
+        """Append one chunk's K/V [B, Hkv, c, D]; seal the oldest local tokens in whole spans, seal_group at a time
+        (kvtier.regions.spans_to_seal: the local window keeps between local_size - span_size + 1 and local_limit
+        tokens)."""
         taken = self.global_region.absorb(keys, values)
         if taken == keys.shape[2]:
             return
         self.local.append(keys[:, :, taken:], values[:, :, taken:])
-        excess = self.local.length - self.config.local_size
-        if excess > 0:
-            self._seal(-(-excess // self.config.span_size))
-
-    def _seal(self, count: int) -> None:
-        self._seal_tokens(*self.local.pop_front(count * self.config.span_size))
+        cfg = self.config
+        count = spans_to_seal(len(self.table), self.local.length, cfg.local_size, cfg.span_size, cfg.seal_group)
+        if count:
+            self._seal_tokens(*self.local.pop_front(count * cfg.span_size))
 
     def _seal_tokens(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Seal keys / values [B, Hkv, count*S, D], the oldest tokens after the last sealed span, as count spans."""
@@ -242,7 +241,7 @@ class ReAttentionLayer(GrowingLayer):
             return None
         cfg = self.config
         return plan_chunks(bounds, self.local.length, len(self.table), self.global_region.length, cfg.local_size,
-                           cfg.span_size)
+                           cfg.span_size, cfg.seal_group)
 
     def ingest_forward(self, keys: torch.Tensor, values: torch.Tensor,
                        sealed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -398,7 +397,7 @@ class ReAttentionLayer(GrowingLayer):
         fast, local = self.fast, self.local
         return (fast is not None and fast.current and fast.length < fast.keys.shape[2]
                 and self.global_region.length == self.config.global_size
-                and local.length < self.config.local_size and local.start + local.length < local.keys.shape[2]
+                and local.length < self.config.local_limit and local.start + local.length < local.keys.shape[2]
                 and self.policy.reuses_selection(self.index))
 
     def fast_slots(self) -> tuple[int, int, int]:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from kvtier.buffers import upload
+from kvtier.regions import spans_to_seal
 
 
 @dataclass(frozen=True)
@@ -33,17 +34,16 @@ def chunk_bounds(seen: int, n_queries: int, chunk_size: int) -> list[tuple[int, 
 
 
 def plan_chunks(bounds: list[tuple[int, int]], local_held: int, spans_held: int, global_tokens: int, local_size: int,
-                span_size: int) -> tuple[list[QueryChunk], int]:
+                span_size: int, seal_group: int) -> tuple[list[QueryChunk], int]:
     """The chunks of `bounds` for a layer holding `global_tokens` (its global region full), `spans_held` sealed spans
     and `local_held` tokens in its local window before the forward -> (the chunks, the stream tokens sealed by the
-    forward's end, a multiple of span_size). Each chunk seals, before it attends, the oldest tokens in whole spans
-    until at most local_size remain (ReAttentionLayer.ingest, chunk by chunk)."""
+    forward's end, a multiple of span_size). Each chunk seals, before it attends, what ReAttentionLayer.ingest would
+    chunk by chunk (kvtier.regions.spans_to_seal)."""
     chunks, sealed = [], 0
     for start, end in bounds:
         stop = local_held + end  # the stream's tokens up to the chunk's end
-        excess = stop - sealed - local_size
-        if excess > 0:
-            sealed += -(-excess // span_size) * span_size
+        spans = spans_held + sealed // span_size
+        sealed += spans_to_seal(spans, stop - sealed, local_size, span_size, seal_group) * span_size
         chunks.append(QueryChunk(start, end, spans_held + sealed // span_size, slice(sealed, stop),
                                  global_tokens + spans_held * span_size + stop))
     return chunks, sealed

@@ -37,6 +37,18 @@ class GlobalRegion:
         self.length -= count
 
 
+def spans_to_seal(sealed: int, window: int, local_size: int, span_size: int, group: int) -> int:
+    """How many spans a layer with `sealed` spans and `window` tokens in its local window seals now: the oldest
+    tokens leave in whole spans, `group` of them at a time, so that the sealed count is the largest multiple of
+    `group` not above what sealing down to local_size would give (group 1: every span as it fills). A pure function of
+    the tokens held (while `sealed` is a multiple of `group`): the window keeps between local_size - span_size + 1 and
+    local_size + (group - 1) * span_size tokens."""
+    if window <= local_size:
+        return 0
+    wanted = sealed + -(-(window - local_size) // span_size)
+    return max(0, wanted // group * group - sealed)
+
+
 class LocalWindow:
     """The most recent tokens, in a buffer written in place; the oldest leave from the front as spans are sealed.
     Room for two windows plus a chunk, so the live part is moved back to the start only once per window."""

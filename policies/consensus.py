@@ -8,9 +8,10 @@ the spans (softmax at the model's scale). Layer l selects by the sum of that att
 same query chunk (layers vote; no layer alone ranks a needle in natural prose reliably, their sum does: RESULTS 14).
 A span's neighbours share its score (max-pooled), so a sentence cut by a span border comes in whole.
 
-Decode steps reuse their layer's last selection until a span is sealed (every span_size steps: the newest text
-becomes selectable) or `refresh` steps have passed, then re-score, with the window sliding over the generated queries.
-So a decode runs eagerly only where it seals anyway, and statically in between (kvtier.fast_decode). The "summary" is the span's full keys (as `reattention`'s), so every middle key stays on the
+Decode steps reuse their layer's last selection until spans are sealed (seal_group of them every seal_group *
+span_size steps: the newest text becomes selectable) or, if set, `refresh` steps have passed, then re-score, with the
+window sliding over the generated queries. So a decode runs eagerly only where it seals anyway, and statically in
+between (kvtier.fast_decode). The "summary" is the span's full keys (as `reattention`'s), so every middle key stays on the
 model's device."""
 from __future__ import annotations
 
@@ -87,7 +88,7 @@ class ConsensusPolicy(ReAttentionPolicy):
 
     aggregation: str = "sum"
     window: int = 64  # observation queries: the last `window` queries of the sequence
-    refresh: int = 32  # decode steps at most between re-scorings (a seal re-scores sooner)
+    refresh: int | None = None  # decode steps at most between re-scorings; None: only when spans are sealed
     neighbours: bool = True  # a span's neighbours share its score
     span_block: int = 1024  # spans scored at once: bounds the [B, Hkv, g, window, block, S] score tensor
     # what computes span_best_scores' result instead of it: kvtier.kernels.window_mass on the kernel path (set by
@@ -105,6 +106,8 @@ class ConsensusPolicy(ReAttentionPolicy):
         super().__post_init__()
         for option in ("window", "refresh", "span_block"):
             value = getattr(self, option)
+            if option == "refresh" and value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"consensus policy: {option} must be a positive integer, got {value!r}")
 
@@ -135,7 +138,11 @@ class ConsensusPolicy(ReAttentionPolicy):
 
     def reuses_selection(self, layer: int) -> bool:
         state = self._layers.get(layer)
-        return state is not None and state.selected is not None and state.steps < self.refresh
+        return state is not None and state.selected is not None and self._fresh(state)
+
+    def _fresh(self, state: _LayerState) -> bool:
+        """Whether a decode step may still reuse the selection (fewer than `refresh` steps since it was made)."""
+        return self.refresh is None or state.steps < self.refresh
 
     def reused_query_slot(self, layer: int) -> int:
         return self._layers[layer].next
@@ -166,7 +173,7 @@ class ConsensusPolicy(ReAttentionPolicy):
             return torch.empty(queries.shape[0], summaries.shape[1] if per_kv_head else 1, 0, dtype=torch.long,
                                device=queries.device)
         n_spans = summaries.shape[2]
-        reuse = (state.selected is not None and state.selected.shape[-1] == k and state.steps < self.refresh
+        reuse = (state.selected is not None and state.selected.shape[-1] == k and self._fresh(state)
                  and state.spans in (None, n_spans))
         if queries.shape[2] == 1 and reuse:
             state.steps += 1

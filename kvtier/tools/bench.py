@@ -44,7 +44,10 @@ GiB = 1 << 30
 DEFAULTS = {"contexts": "8k,32k,128k,512k,1m", "decode_steps": 16, "warmup": 3, "max_prefill": 128 << 10,
             "prefill_chunk": 8192, "sample": 4096}
 # --quick: a tiny random Llama, on the CPU unless --device says otherwise; the 4K cells of kvtier are filled.
-LAUNCH_STEPS = 32  # decode steps whose launches are counted: one span's worth, so graph replays and eager steps mix
+# decode steps whose launches are counted (under the CUDA profiler, which slows eager steps ~10x): a seal group of the
+# default scope (4 spans of 32) where steps replay a graph, so replays and eager steps mix as in a long decode; fewer
+# where every step is eager and alike
+LAUNCH_STEPS, EAGER_LAUNCH_STEPS = 128, 8
 QUICK = {"contexts": "1k,4k", "decode_steps": 4, "warmup": 1, "max_prefill": 1 << 10, "prefill_chunk": 256,
          "sample": 512}
 # (--gpu-budget, --host-budget) per model. The GPU budget holds the spans one decode step selects over all layers
@@ -259,9 +262,10 @@ def _cell_line(cell: dict) -> str:
     if cell["status"] != "ok":
         return f"{where}: {cell['status']}: {cell['reason']}"
     prefill = cell["prefill"]
+    forwards = prefill.get("forward_ms") or []
+    each = f" (ms per forward: {', '.join(f'{ms:.0f}' for ms in forwards)})" if len(forwards) > 1 else ""
     return (f"{where}: decode {cell['decode']['ms_median']:.1f} ms/token (mean {cell['decode']['ms_mean']:.1f}), "
-            f"{prefill['kind']} prefill "
-            f"{prefill['tok_s']:,.0f} tok/s")
+            f"{prefill['kind']} prefill {prefill['tok_s']:,.0f} tok/s{each}")
 
 
 # ---- the model ------------------------------------------------------------------------------------------------------
@@ -397,7 +401,8 @@ class Bench:
             torch.cuda.reset_peak_memory_stats(device)
         filled = 0 if real else max(context - self.plan.prefill_chunk, 0)
         fill_s = fill(cache, self.recorded(), filled) if filled else None
-        prefill_s = self.prefill(cache, context - filled, f"{method} prefill")
+        forward_ms = []
+        prefill_s = self.prefill(cache, context - filled, f"{method} prefill", forward_ms)
         before = cache.stats() if isinstance(cache, ReAttentionCache) else None
         built = peak_memory(device, reset=True)  # prefill (and fill); then decode's own peak
         token = self.ids(1)
@@ -407,7 +412,8 @@ class Bench:
         decoded = peak_memory(device)
         return {
             "prefill": {"kind": "after-fill" if filled else "real", "tokens": context - filled,
-                        "seconds": round(prefill_s, 4), "tok_s": round((context - filled) / prefill_s, 1)},
+                        "seconds": round(prefill_s, 4), "tok_s": round((context - filled) / prefill_s, 1),
+                        "forward_ms": [round(ms, 2) for ms in forward_ms]},
             "fill_s": None if fill_s is None else round(fill_s, 2),
             "decode": {"ms_median": round(step_ms, 3), "ms_mean": round(statistics.fmean(times), 3),
                        "ms_p90": round(_quantile(times, 0.9), 3),
@@ -416,9 +422,15 @@ class Bench:
             "decode_peak_gpu_gib": None if decoded is None else _gib(decoded),
             "transfer": self.transfer(method, cache, before, context, step_ms, ceilings),
             "tiers": None if before is None else {key: cache.stats()[key] for key in ("spans", "bytes", "tiers")},
-            "launches": launches(self.model, cache, token, steps=LAUNCH_STEPS) if device.type == "cuda" else None,
+            "launches": self.launches(cache, token) if device.type == "cuda" else None,
             "decode_graphs": cache.stats()["decode_graphs"] if isinstance(cache, ReAttentionCache) else None,
         }
+
+    def launches(self, cache, token: torch.Tensor) -> dict:
+        """Kernels and copies per decode step (kvtier.tools.measure.launches), over LAUNCH_STEPS steps where the cache
+        replays graphs, else EAGER_LAUNCH_STEPS."""
+        graphs = isinstance(cache, ReAttentionCache) and cache.stats()["decode_graphs"] is not None
+        return launches(self.model, cache, token, steps=LAUNCH_STEPS if graphs else EAGER_LAUNCH_STEPS)
 
     def recorded(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per layer the pre-RoPE (K, V) [1, Hkv, sample, D] of one real prefill, recorded on first use."""
@@ -426,9 +438,10 @@ class Bench:
             self._kv = record_kv(self.model, self.ids(self.plan.sample))
         return self._kv
 
-    def prefill(self, cache, count: int, desc: str) -> float:
-        """A real chunked prefill of `count` fresh random tokens into `cache` -> seconds."""
-        return prefill(self.model, cache, self.ids(count), self.plan.prefill_chunk, desc)
+    def prefill(self, cache, count: int, desc: str, forward_ms: list[float] | None = None) -> float:
+        """A real chunked prefill of `count` fresh random tokens into `cache` -> seconds (each forward's milliseconds
+        into `forward_ms` when given)."""
+        return prefill(self.model, cache, self.ids(count), self.plan.prefill_chunk, desc, forward_ms)
 
     def transfer(self, method: str, cache, before: dict | None, context: int, step_ms: float,
                  ceilings: dict | None) -> dict | None:

@@ -20,6 +20,7 @@ from kvtier.cache import ReAttentionCache
 from kvtier.config import ReAttentionConfig
 from kvtier.layer import ReAttentionLayer
 from kvtier.policies import Policy, rank_spans
+from kvtier.regions import spans_to_seal
 
 Select = Callable[[torch.Tensor], torch.Tensor]  # ReAttentionLayer.select: queries [B, Hq, c, D] -> ids [B, Hkv, k]
 TokenRanges = Sequence[tuple[int, int]]  # [start, end) token ranges of one row's needle(s)
@@ -36,11 +37,10 @@ class NeedleSpans:
 
 
 def sealed_spans(tokens: int, config: ReAttentionConfig) -> int:
-    """How many middle spans a layer holding `tokens` tokens has sealed. `ReAttentionLayer.ingest` keeps at most
-    local_size tokens after the global region and seals whole spans from the window's front, in token order, so
-    span j holds tokens [global_size + j*span_size, global_size + (j+1)*span_size)."""
-    outside = tokens - config.global_size - config.local_size
-    return max(0, -(-outside // config.span_size))
+    """How many middle spans a layer holding `tokens` tokens has sealed. `ReAttentionLayer.ingest` seals whole spans
+    from the local window's front, in token order, seal_group at a time (kvtier.regions.spans_to_seal), so span j
+    holds tokens [global_size + j*span_size, global_size + (j+1)*span_size)."""
+    return spans_to_seal(0, tokens - config.global_size, config.local_size, config.span_size, config.seal_group)
 
 
 def spans_of(needle_tokens: TokenRanges, config: ReAttentionConfig, tokens: int | None = None) -> NeedleSpans:

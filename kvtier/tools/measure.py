@@ -26,15 +26,22 @@ def step(model, cache, tokens: torch.Tensor, keyword: str | None = None) -> torc
     return logits[:, -1:].argmax(-1)
 
 
-def prefill(model, cache, ids: torch.Tensor, chunk: int, desc: str | None = None) -> float:
+def prefill(model, cache, ids: torch.Tensor, chunk: int, desc: str | None = None,
+            forward_ms: list[float] | None = None) -> float:
     """A chunked prefill of ids [B, T] into `cache`, `chunk` tokens per forward -> seconds, waiting for the GPU before
-    and after. `desc` shows a progress bar."""
+    and after. `desc` shows a progress bar; `forward_ms`, when given, receives each forward's milliseconds (waiting for
+    the GPU after each: one synchronisation per forward)."""
     keyword = cache_keyword(model)
     sync()
-    began = time.perf_counter()
+    began = last = time.perf_counter()
     with torch.inference_mode():
         for start in tqdm(range(0, ids.shape[1], chunk), desc=desc, unit="chunk", leave=False, disable=desc is None):
             model(input_ids=ids[:, start:start + chunk], logits_to_keep=1, **{keyword: cache})
+            if forward_ms is not None:
+                sync()
+                now = time.perf_counter()
+                forward_ms.append((now - last) * 1e3)
+                last = now
     sync()
     return time.perf_counter() - began
 

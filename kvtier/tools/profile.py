@@ -48,7 +48,7 @@ FIT_MARGIN = 0.9  # a cell runs when its estimated need is below this fraction o
 # option -> (full run, --quick); None in args means "not given"
 DEFAULTS = {
     "contexts": ([8 << 10, 32 << 10, 128 << 10, 512 << 10, 1 << 20], [1 << 10, 4 << 10]),
-    "gpu_budget": (1 * GiB, 256 << 10),
+    "gpu_budget": (1 * GiB, 260 << 10),
     "host_budget": (96 * GiB, 512 << 10),
     "decode_steps": (16, 4),
     "interval": (100.0, 20.0),
@@ -83,7 +83,7 @@ def add_profile_parser(commands) -> argparse.ArgumentParser:
     profile.add_argument("--configs", type=_configs, default=list(CONFIGS),
                          help=f"comma list of {', '.join(CONFIGS)} (default: all)")
     profile.add_argument("--gpu-budget", type=byte_budget, default=None,
-                         help="kvtier-tiers' span pool on the GPU, e.g. 1GiB (default 1GiB; --quick 256KiB): at 1M "
+                         help="kvtier-tiers' span pool on the GPU, e.g. 1GiB (default 1GiB; --quick 260KiB): at 1M "
                               "tokens of Llama-8B kvtier also keeps ~6 GiB of span summaries and local windows on "
                               "the GPU, and the goal is weights + 8 GiB")
     profile.add_argument("--host-budget", type=byte_budget, default=None,

@@ -141,19 +141,22 @@ def test_defaults_for_an_8k_window():
     scope = int(WINDOW * DEFAULT_SCOPE_FRACTION)
     assert (config.global_size, config.span_size, config.local_size, config.chunk_size) == (32, 32, scope // 2, 512)
     assert config.top_k == (scope - 32 - scope // 2) // 32
-    assert config.scope_bound == scope <= WINDOW
+    assert config.seal_group == 4  # the local window grows by up to 3 spans between seals
+    assert config.scope_bound == scope + 3 * 32 <= WINDOW
+    assert config.local_limit == scope // 2 + 3 * 32
     assert config.policy == DEFAULT_POLICY
     assert (config.per_kv_head, config.allow_exceeding_window, config.policy_options) == (False, False, {})
 
 
 def test_derive_defaults_matches_resolve():
-    assert ReAttentionConfig().resolve(WINDOW) == ReAttentionConfig(**derive_defaults(WINDOW))
+    assert ReAttentionConfig().resolve(WINDOW) == ReAttentionConfig(**derive_defaults(WINDOW), seal_group=4)
 
 
 def test_a_tiny_window_asks_for_explicit_sizes():
     with pytest.raises(ValueError, match="too small to derive a scope"):
         ReAttentionConfig().resolve(16)
-    assert ReAttentionConfig(global_size=1, local_size=8, span_size=2, top_k=2, chunk_size=4).resolve(16).scope_bound == 13
+    tiny = ReAttentionConfig(global_size=1, local_size=8, span_size=2, top_k=2, chunk_size=4).resolve(16)
+    assert (tiny.seal_group, tiny.scope_bound) == (2, 15)  # "auto" seals fewer spans at once where the window is short
 
 
 @pytest.mark.parametrize("window", [64, 128, 512, 2048, 4096, 8192, 32768, 131072, 1 << 20])
@@ -172,7 +175,8 @@ def test_resolve_keeps_user_fields_and_top_k_fills_the_rest():
     assert (config.local_size, config.span_size, config.policy) == (1024, 16, "mean")
     assert config.global_size == 32
     assert config.top_k == (scope - 32 - 1024) // 16
-    assert scope - 16 < config.scope_bound <= scope
+    spans_and_windows = config.global_size + config.top_k * config.span_size + config.local_size
+    assert scope - 16 < spans_and_windows <= scope
 
 
 def test_resolve_keeps_user_top_k_and_chunk_size():
@@ -214,6 +218,21 @@ def test_resolve_rejects_bad_window(window):
 
 
 # ---- invalid configurations -----------------------------------------------------------------------------------------
+def test_seal_group_auto_fits_the_window_and_an_explicit_one_is_checked():
+    paper = ReAttentionConfig(global_size=32, local_size=4064, span_size=32, top_k=127, chunk_size=512)  # 8,160
+    assert paper.resolve(WINDOW).seal_group == 2  # 8160 + 32 fits the 8K window, 8160 + 64 would not
+    with pytest.raises(ValueError, match=r"\+ 96 = 8256 exceeds the model's 8192-token window; lower top_k to 125, "
+                                         r"lower seal_group or pass allow_exceeding_window=True"):
+        paper.replace(seal_group=4).resolve(WINDOW)
+    assert paper.replace(seal_group=4, allow_exceeding_window=True).resolve(WINDOW).scope_bound == 8256
+
+
+@pytest.mark.parametrize("value", [0, -1, 1.5, "4", True])
+def test_seal_group_must_be_a_positive_integer_or_auto(value):
+    with pytest.raises(ValueError, match=r"seal_group must be a positive integer \(spans sealed at once\) or 'auto'"):
+        ReAttentionConfig(seal_group=value).resolve(WINDOW)
+
+
 def test_scope_exceeding_the_window_names_both_fixes():
     config = ReAttentionConfig(top_k=200)
     with pytest.raises(ValueError, match=r"exceeds the model's 8192-token window; lower top_k to 191 or pass allow_exceeding_window=True"):
@@ -273,7 +292,7 @@ def test_global_size_and_top_k_must_not_be_negative(field):
 
 def test_zero_global_size_and_zero_top_k_are_valid():
     config = ReAttentionConfig(global_size=0, top_k=0).resolve(WINDOW)
-    assert config.scope_bound == config.local_size
+    assert config.scope_bound == config.local_limit
 
 
 @pytest.mark.parametrize("field", ["global_size", "local_size", "span_size", "top_k", "chunk_size"])

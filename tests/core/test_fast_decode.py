@@ -8,11 +8,13 @@ import pytest
 import torch
 
 from kvtier import ReAttentionCache, ReAttentionConfig
+from kvtier.regions import spans_to_seal
 from tests.conftest import random_ids, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-# scope 8 + 3 x 8 + 32 = 64 tokens; a decode step seals a span every 8 steps, consensus re-scores every 16
+# scope 8 + 3 x 8 + 32 (+ 3 x 8 while the local window grows to a group of 4 spans) = 88 tokens; a decode step seals
+# 4 spans every 32 steps, where consensus re-scores
 SCOPE = dict(global_size=8, span_size=8, top_k=3, local_size=32, chunk_size=16, policy="consensus")
 NEW = 60
 
@@ -40,7 +42,7 @@ def test_static_steps_give_the_eager_tokens_and_cache_state(family):
     assert torch.equal(static_tokens, eager_tokens)
     torch.testing.assert_close(static_scores, eager_scores, rtol=0, atol=1e-5)
     steps = static._graphs.steps
-    # seals (every 8 steps), re-scorings (every 16) and the first decode step run eagerly, most others statically
+    # seals (every 32 steps, with consensus' re-scoring) and the first decode step run eagerly, the others statically
     assert NEW // 2 < steps["static"] < NEW - 1 and steps["replayed"] == steps["captures"] == 0
     for ours, theirs in zip(static.layers, eager.layers):
         assert ours.seen == theirs.seen and ours.largest_scope == theirs.largest_scope
@@ -52,6 +54,37 @@ def test_static_steps_give_the_eager_tokens_and_cache_state(family):
         assert all(torch.equal(mine[name], reference[name]) for name in ("steps", "selected", "spans"))
         torch.testing.assert_close(mine["window"], reference["window"], rtol=0, atol=1e-5)
     assert torch.equal(static.token_ids, eager.token_ids)
+
+
+@pytest.mark.parametrize("seal_group, refresh", [(1, None), (4, None), (4, 8)])
+def test_a_decode_steps_eagerly_only_where_it_seals_or_refreshes(seal_group, refresh):
+    """Between two seals (seal_group spans at once) and re-scorings (`refresh`), every decode step is static but where
+    the local window's buffer is full (it moves its tokens back to its start: rare, once per buffer's length)."""
+    model, ids = tiny_model("llama"), random_ids(150)
+    static = caches(model, True, seal_group=seal_group, policy_options={"refresh": refresh})
+    eager_tokens = generate(model, ids, caches(model, False, seal_group=seal_group,
+                                               policy_options={"refresh": refresh}))[0]
+    layer, buffer_full, ready = static.layers[0], [], static.fast_decode_ready
+
+    def recording():
+        buffer_full.append(layer.local.start + layer.local.length == layer.local.keys.shape[2])
+        return ready()
+
+    static.fast_decode_ready = recording
+    assert torch.equal(generate(model, ids, static)[0], eager_tokens)
+    held = range(ids.shape[1] + 1, ids.shape[1] + NEW)  # tokens held after each decode step (the last is not fed)
+    sealed = [spans_to_seal(0, tokens - 8, 32, 8, seal_group) for tokens in held]
+    seals = [step for step in range(1, len(held)) if sealed[step] != sealed[step - 1]]
+    assert all(sealed[step] % seal_group == 0 for step in seals)
+    assert len(seals) == {1: 8, 4: 2}[seal_group]  # 59 steps: a span every 8, or four every 32
+    eager, since = 1, 0  # the first decode step is eager; then every seal, and every refresh-th step after a scoring
+    for step in range(1, len(held)):
+        since += 1
+        if step in seals or (refresh is not None and since > refresh):  # consensus re-scores
+            eager, since = eager + 1, 0
+        elif buffer_full[-len(held):][step]:  # eager, reusing the selection
+            eager += 1
+    assert static._graphs.steps["static"] == len(held) - eager
 
 
 def test_a_saved_cache_continues_alike_after_static_steps(tmp_path):

@@ -30,7 +30,7 @@ def test_scope_larger_than_the_window_raises():
     cache = ReAttentionCache(
         model, global_size=8, local_size=128, span_size=8, top_k=32, chunk_size=16, allow_exceeding_window=True
     )
-    assert cache.config.scope_bound == 8 + 256 + 128
+    assert cache.config.scope_bound == 8 + 256 + 128 + 3 * 8  # and a local window growing 3 spans between seals
 
 
 def test_defaults_are_derived_from_the_window():

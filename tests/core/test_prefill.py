@@ -50,9 +50,11 @@ def test_a_forward_taken_at_once_gives_the_logits_and_cache_of_chunk_by_chunk(po
                                    atol=1e-5)
     assert at_once.stats()["scope_tokens"] == by_chunk.stats()["scope_tokens"]
     assert all(layer.gathers_chunks_at_once() for layer in at_once.layers)  # every chunk in one gather and SDPA
-    assert len(batched) == 2 * 3  # two layers, the three forwards of several chunks after the global region filled
+    # two layers x four forwards of several chunks: the first from its second chunk on (the first filled the global
+    # region), the others whole
+    assert len(batched) == 2 * 4
     if policy == "consensus":  # selected in one pass once its window was full (the last two), else chunk by chunk
-        assert [chosen is not None for chosen in batched] == [False, False, True, True, True, True]
+        assert [chosen is not None for chosen in batched] == [False] * 4 + [True] * 4
 
 
 def test_consensus_selects_every_chunk_as_one_by_one_per_kv_head_too():
@@ -70,9 +72,10 @@ def test_consensus_selects_every_chunk_as_one_by_one_per_kv_head_too():
     assert torch.equal(chosen["at once"][4], chosen["by chunk"][4])  # the same ring, slot for slot
 
 
-def test_the_plan_matches_the_layer_ingesting_chunk_by_chunk():
+@pytest.mark.parametrize("seal_group", [1, 3])
+def test_the_plan_matches_the_layer_ingesting_chunk_by_chunk(seal_group):
     model = tiny_model("llama")
-    cache = _one_by_one(ReAttentionCache(model, **TINY))
+    cache = _one_by_one(ReAttentionCache(model, **TINY, seal_group=seal_group))
     _forwards(model, cache, random_ids(70), [70])
     layer = cache.layers[0]
     seen = []
@@ -82,7 +85,7 @@ def test_the_plan_matches_the_layer_ingesting_chunk_by_chunk():
     before = (layer.local.length, len(layer.table), layer.global_region.length)
     _forwards(model, cache, random_ids(61, seed=2), [61])
     bounds = chunk_bounds(layer.seen, 61, TINY["chunk_size"])
-    chunks, sealed = plan_chunks(bounds, *before, TINY["local_size"], TINY["span_size"])
+    chunks, sealed = plan_chunks(bounds, *before, TINY["local_size"], TINY["span_size"], seal_group)
     assert [(start, end) for start, end in bounds] == [(0, 2), (2, 14), (14, 26), (26, 38), (38, 50), (50, 61)]
     assert [(chunk.spans, chunk.local.stop - chunk.local.start, chunk.tokens) for chunk in chunks] == seen
     assert sealed == (len(layer.table) - before[1]) * TINY["span_size"]

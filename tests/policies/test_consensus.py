@@ -309,7 +309,7 @@ def test_consensus_summary_is_a_copy_of_the_keys():
 def test_inside_the_scope_generates_exactly_what_a_dynamic_cache_does():
     model = tiny_model("llama")
     ids = random_ids(30)  # 30 + 8 tokens: sealed spans, but never more than top_k of them
-    cache = ReAttentionCache(model, policy="consensus", **TINY)
+    cache = ReAttentionCache(model, policy="consensus", **TINY, seal_group=1)
     ours = greedy(model, ids, cache, new_tokens=8)
     stock = greedy(model, ids, DynamicCache(), new_tokens=8)
     assert torch.equal(ours, stock)

@@ -189,12 +189,14 @@ def _probe(server: Worker, path: Path) -> str:
 
 
 class Reference:
-    """The worker's run, uninterrupted and in this process: a clean save at each save point, for comparison."""
+    """The worker's run, uninterrupted and in this process: a clean save at each save point, for comparison. Its
+    budgets are the worker's, so its forwards take the same paths (a bounded GPU pool gathers and attends chunk by
+    chunk; an unbounded one all chunks at once, equal only to rounding)."""
 
     def __init__(self, model, folder: Path):
         self.model, self.folder = model, folder
         self.ids = worker.worker_ids(IDS_SEED)
-        self.cache = ReAttentionCache(model, **worker.TINY)
+        self.cache = ReAttentionCache(model, **worker.TINY, **worker.BUDGETS, disk_path=str(folder / "reference-spill"))
         self.fed = 0
         self.records: dict[int, dict[bytes, bytes]] = {}
 

@@ -34,8 +34,9 @@ NEW_TOKENS = 12
 
 
 def _spilling(batch: int, disk_path: Path) -> dict:
-    """Budgets barely above what one step needs (batch * (top_k + chunk/span) spans): most spans go to LMDB."""
-    step = batch * (3 + 3)
+    """Budgets barely above what one step needs (batch * (top_k + chunk/span + seal_group - 1) spans): most spans go
+    to LMDB."""
+    step = batch * (3 + 3 + 3)
     return dict(gpu_budget=step * SPAN_BYTES, host_budget=(step + 2) * SPAN_BYTES, disk_path=str(disk_path))
 
 

@@ -60,6 +60,9 @@ def test_quick_cells_have_positive_timings(quick):
         assert cell["status"] == "ok", cell
         assert 0 < cell["decode"]["ms_median"] and 0 < cell["decode"]["ms_mean"] and cell["decode"]["steps"] == 4
         assert cell["prefill"]["tok_s"] > 0 and cell["prefill"]["seconds"] > 0
+        forwards = cell["prefill"]["forward_ms"]  # one per prefill chunk (256 tokens in --quick), adding up to the whole
+        assert len(forwards) == -(-cell["prefill"]["tokens"] // 256) and all(ms > 0 for ms in forwards)
+        assert sum(forwards) <= 1e3 * cell["prefill"]["seconds"] * 1.01
         assert cell["launches"] is None and cell["peak_gpu_gib"] is None  # CUDA only
     # up to --max-prefill (1K in --quick) a real prefill; beyond, a fill and one real chunk at full depth
     assert _cell(result, "kvtier", 1024)["prefill"] == {**_cell(result, "kvtier", 1024)["prefill"], "kind": "real",

@@ -19,7 +19,7 @@ from kvtier.tools.niah import answer
 from kvtier.tools.tasks import NEEDLE as NEEDLE_TEXT, build_task_sample
 from tests.conftest import random_ids, tiny_model
 
-SMALL = dict(global_size=4, local_size=64, span_size=8, top_k=2, chunk_size=16, kernels="reference")
+SMALL = dict(global_size=4, local_size=64, span_size=8, top_k=2, chunk_size=16, kernels="reference", seal_group=1)
 CONFIG = ReAttentionConfig(**SMALL, policy="quest")  # ranks per layer: consensus votes across layers
 PROMPT = 240  # 4 global tokens, then (240 - 4 - 64) / 8 = 21.5 -> 22 sealed spans, and the rest in the window
 NEEDLE = [(50, 70)]  # tokens 50..69: spans (50-4)//8 = 5 to (69-4)//8 = 8
@@ -43,16 +43,19 @@ def test_spans_of_maps_token_ranges_to_spans_in_token_order():
     assert inside_global.ids == (0,) and inside_global.by_construction == ((0, 4),)
     # at 240 tokens 22 spans are sealed: tokens from 4 + 22 * 8 = 180 on are still in the local window
     assert sealed_spans(PROMPT, CONFIG) == 22
+    by_four = CONFIG.replace(seal_group=4)  # sealed four at a time: 20 spans up to 252 tokens, 24 from 253
+    assert [sealed_spans(tokens, by_four) for tokens in (PROMPT, 252, 253)] == [20, 20, 24]
     late = spans_of([(170, 190)], CONFIG, tokens=PROMPT)
     assert late.ids == (20, 21) and late.by_construction == ((180, 190),)
     with pytest.raises(ValueError, match="beyond the 240 tokens"):
         spans_of([(230, 250)], CONFIG, tokens=PROMPT)
 
 
-def test_span_j_holds_the_pre_rope_keys_of_the_tokens_spans_of_maps_to_it(model):
+@pytest.mark.parametrize("seal_group", [1, 4])
+def test_span_j_holds_the_pre_rope_keys_of_the_tokens_spans_of_maps_to_it(model, seal_group):
     """The keys sealed in span j of every layer are the k_proj outputs (pre-RoPE keys; llama has no key norm) of the
     tokens spans_of maps to span j."""
-    cache = ReAttentionCache(model, CONFIG)
+    cache = ReAttentionCache(model, CONFIG.replace(seal_group=seal_group))
     keys = {}  # layer -> [B, Hkv, T, D]
 
     def keep(index):

@@ -6,6 +6,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+from kvtier.config import ReAttentionConfig
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -26,6 +28,5 @@ def test_quick_answers_the_padded_rows_as_alone_and_reports_both(tmp_path, capsy
     assert result["padded"]["padded"] and result["padded"]["pads"] == [400, 200, 0]
     assert result["same_answers"] == 3
     assert [row["tokens"] for row in result["alone"]["rows"]] == [row["tokens"] for row in result["padded"]["rows"]]
-    assert result["padded"]["max_position"] < result["config"]["global_size"] + result["config"]["top_k"] * \
-        result["config"]["span_size"] + result["config"]["local_size"]
+    assert result["padded"]["max_position"] < ReAttentionConfig.from_dict(result["config"]).scope_bound
     assert result["throughput_ratio"] > 0 and "torch" in result["versions"]
