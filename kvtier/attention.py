@@ -27,9 +27,9 @@ def scope_attention(
     The queries go in chunks of `chunk_size` (kvtier.prefill.chunk_bounds); each chunk seals what left the local
     window, selects its own spans and attends to `[global | spans | local ending with the chunk]` at positions
     0..L-1, its queries at L-c..L-1. Once the global region is full (in a prompt's first forward: after the chunk
-    that fills it), the forward's remaining chunks are taken in and sealed at once and its chunks' spans selected together (kvtier.prefill: the same scopes, fewer launches); with
-    SDPA, spans read where they lie and as many spans for every chunk, their scopes are gathered and attended at once
-    too, else chunk by chunk.
+    that fills it), the forward's remaining chunks are taken in and sealed at once and their spans selected together
+    (kvtier.prefill: the same scopes, fewer launches); with SDPA, spans read where they lie and as many spans for
+    every chunk, their scopes are gathered and attended at once too, else chunk by chunk.
     The attention backend is chosen first, so a backend that cannot run raises before the layer takes anything in.
     """
     batch, q_heads, n_queries, head_dim = query.shape
