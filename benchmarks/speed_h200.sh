@@ -16,6 +16,8 @@ usage: bash benchmarks/speed_h200.sh OUT_DIR STAGE...
   decode8b   the same, graphs only (stock beside)
   decode-smollm2 kvtier bench --model smollm2 at 32K and 1M (filled), graphs only (stock beside)
   long8b   kvtier bench --model llama8b at 1M (filled), kvtier-host (a 40 GiB span pool, the rest pinned), graphs
+  disk2m   kvtier bench --model smollm2 at 2M (filled): kvtier (every span on the GPU) and kvtier-disk (a 2 GiB pool,
+           8 GiB of pinned host, the rest of the 46 GiB of K/V in LMDB under /tmp/kvtier-disk2m)
   profile  benchmarks/decode_profile.py at 8K on the 8B shape with consensus: where a (replayed) decode step's time goes
   chunksize kvtier bench --model smollm2 at 32K and 128K, real prefills, consensus with query chunks of 1024 and 2016
   chunks-smollm2 benchmarks/decode_profile.py --model smollm2 --chunk 8k at 32K, query chunks of 512 and 2016
@@ -28,7 +30,7 @@ An unknown stage runs nothing and exits 2.
 USAGE
 }
 known=" tests kernels prefill prefill-quest prefill8b chunksize smollm2 llama8b decode8b decode-smollm2 long8b profile "
-known+="syncs chunks chunks-smollm2 "
+known+="syncs chunks chunks-smollm2 disk2m "
 here=$(cd "$(dirname "$0")" && pwd)
 source "$here/stages.sh"
 mkdir -p "$out"
@@ -78,6 +80,9 @@ for stage in "$@"; do
         long8b)
             bench long8b-graphs --model llama8b --contexts 1m --prefill fill --methods kvtier-host \
                 --config "$here/configs/scope-8k-consensus.yaml" --gpu-budget 40GiB ;;
+        disk2m)
+            bench disk2m --model smollm2 --contexts 2m --prefill fill --methods kvtier,kvtier-disk \
+                --gpu-budget 2GiB --host-budget 8GiB --disk-path /tmp/kvtier-disk2m ;;
         profile)
             timeout "${SPEED_LIMIT:-280}" python3 "$here/decode_profile.py" --context 8k --steps 32 \
                 --config "$here/configs/scope-8k-consensus.yaml" --out "$out/profile" > "$out/profile.log" 2>&1
