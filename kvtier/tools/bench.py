@@ -313,7 +313,6 @@ class Bench:
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.token_layer_bytes = 2 * self.kv_heads * self.head_dim * plan.dtype.itemsize  # K and V of one layer
         self.weights_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        self.generator = torch.Generator().manual_seed(plan.seed)
         self._kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # recorded on the first fill
         self.warmed: set[str] = set()  # methods whose warm-up ran
 
@@ -347,9 +346,11 @@ class Bench:
                   f"{time.perf_counter() - began:.1f} s", file=sys.stderr, flush=True)
 
     def ids(self, count: int) -> torch.Tensor:
-        """Fresh random token ids [1, count] on the model's device."""
+        """Random token ids [1, count] on the model's device, the same for every method asking for `count` (so the
+        cells of one context prefill and decode the same tokens, and their answers compare)."""
         vocab = self.model.config.vocab_size
-        return torch.randint(0, vocab, (1, count), generator=self.generator).to(self.plan.device)
+        generator = torch.Generator().manual_seed(self.plan.seed * 1_000_003 + count)
+        return torch.randint(0, vocab, (1, count), generator=generator).to(self.plan.device)
 
     def cell(self, method: str, context: int, ceilings: dict | None) -> dict:
         cell = {"method": method, "context": context, "status": "ok", "reason": None}
@@ -406,8 +407,9 @@ class Bench:
         before = cache.stats() if isinstance(cache, ReAttentionCache) else None
         built = peak_memory(device, reset=True)  # prefill (and fill); then decode's own peak
         token = self.ids(1)
+        answer = []  # the greedy tokens of every step, warm-up included
         times, _ = decode(self.model, cache, token, self.plan.decode_steps, self.plan.warmup,
-                          desc=f"{method} decode @ {context:,}")
+                          desc=f"{method} decode @ {context:,}", answer=answer)
         step_ms = statistics.median(times)
         decoded = peak_memory(device)
         return {
@@ -415,7 +417,7 @@ class Bench:
                         "seconds": round(prefill_s, 4), "tok_s": round((context - filled) / prefill_s, 1),
                         "forward_ms": [round(ms, 2) for ms in forward_ms]},
             "fill_s": None if fill_s is None else round(fill_s, 2),
-            "decode": {"ms_median": round(step_ms, 3), "ms_mean": round(statistics.fmean(times), 3),
+            "decode": {"tokens": answer, "ms_median": round(step_ms, 3), "ms_mean": round(statistics.fmean(times), 3),
                        "ms_p90": round(_quantile(times, 0.9), 3),
                        "ms_min": round(min(times), 3), "steps": len(times), "warmup": self.plan.warmup},
             "peak_gpu_gib": None if built is None else _gib(max(built, decoded)),

@@ -42,7 +42,28 @@ def goals(result: dict) -> list[dict]:
               "(the longest context both have)", (_ok(result, "offloaded", host_at), host_at, "offloaded"),
               (_ok(result, "kvtier-host", host_at), host_at, "kvtier-host"), _decode_ms, ">=", 3.0,
               None if host_at else "needs offloaded and kvtier-host decoded at one context"),
+        _same_answer(result),
     ]
+
+
+def _same_answer(result: dict) -> dict:
+    """Whether a tiered cell (kvtier-disk, else kvtier-host) decodes the greedy tokens of the all-on-GPU kvtier cell at
+    the longest context both have: ratio = the share of its tokens, from the first, that agree (1 = the same answer)."""
+    pairs = [(context, tiered) for context in result["settings"]["contexts"]
+             for tiered in ("kvtier-host", "kvtier-disk") if _ok(result, tiered, context) and _ok(result, "kvtier", context)]
+    context, tiered = pairs[-1] if pairs else (None, "kvtier-disk")
+    goal = {"name": "tiers_same_answer", "goal": "a tiered kvtier cell decodes the all-on-GPU cell's greedy tokens "
+            "(the longest context both have; ratio: the share of tokens that agree from the first)",
+            "compared": f"{tiered} @ {format_length(context)} / kvtier @ {format_length(context)}", "ratio": None,
+            "op": ">=", "target": 1.0, "met": None, "note": None}
+    if context is None:
+        return goal | {"note": "needs kvtier and kvtier-host or kvtier-disk decoded at one context"}
+    ours, reference = (_ok(result, method, context)["decode"].get("tokens") for method in (tiered, "kvtier"))
+    if not ours or not reference:
+        return goal | {"note": "no decoded tokens recorded (results written before they were)"}
+    agree = next((i for i, (a, b) in enumerate(zip(ours, reference)) if a != b), min(len(ours), len(reference)))
+    ratio = agree / len(reference)
+    return goal | {"ratio": round(ratio, 3), "met": ratio >= 1.0}
 
 
 def _goal(name: str, text: str, top: tuple, bottom: tuple, metric, op: str, target: float,

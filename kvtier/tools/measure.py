@@ -48,12 +48,13 @@ def prefill(model, cache, ids: torch.Tensor, chunk: int, desc: str | None = None
 
 def decode(model, cache, token: torch.Tensor, steps: int, warmup: int = 0,
            feed: Callable[[torch.Tensor], torch.Tensor] | None = None,
-           desc: str | None = None) -> tuple[list[float], torch.Tensor]:
+           desc: str | None = None, answer: list[int] | None = None) -> tuple[list[float], torch.Tensor]:
     """`warmup` untimed steps, then `steps` timed ones, from `token` [B, 1] -> (milliseconds of each timed step, the
     last step's greedy token).
 
     Each step feeds the previous step's greedy token (greedy decoding), or with `feed` what it returns for that token
-    (e.g. fresh ids [1, n]: a prefill forward per step); making the input is not timed. `desc` shows a progress bar."""
+    (e.g. fresh ids [1, n]: a prefill forward per step); making the input is not timed. `desc` shows a progress bar;
+    `answer`, when given, receives each step's greedy token of the first row (after the step's time is taken)."""
     keyword = cache_keyword(model)
     times = []
     with torch.inference_mode():
@@ -64,6 +65,8 @@ def decode(model, cache, token: torch.Tensor, steps: int, warmup: int = 0,
             sync()
             if index >= warmup:
                 times.append((time.perf_counter() - began) * 1e3)
+            if answer is not None:
+                answer.append(int(token[0, 0]))
     return times, token
 
 

@@ -60,6 +60,7 @@ def test_quick_cells_have_positive_timings(quick):
         assert cell["status"] == "ok", cell
         assert 0 < cell["decode"]["ms_median"] and 0 < cell["decode"]["ms_mean"] and cell["decode"]["steps"] == 4
         assert cell["prefill"]["tok_s"] > 0 and cell["prefill"]["seconds"] > 0
+        assert len(cell["decode"]["tokens"]) == 1 + 4  # the greedy answer: the warm-up step and the 4 timed ones
         forwards = cell["prefill"]["forward_ms"]  # one per prefill chunk (256 tokens in --quick), adding up to the whole
         assert len(forwards) == -(-cell["prefill"]["tokens"] // 256) and all(ms > 0 for ms in forwards)
         assert sum(forwards) <= 1e3 * cell["prefill"]["seconds"] * 1.01
@@ -94,7 +95,8 @@ def test_quick_skips_name_their_reason(quick):
 def test_quick_goals_are_ratios_of_this_run(quick):
     _, result, _ = quick
     by_name = {g["name"]: g for g in result["goals"]}
-    assert set(by_name) == {"decode_flat", "decode_vs_stock", "prefill_vs_stock", "prefill_flat", "host_vs_offloaded"}
+    assert set(by_name) == {"decode_flat", "decode_vs_stock", "prefill_vs_stock", "prefill_flat", "host_vs_offloaded",
+                            "tiers_same_answer"}
     flat = by_name["decode_flat"]
     long, short = (_cell(result, "kvtier", context)["decode"]["ms_mean"] for context in (4096, 1024))
     expected = long / short
@@ -102,13 +104,16 @@ def test_quick_goals_are_ratios_of_this_run(quick):
     for name in ("decode_vs_stock", "prefill_vs_stock", "prefill_flat"):
         assert by_name[name]["ratio"] > 0 and isinstance(by_name[name]["met"], bool)
     assert by_name["host_vs_offloaded"]["met"] is None and "offloaded" in by_name["host_vs_offloaded"]["note"]
+    same = by_name["tiers_same_answer"]  # kvtier-disk against all on the GPU at 4K: the same prompt, tiered spans
+    assert same["compared"] == "kvtier-disk @ 4K / kvtier @ 4K" and 0 <= same["ratio"] <= 1
+    assert same["met"] == (same["ratio"] == 1)
 
 
 def test_table_is_printed_last(quick, capsys, tmp_path):
     assert _run("--quick", "--methods", "stock,kvtier", "--contexts", "1k", "--decode-steps", "1",
                 "--out", str(tmp_path)) == 0
     printed = capsys.readouterr().out
-    assert printed.rstrip().splitlines()[-1].startswith("| host_vs_offloaded")
+    assert printed.rstrip().splitlines()[-1].startswith("| tiers_same_answer")
     assert "decode ms/token" in printed and "| stock | " in printed and "needs two --contexts" in printed
 
 
@@ -230,6 +235,25 @@ def test_goals_compare_the_right_cells():
     assert by_name["host_vs_offloaded"]["ratio"] == 9.0 and by_name["host_vs_offloaded"]["met"] is True
 
 
+def test_same_answer_compares_the_tiered_cells_tokens_with_all_on_the_gpu():
+    def decoded(method: str, context: int, tokens: list[int]) -> dict:
+        cell = _made_up(method, context, 5.0, 100.0)
+        cell["decode"]["tokens"] = tokens
+        return cell
+
+    cells = [decoded("kvtier", 1024, [1, 2, 3, 4]), decoded("kvtier-host", 1024, [1, 2, 3, 4]),
+             decoded("kvtier", 4096, [5, 6, 7, 8]), decoded("kvtier-disk", 4096, [5, 6, 9, 8])]
+    result = {"settings": {"contexts": [1024, 4096]}, "cells": cells}
+    same = {g["name"]: g for g in goals(result)}["tiers_same_answer"]
+    assert same["compared"] == "kvtier-disk @ 4K / kvtier @ 4K"
+    assert same["ratio"] == 0.5 and same["met"] is False  # the first two tokens agree, then the answers part
+    result["cells"] = cells[:2]
+    same = {g["name"]: g for g in goals(result)}["tiers_same_answer"]
+    assert same["compared"] == "kvtier-host @ 1K / kvtier @ 1K" and same["ratio"] == 1.0 and same["met"] is True
+    result["cells"] = [_made_up("kvtier", 1024, 5.0, 100.0), _made_up("kvtier-host", 1024, 5.0, 100.0)]
+    assert "no decoded tokens" in {g["name"]: g for g in goals(result)}["tiers_same_answer"]["note"]
+
+
 def test_a_goal_without_its_cells_says_which_are_missing():
     result = {"settings": {"contexts": [1024, 4096]}, "cells": [_made_up("kvtier", 1024, 5.0, 100.0)]}
     by_name = {g["name"]: g for g in goals(result)}
@@ -275,7 +299,7 @@ def test_report_merges_runs_and_recomputes_floors_and_goals(quick, tmp_path, cap
     assert host["ceiling"] == "pinned" and host["floor_ms"] < 1e6
     assert next(g for g in merged["goals"] if g["name"] == "decode_flat")["compared"] == "kvtier @ 8K / kvtier @ 1K"
     assert (tmp_path / "merged" / "bench.png").read_bytes()[:8] == PNG_SIGNATURE
-    assert capsys.readouterr().out.rstrip().splitlines()[-1].startswith("| host_vs_offloaded")
+    assert capsys.readouterr().out.rstrip().splitlines()[-1].startswith("| tiers_same_answer")
 
 
 def test_report_of_a_file_that_is_not_a_bench_json_returns_2(tmp_path, capsys):
