@@ -96,8 +96,8 @@ for stage in "$@"; do
             echo "== syncs: exit $?"; grep -E "^==|^  " "$out/syncs.log" | head -n 60 ;;
         smollm2|decode-smollm2)
             bench smollm2-graphs --model smollm2 --contexts 32k,1m --prefill fill --methods stock,kvtier
-            [ "$stage" = decode-smollm2 ] || bench smollm2-eager --model smollm2 --contexts 32k,1m --prefill fill --methods kvtier \
-                --config "$here/configs/graphs-off.yaml" ;;
+            [ "$stage" = decode-smollm2 ] || bench smollm2-eager --model smollm2 --contexts 32k,1m --prefill fill \
+                --methods kvtier --config "$here/configs/graphs-off.yaml" ;;
         llama8b|decode8b)
             bench llama8b-graphs --model llama8b --contexts 8k,128k --prefill fill --methods stock,kvtier \
                 --config "$here/configs/scope-8k-consensus.yaml"

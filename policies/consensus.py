@@ -11,8 +11,8 @@ A span's neighbours share its score (max-pooled), so a sentence cut by a span bo
 Decode steps reuse their layer's last selection until spans are sealed (seal_group of them every seal_group *
 span_size steps: the newest text becomes selectable) or, if set, `refresh` steps have passed, then re-score, with the
 window sliding over the generated queries. So a decode runs eagerly only where it seals anyway, and statically in
-between (kvtier.fast_decode). The "summary" is the span's full keys (as `reattention`'s), so every middle key stays on the
-model's device."""
+between (kvtier.fast_decode). The "summary" is the span's full keys (as `reattention`'s), so every middle key stays
+on the model's device."""
 from __future__ import annotations
 
 import functools

@@ -61,7 +61,7 @@ def test_quick_cells_have_positive_timings(quick):
         assert 0 < cell["decode"]["ms_median"] and 0 < cell["decode"]["ms_mean"] and cell["decode"]["steps"] == 4
         assert cell["prefill"]["tok_s"] > 0 and cell["prefill"]["seconds"] > 0
         assert len(cell["decode"]["tokens"]) == 1 + 4  # the greedy answer: the warm-up step and the 4 timed ones
-        forwards = cell["prefill"]["forward_ms"]  # one per prefill chunk (256 tokens in --quick), adding up to the whole
+        forwards = cell["prefill"]["forward_ms"]  # one per prefill chunk (256 tokens in --quick), adding up to all
         assert len(forwards) == -(-cell["prefill"]["tokens"] // 256) and all(ms > 0 for ms in forwards)
         assert sum(forwards) <= 1e3 * cell["prefill"]["seconds"] * 1.01
         assert cell["launches"] is None and cell["peak_gpu_gib"] is None  # CUDA only
