@@ -97,6 +97,8 @@ class DecodeGraphs:
                                                                              "cache_position")}
         step["input_ids"] = self.input_ids
         graph = torch.cuda.CUDAGraph()
+        torch.cuda.synchronize(self.input_ids.device)
+        torch.cuda.empty_cache()  # as entering torch.cuda.graph does: measured before that, graph_bytes went negative
         reserved = torch.cuda.memory_reserved(self.input_ids.device)
         try:
             with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # other threads may run forwards
