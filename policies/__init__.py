@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from .base import AGGREGATIONS, Policy, best_spans, dot_scores, rank_spans
+from .base import AGGREGATIONS, LAYOUTS, Policy, best_run_last, best_spans, dot_scores, rank_spans
 from .consensus import ConsensusPolicy
 from .infllm import InfLLMPolicy
 from .mean import MeanPolicy
@@ -50,8 +50,8 @@ for _cls in (ReAttentionPolicy, MeanPolicy, QuestPolicy, InfLLMPolicy, Streaming
     register_policy(_cls)
 
 __all__ = [
-    "AGGREGATIONS", "Policy", "best_spans", "build_policy", "dot_scores", "policy_names", "rank_spans",
-    "register_policy",
+    "AGGREGATIONS", "LAYOUTS", "Policy", "best_run_last", "best_spans", "build_policy", "dot_scores", "policy_names",
+    "rank_spans", "register_policy",
 ] + [
     c.__name__ for c in (ReAttentionPolicy, MeanPolicy, QuestPolicy, InfLLMPolicy, StreamingPolicy, ConsensusPolicy)
 ]

@@ -197,14 +197,33 @@ def rank_spans(primary: torch.Tensor, secondary: torch.Tensor) -> torch.Tensor:
     return by_secondary.gather(-1, by_primary)
 
 
-def best_spans(primary: torch.Tensor, secondary: torch.Tensor, k: int, merge_heads: str | None = None) -> torch.Tensor:
-    """primary, secondary [B, H, n] -> the first min(k, n) ids of rank_spans' order, ascending: [B, Hsel, k] int64.
-    merge_heads None: one selection per head (Hsel = H); "sum" / "max": one for all heads (Hsel = 1), ranked by
-    primary summed / maxed over the heads, ties by secondary maxed."""
+LAYOUTS = ("text", "best_last")
+
+
+def best_spans(primary: torch.Tensor, secondary: torch.Tensor, k: int, merge_heads: str | None = None,
+               layout: str = "text") -> torch.Tensor:
+    """primary, secondary [B, H, n] -> the first min(k, n) ids of rank_spans' order, laid out as `layout` says:
+    [B, Hsel, k] int64. merge_heads None: one selection per head (Hsel = H); "sum" / "max": one for all heads
+    (Hsel = 1), ranked by primary summed / maxed over the heads, ties by secondary maxed. Layouts (the order the spans
+    take in the scope): "text", ascending; "best_last", see best_run_last."""
     if merge_heads is not None:
         primary = primary.sum(1, keepdim=True) if merge_heads == "sum" else primary.amax(1, keepdim=True)
         secondary = secondary.amax(1, keepdim=True)
-    return rank_spans(primary, secondary)[..., :k].sort(dim=-1).values
+    ranked = rank_spans(primary, secondary)[..., :k]  # [..., k] best first
+    return best_run_last(ranked) if layout == "best_last" else ranked.sort(dim=-1).values
+
+
+def best_run_last(ranked: torch.Tensor) -> torch.Tensor:
+    """ranked [..., k] span ids, best first -> the same ids [..., k] in runs of consecutive ids (each run in text
+    order, so a sentence cut by a span border reads whole), the runs ordered by their best span's rank, worst first:
+    the best run ends next to the local window, i.e. nearest the question."""
+    ids, order = ranked.sort(dim=-1)  # [..., k] ascending; order: each id's rank
+    starts = torch.ones_like(ids, dtype=torch.bool)
+    starts[..., 1:] = ids[..., 1:] != ids[..., :-1] + 1
+    run = starts.long().cumsum(-1) - 1  # [..., k] each id's run, 0-based in text order
+    best_rank = torch.full_like(ids, ids.shape[-1]).scatter_reduce(-1, run, order, "amin")  # [..., k] per run
+    worst_first = best_rank.gather(-1, run).argsort(dim=-1, descending=True, stable=True)
+    return ids.gather(-1, worst_first)
 
 
 def _defined_at(mro: tuple[type, ...], attribute: str) -> int:

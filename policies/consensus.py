@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from kvtier.buffers import buffer, gather_rows, upload
 from kvtier.prefill import QueryChunk
 
-from .base import best_spans
+from .base import LAYOUTS, best_spans
 from .reattention import ReAttentionPolicy
 
 
@@ -90,6 +90,7 @@ class ConsensusPolicy(ReAttentionPolicy):
     window: int = 64  # observation queries: the last `window` queries of the sequence
     refresh: int | None = None  # decode steps at most between re-scorings; None: only when spans are sealed
     neighbours: bool = True  # a span's neighbours share its score
+    layout: str = "text"  # the chosen spans' order in the scope: "text" or "best_last" (policies.base.best_run_last)
     span_block: int = 1024  # spans scored at once: bounds the [B, Hkv, g, window, block, S] score tensor
     # what computes span_best_scores' result instead of it: kvtier.kernels.window_mass on the kernel path (set by
     # kvtier.dispatch at each selection), None elsewhere
@@ -110,6 +111,8 @@ class ConsensusPolicy(ReAttentionPolicy):
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"consensus policy: {option} must be a positive integer, got {value!r}")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"consensus policy: layout must be one of {LAYOUTS}, got {self.layout!r}")
 
     def reset(self, layer: int) -> None:
         self._layers.pop(layer, None)
@@ -185,7 +188,7 @@ class ConsensusPolicy(ReAttentionPolicy):
         votes = self._votes[tokens][1].to(mass.device) + mass if tokens in self._votes else mass
         self._votes[tokens] = (layer, votes)
         score = F.max_pool1d(votes, 3, 1, 1) + 1e-3 * votes if self.neighbours and votes.shape[-1] > 1 else votes
-        state.selected, state.steps, state.spans = best_spans(score, votes, k), 0, n_spans
+        state.selected, state.steps, state.spans = best_spans(score, votes, k, layout=self.layout), 0, n_spans
         return state.selected
 
     def select_chunks(self, queries: torch.Tensor, summaries: torch.Tensor, chunks: list[QueryChunk], top_k: int,
@@ -214,7 +217,8 @@ class ConsensusPolicy(ReAttentionPolicy):
         score = votes
         if self.neighbours:
             score = F.max_pool1d(votes.flatten(0, 1), 3, 1, 1).view_as(votes) + 1e-3 * votes
-        chosen = best_spans(score.masked_fill(beyond, -torch.inf), votes.masked_fill(beyond, -torch.inf), top_k)
+        chosen = best_spans(score.masked_fill(beyond, -torch.inf), votes.masked_fill(beyond, -torch.inf), top_k,
+                            layout=self.layout)
         state.selected, state.steps, state.spans = chosen[:, :, -1], 0, n_spans  # [B, Hsel, m, k] -> the last's
         return list(chosen.unbind(2))
 

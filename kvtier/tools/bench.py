@@ -488,11 +488,13 @@ class Bench:
             return {"device": 3 * layer_kv + chunk * context + activations, "host": kv + layer_kv, "disk": 0}
         c = cache.config
         span_bytes = c.span_size * self.token_layer_bytes
-        spans = self.layers * max(context - c.global_size - c.local_size, 0) // c.span_size
-        summaries = spans * self.kv_heads * cache.policy.summary_size(c.span_size) * self.head_dim * \
-            self.plan.dtype.itemsize
+        layer_spans = max(context - c.global_size - c.local_size, 0) // c.span_size
+        spans = self.layers * layer_spans
+        summary_bytes = self.kv_heads * cache.policy.summary_size(c.span_size) * self.head_dim * self.plan.dtype.itemsize
+        table = pool_growth(layer_spans)  # each layer's summaries grow by doubling, one layer after the other
+        summaries = (self.layers * table.slots + table.peak - table.slots) * summary_bytes
         regions = self.layers * (c.global_size + c.local_size + c.chunk_size) * self.token_layer_bytes
-        fixed = 2 * (summaries + regions)  # both grow by doubling
+        fixed = summaries + 2 * regions  # the regions grow by doubling
         gpu_cap, host_cap = (None if b is None else b // span_bytes
                              for b in (c.budget_bytes("gpu_budget"), c.budget_bytes("host_budget")))
         on_gpu = spans if gpu_cap is None else min(spans, gpu_cap)

@@ -72,6 +72,19 @@ def test_consensus_selects_every_chunk_as_one_by_one_per_kv_head_too():
     assert torch.equal(chosen["at once"][4], chosen["by chunk"][4])  # the same ring, slot for slot
 
 
+def test_spans_laid_out_best_last_give_the_same_logits_at_once_as_chunk_by_chunk():
+    model = tiny_model("llama")
+    ids = random_ids(290, seed=6)
+    config = dict(TINY, policy="consensus", policy_options={"layout": "best_last", "window": 8, "neighbours": False})
+    at_once, by_chunk = ReAttentionCache(model, **config), _one_by_one(ReAttentionCache(model, **config))
+    pieces = [50, 240]
+    for got, want in zip(_forwards(model, at_once, ids, pieces), _forwards(model, by_chunk, ids, pieces)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    text = ReAttentionCache(model, **dict(config, policy_options={"window": 8, "neighbours": False}))
+    logits = _forwards(model, text, ids, pieces)[-1]
+    assert not torch.allclose(logits, _forwards(model, ReAttentionCache(model, **config), ids, pieces)[-1])
+
+
 @pytest.mark.parametrize("seal_group", [1, 3])
 def test_the_plan_matches_the_layer_ingesting_chunk_by_chunk(seal_group):
     model = tiny_model("llama")

@@ -297,6 +297,24 @@ def test_build_policy_validates_consensus_options():
     assert (policy.window, policy.refresh, policy.span_block, policy.neighbours) == (8, 3, 2, False)
 
 
+def test_layout_must_be_known():
+    with pytest.raises(ValueError, match=r"consensus policy: layout must be one of \('text', 'best_last'\), got 'last'"):
+        ConsensusPolicy(layout="last")
+
+
+@pytest.mark.parametrize("per_kv_head", [False, True])
+def test_best_last_lays_out_the_spans_text_order_selects(per_kv_head):
+    gen = torch.Generator().manual_seed(11)
+    queries, keys = torch.randn(2, 6, 5, 8, generator=gen), torch.randn(2, 2, 12, 4, 8, generator=gen)
+    text = ConsensusPolicy(neighbours=False).select_at(queries, keys, 5, per_kv_head, layer=0, tokens=80)
+    best_last = ConsensusPolicy(neighbours=False, layout="best_last")
+    ids = best_last.select_at(queries, keys, 5, per_kv_head, layer=0, tokens=80)
+    assert torch.equal(ids.sort(-1).values, text)  # the same spans
+    mass = best_last.window_mass(queries, keys, per_kv_head)
+    assert torch.equal(ids, best_spans(mass, mass, 5, layout="best_last"))
+    assert not torch.equal(ids, text)  # laid out otherwise
+
+
 def test_consensus_summary_is_a_copy_of_the_keys():
     policy = ConsensusPolicy()
     keys = torch.randn(3, 2, 4, 8)

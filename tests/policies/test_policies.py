@@ -9,7 +9,7 @@ import torch
 
 import kvtier.policies as policies
 from kvtier.policies import (
-    AGGREGATIONS, Policy, best_spans, build_policy, dot_scores, policy_names, rank_spans, register_policy,
+    AGGREGATIONS, Policy, best_run_last, best_spans, build_policy, dot_scores, policy_names, rank_spans, register_policy,
 )
 
 BATCH = 2
@@ -388,6 +388,46 @@ def test_best_spans_are_the_first_k_of_the_rank_order_in_id_order():
     secondary = torch.tensor([[[5.0, 1.0, 3.0, 3.0, 9.0, 3.0]]])
     assert best_spans(primary, secondary, 3).tolist() == [[[2, 3, 5]]]
     assert best_spans(primary, secondary, 9).tolist() == [[[0, 1, 2, 3, 4, 5]]]
+
+
+def _runs_best_last(ranked: list[int]) -> list[int]:
+    """The documented rule, in plain Python: ranked ids (best first) -> runs of consecutive ids, each in text order,
+    ordered by the best rank among their ids, worst first."""
+    runs: list[list[int]] = []
+    for span in sorted(ranked):
+        if runs and span == runs[-1][-1] + 1:
+            runs[-1].append(span)
+        else:
+            runs.append([span])
+    best = {tuple(run): min(ranked.index(span) for span in run) for run in runs}
+    return [span for run in sorted(runs, key=lambda run: -best[tuple(run)]) for span in run]
+
+
+@pytest.mark.parametrize("ranked, expected", [
+    ([5, 9, 1], [1, 9, 5]),  # no runs: the best last, the worst first
+    ([5, 6, 4, 20, 1], [1, 20, 4, 5, 6]),  # the best's run in text order, last
+    ([7, 2, 3, 8, 30], [30, 2, 3, 7, 8]),  # 7-8 holds the best (rank 0), 2-3 the next (rank 1)
+    ([0], [0]),
+])
+def test_best_run_last_keeps_runs_in_text_order_and_puts_the_best_run_last(ranked, expected):
+    assert _runs_best_last(ranked) == expected
+    assert best_run_last(torch.tensor([ranked])).tolist() == [expected]
+
+
+def test_best_run_last_matches_its_reference_on_random_rankings():
+    gen = torch.Generator().manual_seed(0)
+    ranked = torch.stack([torch.randperm(40, generator=gen)[:12] for _ in range(30)]).view(3, 10, 12)
+    got = best_run_last(ranked)
+    for row, want in zip(got.flatten(0, 1).tolist(), ranked.flatten(0, 1).tolist()):
+        assert row == _runs_best_last(want)
+
+
+def test_best_spans_lays_out_the_same_spans_best_last():
+    primary = torch.tensor([[[0.5, 0.1, 3.0, 2.0, 0.0, 1.0]]])
+    text = best_spans(primary, primary, 4)
+    best_last = best_spans(primary, primary, 4, layout="best_last")
+    assert text.tolist() == [[[0, 2, 3, 5]]]
+    assert best_last.tolist() == [[[0, 5, 2, 3]]]  # 2-3 (ranks 0 and 1) last, then 5 (rank 2), 0 (rank 3) first
 
 
 def test_best_spans_merge_heads_by_summed_or_maxed_primary():
