@@ -24,6 +24,7 @@ usage: bash benchmarks/speed_h200.sh OUT_DIR STAGE...
   profile  benchmarks/decode_profile.py at 8K on the 8B shape with consensus: where a (replayed) decode step's time goes
   chunksize kvtier bench --model smollm2 at 32K and 128K, real prefills, consensus with query chunks of 1024 and 2016
   chunks-smollm2 benchmarks/decode_profile.py --model smollm2 --chunk 8k at 32K, query chunks of 512 and 2016
+  chunks-smollm2-128k the same at 128K of depth, query chunks of 512 (the default)
   syncs    benchmarks/sync_points.py: where SmolLM2's prefill and decode make the host wait for the GPU
   chunks   benchmarks/decode_profile.py --chunk 8k at 128K on the 8B shape with consensus: a prefill forward's time
            per query chunk and layer, by step of the scope attention (ingest, select, gather, attend)
@@ -33,7 +34,7 @@ An unknown stage runs nothing and exits 2.
 USAGE
 }
 known=" tests kernels prefill prefill-quest forwards prefill8b chunksize smollm2 llama8b decode8b decode-smollm2 long8b profile "
-known+="syncs chunks chunks-smollm2 disk2m "
+known+="syncs chunks chunks-smollm2 chunks-smollm2-128k disk2m "
 here=$(cd "$(dirname "$0")" && pwd)
 source "$here/stages.sh"
 mkdir -p "$out"
@@ -87,6 +88,10 @@ for stage in "$@"; do
                     > "$out/chunks-smollm2-$size.log" 2>&1
                 echo "== chunks-smollm2 $size: exit $?"; grep -E "^===|kvtier\.|^\|" "$out/chunks-smollm2-$size.log" | tail -n 20
             done ;;
+        chunks-smollm2-128k)
+            timeout "${SPEED_LIMIT:-280}" python3 "$here/decode_profile.py" --model smollm2 --context 128k --chunk 8k \
+                --steps 2 --out "$out/chunks-smollm2-128k" > "$out/chunks-smollm2-128k.log" 2>&1
+            echo "== chunks-smollm2-128k: exit $?"; grep -E "^===|kvtier\.|^\|" "$out/chunks-smollm2-128k.log" | tail -n 20 ;;
         long8b)
             bench long8b-graphs --model llama8b --contexts 1m --prefill fill --methods kvtier-host \
                 --config "$here/configs/scope-8k-consensus.yaml" --gpu-budget 36GiB ;;
