@@ -67,15 +67,33 @@ def _forward_at_once(layer: ReAttentionLayer, rotary: ScopeRotary, query: torch.
         stream = layer.ingest_forward(keys, values, sealed)
     with _phase(PHASES[1]):
         chosen = layer.select_chunks(query, chunks)
-    if flash is None and layer.gathers_chunks_at_once() and len({ids.shape[-1] for ids in chosen}) == 1:
+    at_once = flash is None and layer.gathers_chunks_at_once()
+    groups = _same_span_counts(chosen) if at_once else [slice(j, j + 1) for j in range(len(chunks))]
+    if len(groups) == 1 and at_once:
         return _chunks_attention(layer, rotary, query, chunks, chosen, stream, scaling)
     batch, q_heads, n_queries, head_dim = query.shape
     out = query.new_empty(batch, n_queries, q_heads, head_dim)  # [B, q, Hq, D]
-    for chunk, ids in zip(chunks, chosen):
-        local = stream[0][:, :, chunk.local], stream[1][:, :, chunk.local]
-        out[:, chunk.start : chunk.end] = _scope_attention(layer, rotary, query[:, :, chunk.start : chunk.end], ids,
-                                                           scaling, flash, local)
+    for group in groups:
+        first, last = chunks[group][0], chunks[group][-1]
+        if group.stop - group.start > 1:
+            out[:, first.start : last.end] = _chunks_attention(layer, rotary, query, chunks[group], chosen[group],
+                                                               stream, scaling)
+            continue
+        local = stream[0][:, :, first.local], stream[1][:, :, first.local]
+        out[:, first.start : first.end] = _scope_attention(layer, rotary, query[:, :, first.start : first.end],
+                                                           chosen[group][0], scaling, flash, local)
     return out
+
+
+def _same_span_counts(chosen: list[torch.Tensor]) -> list[slice]:
+    """Each chunk's span ids [B, Hkv, k] -> the runs of consecutive chunks with as many spans (as in a prompt's first
+    forward, whose first chunks have fewer than top_k spans to choose from), each attended at once."""
+    groups, start = [], 0
+    for index in range(1, len(chosen) + 1):
+        if index == len(chosen) or chosen[index].shape[-1] != chosen[start].shape[-1]:
+            groups.append(slice(start, index))
+            start = index
+    return groups
 
 
 PHASES = ("kvtier.ingest", "kvtier.select", "kvtier.gather", "kvtier.attend")  # a chunk's steps, as profiled

@@ -45,15 +45,20 @@ def select(policy: Policy, queries: torch.Tensor, summaries: torch.Tensor, confi
 def select_chunks(policy: Policy, queries: torch.Tensor, summaries: torch.Tensor, chunks: list[QueryChunk],
                   config: ReAttentionConfig, use_kernels: bool, layer: int = 0) -> list[torch.Tensor]:
     """queries [B, Hq, q, D] of a forward's query chunks (kvtier.prefill), summaries [B, Hkv, n, c, D] of every span
-    sealed by its end -> each chunk's span ids [B, Hsel, k] ascending, chosen among its first `chunk.spans`: in one
-    pass where the policy can (Policy.select_chunks), else chunk by chunk as `select`."""
+    sealed by its end -> each chunk's span ids [B, Hsel, k] as `select` lays them out, chosen among its first
+    `chunk.spans`: the chunks from the first the policy can take with the rest in one pass (Policy.select_chunks; e.g.
+    in a prompt's first forward, once consensus' window is full and top_k spans are sealed) in that pass, those
+    before it chunk by chunk as `select`."""
     if policy.kernel_span_scores is not None:
         policy.span_scores_kernel = _span_scores_kernel() if use_kernels else None
-    chosen = policy.select_chunks(queries, summaries, chunks, config.top_k, config.per_kv_head, layer=layer)
-    if chosen is not None:
-        return chosen
-    return [select(policy, queries[:, :, chunk.start : chunk.end], summaries[:, :, : chunk.spans], config, use_kernels,
-                   layer, chunk.tokens) for chunk in chunks]
+    chosen = []
+    for index, chunk in enumerate(chunks):
+        rest = policy.select_chunks(queries, summaries, chunks[index:], config.top_k, config.per_kv_head, layer=layer)
+        if rest is not None:
+            return chosen + rest
+        chosen.append(select(policy, queries[:, :, chunk.start : chunk.end], summaries[:, :, : chunk.spans], config,
+                             use_kernels, layer, chunk.tokens))
+    return chosen
 
 
 def _span_scores_kernel() -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:

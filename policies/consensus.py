@@ -210,8 +210,8 @@ class ConsensusPolicy(ReAttentionPolicy):
                                            beyond[block])
                           for block in self._chunk_blocks(windows.shape, n_spans)], dim=2)  # [B, Hsel, m, n]
         key = chunks[-1].tokens
-        if layer == 0:  # a forward's vote begins (a forward selects either chunk by chunk or all at once)
-            self._votes = {}
+        if layer == 0:  # a new vote: keep only the earlier chunks of this forward that layer 0 selected one by one
+            self._votes = {t: vote for t, vote in self._votes.items() if vote[0] == 0 and t < chunks[0].tokens}
         votes = self._votes[key][1].to(mass.device) + mass if key in self._votes else mass
         self._votes[key] = (layer, votes)
         score = votes

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvtier import ReAttentionCache
+from kvtier import ReAttentionCache, attention
 from kvtier.prefill import chunk_bounds, padded_index, plan_chunks, unpadded_positions
 from tests.conftest import random_ids, tiny_model
 
@@ -50,11 +50,37 @@ def test_a_forward_taken_at_once_gives_the_logits_and_cache_of_chunk_by_chunk(po
                                    atol=1e-5)
     assert at_once.stats()["scope_tokens"] == by_chunk.stats()["scope_tokens"]
     assert all(layer.gathers_chunks_at_once() for layer in at_once.layers)  # every chunk in one gather and SDPA
-    # two layers x four forwards of several chunks: the first from its second chunk on (the first filled the global
-    # region), the others whole
-    assert len(batched) == 2 * 4
-    if policy == "consensus":  # selected in one pass once its window was full (the last two), else chunk by chunk
-        assert [chosen is not None for chosen in batched] == [False] * 4 + [True] * 4
+    # two layers x four forwards of several chunks (the first from its second chunk on: its first filled the global
+    # region): select_chunks is asked for the chunks from each one still to select on, until it takes them
+    taken = [len(chosen) for chosen in batched if chosen is not None]
+    if policy == "consensus":  # in one pass from the chunk where its window is full and top_k spans are sealed on
+        assert taken == [7, 7, 12, 12, 2, 2]  # the second forward's first 2 of 9 chunks one by one
+    else:
+        assert taken == [] and len(batched) == 2 * (4 + 9 + 12 + 2)
+
+
+@pytest.mark.parametrize("layout", ["text", "best_last"])
+def test_a_prompt_in_one_forward_selects_and_attends_at_once_after_its_first_chunks(layout):
+    model = tiny_model("llama")
+    ids = random_ids(300, seed=8)
+    config = dict(TINY, policy="consensus", policy_options={"window": 8, "layout": layout})
+    at_once, by_chunk = ReAttentionCache(model, **config), _one_by_one(ReAttentionCache(model, **config))
+    groups = []
+    same_counts = attention._same_span_counts
+    attention._same_span_counts = lambda chosen: groups.append(same_counts(chosen)) or groups[-1]
+    try:
+        got, want = _forwards(model, at_once, ids, [300])[0], _forwards(model, by_chunk, ids, [300])[0]
+    finally:
+        attention._same_span_counts = same_counts
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # per layer, after the chunk that filled the global region: two chunks with fewer than top_k spans to choose from
+    # (as many in each), then every chunk with top_k spans, in one group
+    assert [[(g.start, g.stop) for g in layer] for layer in groups] == [[(0, 2), (2, 24)]] * 2
+
+
+def test_same_span_counts_groups_consecutive_chunks_with_as_many_spans():
+    chosen = [torch.zeros(1, 2, k, dtype=torch.long) for k in (0, 1, 1, 3, 3, 3, 1)]
+    assert attention._same_span_counts(chosen) == [slice(0, 1), slice(1, 3), slice(3, 6), slice(6, 7)]
 
 
 def test_consensus_selects_every_chunk_as_one_by_one_per_kv_head_too():
