@@ -90,7 +90,9 @@ class ConsensusPolicy(ReAttentionPolicy):
     window: int = 64  # observation queries: the last `window` queries of the sequence
     refresh: int | None = None  # decode steps at most between re-scorings; None: only when spans are sealed
     neighbours: bool = True  # a span's neighbours share its score
-    layout: str = "text"  # the chosen spans' order in the scope: "text" or "best_last" (policies.base.best_run_last)
+    # the chosen spans' order in the scope: "best_last" (policies.base.best_run_last: the best run of spans next to the
+    # local window, i.e. nearest the question; RESULTS 23) or "text"
+    layout: str = "best_last"
     span_block: int = 1024  # spans scored at once: bounds the [B, Hkv, g, window, block, S] score tensor
     # what computes span_best_scores' result instead of it: kvtier.kernels.window_mass on the kernel path (set by
     # kvtier.dispatch at each selection), None elsewhere

@@ -508,7 +508,11 @@ def _gib(nbytes: int) -> float:
 
 
 def _device_free(device: torch.device) -> int | None:
-    return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+    """Free device memory, counting what the allocator caches from earlier cells as free (it is given back first)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.empty_cache()
+    return torch.cuda.mem_get_info(device)[0]
 
 
 def _existing(path: Path) -> Path:

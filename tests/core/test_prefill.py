@@ -106,7 +106,7 @@ def test_spans_laid_out_best_last_give_the_same_logits_at_once_as_chunk_by_chunk
     pieces = [50, 240]
     for got, want in zip(_forwards(model, at_once, ids, pieces), _forwards(model, by_chunk, ids, pieces)):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    text = ReAttentionCache(model, **dict(config, policy_options={"window": 8, "neighbours": False}))
+    text = ReAttentionCache(model, **dict(config, policy_options={"window": 8, "neighbours": False, "layout": "text"}))
     logits = _forwards(model, text, ids, pieces)[-1]
     assert not torch.allclose(logits, _forwards(model, ReAttentionCache(model, **config), ids, pieces)[-1])
 

@@ -160,7 +160,7 @@ def test_votes_are_summed_per_kv_head_when_selecting_per_kv_head():
     gen = torch.Generator().manual_seed(7)
     queries = [torch.randn(2, 6, 3, 8, generator=gen) for _ in range(2)]
     keys = [torch.randn(2, 2, 9, 4, 8, generator=gen) for _ in range(2)]
-    policy = ConsensusPolicy(neighbours=False)
+    policy = ConsensusPolicy(neighbours=False, layout="text")
     policy.select_at(queries[0], keys[0], 3, True, layer=0, tokens=50)
     ids = policy.select_at(queries[1], keys[1], 3, True, layer=1, tokens=50)
     total = policy.window_mass(queries[0], keys[0], True) + policy.window_mass(queries[1], keys[1], True)
@@ -171,10 +171,10 @@ def test_votes_are_summed_per_kv_head_when_selecting_per_kv_head():
 # ---- 3. neighbours ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("neighbours, top_k, scores, expected", [
     (True, 3, [0, 1, 0, 20, 0, 0, 5], [2, 3, 4]),  # the winner's neighbours come in, not the runners-up
-    (False, 3, [0, 1, 0, 20, 0, 0, 5], [1, 3, 6]),
+    (False, 3, [0, 1, 0, 20, 0, 0, 5], [1, 6, 3]),  # laid out best last
     (True, 2, [0, 0, 0, 20, 1, 0, 0], [3, 4]),  # of the two neighbours, the one with more mass of its own
     (True, 2, [0, 0, 0, 20, 0, 0, 0], [2, 3]),  # equal neighbours: the lower id
-    (False, 2, [0, 0, 0, 20, 0, 0, 5], [3, 6]),
+    (False, 2, [0, 0, 0, 20, 0, 0, 5], [6, 3]),
 ])
 def test_neighbours_of_the_best_span_share_its_score(neighbours, top_k, scores, expected):
     policy = ConsensusPolicy(neighbours=neighbours)
@@ -303,11 +303,11 @@ def test_layout_must_be_known():
 
 
 @pytest.mark.parametrize("per_kv_head", [False, True])
-def test_best_last_lays_out_the_spans_text_order_selects(per_kv_head):
+def test_by_default_the_spans_text_order_selects_are_laid_out_best_last(per_kv_head):
     gen = torch.Generator().manual_seed(11)
     queries, keys = torch.randn(2, 6, 5, 8, generator=gen), torch.randn(2, 2, 12, 4, 8, generator=gen)
-    text = ConsensusPolicy(neighbours=False).select_at(queries, keys, 5, per_kv_head, layer=0, tokens=80)
-    best_last = ConsensusPolicy(neighbours=False, layout="best_last")
+    text = ConsensusPolicy(neighbours=False, layout="text").select_at(queries, keys, 5, per_kv_head, layer=0, tokens=80)
+    best_last = ConsensusPolicy(neighbours=False)  # the default layout
     ids = best_last.select_at(queries, keys, 5, per_kv_head, layer=0, tokens=80)
     assert torch.equal(ids.sort(-1).values, text)  # the same spans
     mass = best_last.window_mass(queries, keys, per_kv_head)
