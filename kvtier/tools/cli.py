@@ -32,7 +32,7 @@ from kvtier.tools.niah_report import (format_comparison, format_table, load_resu
                                       write_results)
 from kvtier.tools.output import default_out, print_report, unwind_on_sigterm, write_json
 from kvtier.tools.profile import add_profile_parser
-from kvtier.tools.tasks import ANSWER_TOKENS_PER_NEEDLE, CITIES, TASKS
+from kvtier.tools.tasks import ANSWER_TOKENS_PER_NEEDLE, CITIES, TASKS, build_task_sample
 
 # kvtier niah's sweep: the defaults, and --quick's (a tiny random Llama with a 2K window, on the CPU)
 NIAH = {"lengths": [12 << 10, 16 << 10], "depths": [0.1, 0.3, 0.5, 0.7, 0.9]}
@@ -65,19 +65,23 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
 
     demo = commands.add_parser(
-        "demo", help="find a passkey in one prompt twice the model's window: stock cache, then kvtier",
-        description="Builds one passkey prompt (default: twice the model's window, 16K tokens), answers it with "
-                    "the stock cache (which fails past the window) and with ReAttentionCache(model), and prints "
-                    "both answers and timings. About 3.5 minutes on 2 CPU cores with native bfloat16 (AMX), the first "
-                    "load of the model's weights included.")
+        "demo", help="find a needle in one prompt twice the model's window: stock cache, then kvtier",
+        description="Builds one needle prompt (default: twice the model's window, 16K tokens; RULER's niah_single "
+                    "in the packaged natural prose, or with --haystack filler the repeated-filler passkey), answers "
+                    "it with the stock cache (which fails past the window) and with ReAttentionCache(model), and "
+                    "prints both answers and timings. About 3.5 minutes on 2 CPU cores with native bfloat16 (AMX), "
+                    "the first load of the model's weights included.")
     demo.add_argument("--length", type=length, default=None,
                       help="prompt length in tokens, e.g. 16k or 12000 (default: twice the model's window)")
     demo.add_argument("--depth", type=fraction, default=0.5,
-                      help="where the needle sits, 0 = start of the filler, 1 = end (default 0.5)")
-    demo.add_argument("--seed", type=int, default=0, help="picks the passkey (default 0)")
+                      help="where the needle sits, 0 = start of the haystack, 1 = end (default 0.5)")
+    demo.add_argument("--haystack", choices=HAYSTACKS, default="natural",
+                      help="natural (default): 'One of the special magic numbers for <city> is: <7 digits>.' in "
+                           "prose, every sentence different; filler: a passkey in repeated filler sentences")
+    demo.add_argument("--seed", type=int, default=0, help="picks the needle's value (default 0)")
     demo.add_argument("--policy", default=None,
                       help="kvtier's selection policy (default: the library's default; see `kvtier niah --help`)")
-    _add_runtime_options(demo)
+    _add_runtime_options(demo, None, f"default: {ANSWER_TOKENS_PER_NEEDLE} in natural text, 10 in filler")
     demo.set_defaults(run=_run_demo)
 
     niah = commands.add_parser(
@@ -172,21 +176,29 @@ def _add_runtime_options(parser: argparse.ArgumentParser, max_new_tokens: int | 
 def _run_demo(args: argparse.Namespace) -> int:
     model, tokenizer = _load(args)
     length = args.length or 2 * window_of(model)
-    sample = build_sample(tokenizer, length, args.depth, draw_key(args.seed, length, args.depth, 0))
-    print(f"prompt: {sample.length} tokens ({sample.length / window_of(model):.1f}x the window), pass key "
-          f"{sample.key} at depth {args.depth:.0%} (token {sample.needle_start})", flush=True)
+    if args.haystack == "natural":
+        sample = build_task_sample(tokenized_corpus(tokenizer), length, args.depth, "niah_single",
+                                   draw=f"{args.seed}:{length}:{args.depth}:0")
+        needle, start = f"the magic number of {sample.asked[0].key}, {sample.key}, in prose", sample.needle_spans[0][0]
+    else:
+        sample = build_sample(tokenizer, length, args.depth, draw_key(args.seed, length, args.depth, 0))
+        needle, start = f"pass key {sample.key} in filler", sample.needle_start
+    setup = sweep_task("natural", "niah_single", 1) if args.haystack == "natural" else sweep_task("filler")
+    max_new_tokens = args.max_new_tokens or default_answer_tokens(setup)
+    print(f"prompt: {sample.length} tokens ({sample.length / window_of(model):.1f}x the window), {needle}, at "
+          f"depth {args.depth:.0%} (token {start})", flush=True)
     methods = [("stock", Method()), ("kvtier", _kvtier_method(model, policy=args.policy))]
     lines = []
     for name, method in methods:
         print(f"{name}: {'DynamicCache, full attention' if method.config is None else method.label}", flush=True)
-        result = answer(model, sample.ids, method.new_cache(model), args.max_new_tokens, progress=True)
+        result = answer(model, sample.ids, method.new_cache(model), max_new_tokens, progress=True)
         text = tokenizer.decode(result.tokens, skip_special_tokens=True)
         verdict = "found" if passkey_found(text, sample.key) else "NOT found"
         line = (f"{name:>6}: {text!r:<34} {verdict:<9} prefill {result.prefill_s:6.1f} s, "
                 f"decode {result.decode_s:5.1f} s")
         print(line, flush=True)
         lines.append(line)
-    print(f"\npass key {sample.key}, {sample.length} tokens, kvtier = {methods[1][1].label}:\n" + "\n".join(lines))
+    print(f"\n{needle}, {sample.length} tokens, kvtier = {methods[1][1].label}:\n" + "\n".join(lines))
     return 0
 
 
