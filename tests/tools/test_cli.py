@@ -656,3 +656,26 @@ def test_niah_diagnose_refuses_stock_before_loading_a_model(tmp_path, capsys):
     assert main(["niah", "--quick", "--diagnose", "--policy", "stock", "--out", str(tmp_path)]) == 2
     assert "drop stock" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("haystack_name, needle", [("natural", "the magic number of"), ("filler", "pass key")])
+def test_demo_answers_one_needle_with_stock_then_kvtier(haystack_name, needle, monkeypatch, capsys):
+    """The demo on the tiny random Llama (its loader swapped in): one prompt of the asked length, natural prose by
+    default, answered by both caches, each answer scored."""
+    import kvtier.tools.cli as cli
+    from kvtier.tools.model import load_model
+
+    monkeypatch.setattr(cli, "_load", lambda args: load_model(True, "cpu", torch.float32)[:2])
+    argv = ["demo", "--length", "1500", "--max-new-tokens", "2"]
+    assert main(argv + ([] if haystack_name == "natural" else ["--haystack", "filler"])) == 0
+    printed = capsys.readouterr().out
+    prompt = re.search(r"prompt: (\d+) tokens .*?, (.+?), at depth 50%", printed)
+    assert prompt and abs(int(prompt.group(1)) - 1500) <= 40 and prompt.group(2).startswith(needle)
+    verdicts = re.findall(r"^\s*(stock|kvtier): .* (found|NOT found) +prefill", printed, flags=re.M)
+    assert [name for name, _ in verdicts] == ["stock", "kvtier", "stock", "kvtier"]  # as they run, then the summary
+
+
+def test_demo_refuses_an_unknown_haystack(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--haystack", "lorem"])
+    assert exit_info.value.code == 2 and "invalid choice: 'lorem'" in capsys.readouterr().err
