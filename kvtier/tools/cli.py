@@ -70,7 +70,7 @@ def _parser() -> argparse.ArgumentParser:
                     "in the packaged natural prose, or with --haystack filler the repeated-filler passkey), answers "
                     "it with the stock cache (which fails past the window) and with ReAttentionCache(model), and "
                     "prints both answers and timings. About 3.5 minutes on 2 CPU cores with native bfloat16 (AMX), "
-                    "the first load of the model's weights included.")
+                    "4.5 in float32, the first load of the model's weights included.")
     demo.add_argument("--length", type=length, default=None,
                       help="prompt length in tokens, e.g. 16k or 12000 (default: twice the model's window)")
     demo.add_argument("--depth", type=fraction, default=0.5,
