@@ -29,7 +29,7 @@ def kernels_enabled(config: ReAttentionConfig, device: torch.device) -> bool:
 
 def select(policy: Policy, queries: torch.Tensor, summaries: torch.Tensor, config: ReAttentionConfig,
            use_kernels: bool, layer: int = 0, tokens: int = 0) -> torch.Tensor:
-    """queries [B, Hq, q, D] pre-RoPE, summaries [B, Hkv, n, c, D] -> span ids [B, Hsel, k] ascending (`layer`,
+    """queries [B, Hq, q, D] pre-RoPE, summaries [B, Hkv, n, c, D] -> span ids [B, Hsel, k] in scope order (`layer`,
     `tokens`: see Policy.select_at). A policy declaring kernel_span_scores selects itself, calling the kernel given
     as its span_scores_kernel on the kernel path."""
     if use_kernels and policy.kernel_scoring is not None:

@@ -260,15 +260,15 @@ class ReAttentionLayer(GrowingLayer):
         return stream
 
     def select_chunks(self, queries: torch.Tensor, chunks: list[QueryChunk]) -> list[torch.Tensor]:
-        """queries [B, Hq, q, D] pre-RoPE of a forward ingested whole -> each chunk's span ids [B, Hkv, k] ascending,
-        chosen among the spans sealed before it, as `select` would have chosen them chunk by chunk."""
+        """queries [B, Hq, q, D] pre-RoPE of a forward ingested whole -> each chunk's span ids [B, Hkv, k] in scope
+        order, chosen among the spans sealed before it, as `select` would have chosen them chunk by chunk."""
         chosen = dispatch.select_chunks(self.policy, queries, self.table.summaries.view(), chunks, self.config,
                                         self.use_kernels, self.index)
         return [ids.expand(-1, self.kv_heads, -1) for ids in chosen]
 
     def select(self, queries: torch.Tensor) -> torch.Tensor:
-        """queries [B, Hq, c, D] pre-RoPE -> span ids [B, Hkv, k] ascending (the same ids for every head unless
-        per_kv_head)."""
+        """queries [B, Hq, c, D] pre-RoPE -> span ids [B, Hkv, k] in scope order (the same ids for every head
+        unless per_kv_head)."""
         ids = dispatch.select(self.policy, queries, self.table.summaries.view(), self.config, self.use_kernels,
                               self.index, self.tokens_held())
         return ids.expand(-1, self.kv_heads, -1)
@@ -279,8 +279,8 @@ class ReAttentionLayer(GrowingLayer):
 
     def gather_scope(self, ids: torch.Tensor, rotary: ScopeRotary,
                      local_kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """ids [B, Hkv, k] -> scope keys (rotated at positions 0..L-1), values [B, Hkv, L, D] in original token
-        order: `[global | selected spans | local window]`, L = g + k*S + local. `local_kv`: the local window's
+        """ids [B, Hkv, k] -> scope keys (rotated at positions 0..L-1), values [B, Hkv, L, D]: `[global | selected
+        spans, in the order of ids | local window]`, L = g + k*S + local. `local_kv`: the local window's
         keys / values [B, Hkv, local, D] when not the layer's own (a chunk of a forward ingested whole)."""
         batch, kv_heads, head_dim = self.batch, self.kv_heads, self.head_dim
         global_kv, local_kv = self.global_region.view(), local_kv or self.local.view()

@@ -115,7 +115,9 @@ class Policy:
                   layer: int, tokens: int) -> torch.Tensor:
         """`select` as the cache calls it: `layer`, the calling layer's index, and `tokens`, the tokens it holds up to
         the end of the query chunk (the same for every layer selecting for that chunk). A policy that keeps state
-        across layers or steps (`consensus`) overrides this; the others select from the queries alone."""
+        across layers or steps (`consensus`) overrides this; the others select from the queries alone. The ids come
+        in scope order: the order the spans take in the scope, ascending (text order) unless the policy lays them
+        out otherwise (consensus' `layout`)."""
         return self.select(queries, summaries, top_k, per_kv_head)
 
     def select_chunks(self, queries: torch.Tensor, summaries: torch.Tensor, chunks: list, top_k: int,
