@@ -23,10 +23,10 @@ given run at once, each in its own process, and the script waits for all of them
   multikey   RULER multikey (one of four keys asked), 11 depths x 2 keys: stock at 4K and consensus at 16K
   default    consensus (the default) at 16K and 64K
   chunksize  consensus at 16K and 64K with query chunks of 1024 and 2016 tokens (the default: 512)
-  layout     consensus in text order (the default) and best-last (configs/consensus-best-last.yaml): niah_single at 16K
-             and 64K, multikey at 16K, niah_single at 256K; stock at 4K on both tasks
+  layout     consensus in text order (configs/consensus-text.yaml) and best-last (the default since RESULTS 23):
+             niah_single at 16K and 64K, multikey at 16K, best-last at 256K; stock at 4K on both tasks
   long-1m    consensus best-last at 1M, niah_single, 6 depths x 1 key
-  filler-1m  consensus (the default) on the filler passkey at 1M, 5 depths
+  filler-1m  consensus (the default) on the filler passkey at 1M, 5 depths (RESULTS 23 ran it in text order)
   speed      kvtier bench on SmolLM2 at 32K and 128K: stock, quest and consensus prefill tokens/s, decode ms/token
 Every kvtier stage caps its GPU span pool at 12 GiB (configs/niah-gpu12.yaml; the rest goes to pinned host memory),
 so stages running side by side never fail to grow a pool.
@@ -39,6 +39,7 @@ source "$here/stages.sh"
 depths=0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1
 gpu12="--config $here/configs/niah-gpu12.yaml"
 best_last="--config $here/configs/consensus-best-last.yaml"
+text_order="--config $here/configs/consensus-text.yaml"
 mkdir -p "$out"
 run() {  # stage, kvtier niah arguments...
     local stage=$1
@@ -84,10 +85,10 @@ for stage in "$@"; do
                    done ;;
         layout) run layout-stock --lengths 4k --depths $depths --keys 2 --policy stock --batch 11 &
                 run layout-multikey-stock --lengths 4k --depths $depths --keys 2 --task multikey --policy stock --batch 11 &
-                run layout-text --lengths 16k,64k --depths $depths --keys 2 --policy consensus --batch 11 $gpu12 &
+                run layout-text --lengths 16k,64k --depths $depths --keys 2 --batch 11 $text_order &
                 run layout-best-last --lengths 16k,64k --depths $depths --keys 2 --batch 11 $best_last &
-                run layout-multikey-text --lengths 16k --depths $depths --keys 2 --task multikey --policy consensus \
-                    --batch 11 $gpu12 &
+                run layout-multikey-text --lengths 16k --depths $depths --keys 2 --task multikey --batch 11 \
+                    $text_order &
                 run layout-multikey-best-last --lengths 16k --depths $depths --keys 2 --task multikey --batch 11 \
                     $best_last &
                 run layout-256k-best-last --lengths 256k --depths $depths --keys 2 --batch 4 $best_last & ;;
