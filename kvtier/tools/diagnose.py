@@ -19,7 +19,7 @@ import torch
 from kvtier.cache import ReAttentionCache
 from kvtier.config import ReAttentionConfig
 from kvtier.layer import ReAttentionLayer
-from kvtier.policies import Policy, rank_spans
+from kvtier.policies import Policy, best_run_last, rank_spans
 from kvtier.regions import spans_to_seal
 
 Select = Callable[[torch.Tensor], torch.Tensor]  # ReAttentionLayer.select: queries [B, Hq, c, D] -> ids [B, Hkv, k]
@@ -143,8 +143,9 @@ def force_spans(cache: ReAttentionCache, span_ids_per_row: Sequence[Sequence[int
     """The oracle: in the attention calls whose query chunk holds a token at index >= from_token, every layer's
     selection holds the given sealed spans (one list of span ids per row; spans not sealed yet are left out: their
     tokens are in the local window). They replace the policy's lowest-ranked picks under its own ordering
-    (`policy_order`), so the selection stays sorted, unique and no longer than the policy's. For tests and
-    diagnosis only; `select` is restored on exit."""
+    (`policy_order`), so the selection stays unique and no longer than the policy's, laid out as the policy lays out
+    its own (consensus' `layout`: the forced spans ranked first, so best-last puts them next to the local window).
+    For tests and diagnosis only; `select` is restored on exit."""
     forced_rows = [sorted(set(map(int, ids))) for ids in span_ids_per_row]
     top_k = cache.config.top_k
     if any(len(ids) > top_k for ids in forced_rows):
@@ -162,7 +163,8 @@ def force_spans(cache: ReAttentionCache, span_ids_per_row: Sequence[Sequence[int
                 return ids
             picks = ids[:, : _selecting_heads(layer)]  # [B, Hsel, k]
             order = policy_order(layer.policy, queries, layer.table.summaries.view(), layer.config.per_kv_head)
-            return _replace_lowest(picks, order, sealed).expand(-1, layer.kv_heads, -1)
+            layout = getattr(layer.policy, "layout", "text")
+            return _replace_lowest(picks, order, sealed, layout).expand(-1, layer.kv_heads, -1)
 
         return forced
 
@@ -170,9 +172,11 @@ def force_spans(cache: ReAttentionCache, span_ids_per_row: Sequence[Sequence[int
         yield
 
 
-def _replace_lowest(picks: torch.Tensor, order: torch.Tensor, forced_rows: list[list[int]]) -> torch.Tensor:
-    """picks [B, Hsel, k] ascending, order [B, Hsel, n] best first, sealed spans to force per row -> [B, Hsel, k]
-    ascending: each row's forced spans, and the best-ranked of its picks in the room left."""
+def _replace_lowest(picks: torch.Tensor, order: torch.Tensor, forced_rows: list[list[int]],
+                    layout: str = "text") -> torch.Tensor:
+    """picks [B, Hsel, k] in any order, order [B, Hsel, n] best first, sealed spans to force per row -> [B, Hsel, k]:
+    each row's forced spans, and the best-ranked of its picks in the room left, laid out as `layout` says
+    (policies.base.best_spans' layouts; the forced spans rank first)."""
     ranks = _ranks(order).tolist()  # [B][Hsel][n]
     rows = []
     for row, (forced, heads) in enumerate(zip(forced_rows, picks.tolist())):
@@ -180,9 +184,10 @@ def _replace_lowest(picks: torch.Tensor, order: torch.Tensor, forced_rows: list[
         for head, chosen in enumerate(heads):
             room = max(len(chosen) - len(forced), 0)
             kept = sorted((span for span in chosen if span not in forced), key=ranks[row][head].__getitem__)[:room]
-            selections.append(sorted(kept + forced))
+            selections.append(forced + kept)  # best first
         rows.append(selections)
-    return torch.tensor(rows, dtype=picks.dtype, device=picks.device).view(picks.shape)
+    ranked = torch.tensor(rows, dtype=picks.dtype, device=picks.device).view(picks.shape)
+    return best_run_last(ranked) if layout == "best_last" else ranked.sort(dim=-1).values
 
 
 def _record(layer: ReAttentionLayer, index: int, query: int, tokens: int, queries: torch.Tensor, ids: torch.Tensor,

@@ -10,7 +10,9 @@ from kvtier import ReAttentionCache
 from kvtier.config import ReAttentionConfig
 from kvtier.hf import cache_keyword
 from kvtier.policies import build_policy, policy_names
-from kvtier.tools.diagnose import NeedleSpans, force_spans, observe_selection, policy_order, sealed_spans, spans_of
+from kvtier.tools.diagnose import (
+    NeedleSpans, _replace_lowest, force_spans, observe_selection, policy_order, sealed_spans, spans_of,
+)
 from kvtier.tools.diagnosis import diagnose, format_diagnosis, plot_diagnosis, probe_of
 from kvtier.tools.corpus import TokenizedCorpus
 from kvtier.tools.haystack import build_sample
@@ -210,3 +212,11 @@ def test_diagnose_reports_recall_rank_and_the_oracle_per_prompt_and_layer(one_to
     assert 0 <= overall["all_selected"] <= overall["recall"] <= 1
     assert "400" in format_diagnosis(report)
     assert plot_diagnosis(report, tmp_path / "diagnosis.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("layout, expected", [("text", [2, 7, 9]), ("best_last", [2, 9, 7])])
+def test_the_oracle_lays_its_selection_out_as_the_policy_does(layout, expected):
+    """The forced span ranks first: best-last puts it next to the local window; the room left keeps the best picks."""
+    order = torch.tensor([[[9, 2, 5, 0, 1, 3, 4, 6, 7, 8, 10, 11]]])  # best first
+    picks = torch.tensor([[[2, 5, 9]]])
+    assert _replace_lowest(picks, order, [[7]], layout).tolist() == [[expected]]
