@@ -11,14 +11,14 @@ usage: bash benchmarks/speed_h200.sh OUT_DIR STAGE...
   prefill  kvtier bench --model smollm2 at 32K and 128K, real prefills: stock and consensus (the default)
   prefill-quest the same with quest
   forwards kvtier bench --model smollm2 at 128K, real prefills of 32K- and 128K-token forwards (the bench's default is
-           8K; generate takes a prompt in one forward): stock and consensus; then llama8b at 128K in 32K forwards
+           8K; generate takes a prompt in one forward): stock and consensus; then llama8b at 128K the same way
   prefill8b kvtier bench --model llama8b at 128K, real prefills, the paper's 8K scope with consensus: stock and kvtier
   smollm2  kvtier bench --model smollm2 at 32K and 1M (kvtier filled, stock prefilled): stock, kvtier with graphs, eager
   llama8b  kvtier bench --model llama8b at 8K and 128K (filled), the paper's 8K scope with consensus: graphs vs eager
   decode8b   the same, graphs only (stock beside)
   decode-smollm2 kvtier bench --model smollm2 at 32K and 1M (filled), graphs only (stock beside)
-  long8b   kvtier bench --model llama8b at 1M (filled), kvtier-host (a 36 GiB span pool, the other 92 GiB of K/V
-           pinned; consensus' 64 GiB of keys on the GPU beside it), graphs
+  long8b   kvtier bench --model llama8b at 8K and 1M (filled), kvtier-host (a 36 GiB span pool, at 1M the other 92 GiB
+           of K/V pinned; consensus' 64 GiB of keys on the GPU beside it), graphs: decode_flat from one run
   disk2m   kvtier bench --model smollm2 at 2M (filled): kvtier (every span on the GPU) and kvtier-disk (a 2 GiB pool,
            8 GiB of pinned host, the rest of the 46 GiB of K/V in LMDB under /tmp/kvtier-disk2m)
   profile  benchmarks/decode_profile.py at 8K on the 8B shape with consensus: where a (replayed) decode step's time goes
@@ -66,8 +66,10 @@ for stage in "$@"; do
                 bench "forwards-smollm2-$size" --model smollm2 --contexts 128k --methods stock,kvtier \
                     --prefill-chunk "$size"
             done
-            bench forwards-8b-32768 --model llama8b --contexts 128k --methods stock,kvtier --prefill-chunk 32768 \
-                --config "$here/configs/scope-8k-consensus.yaml" ;;
+            for size in 32768 131072; do
+                bench "forwards-8b-$size" --model llama8b --contexts 128k --methods stock,kvtier --prefill-chunk "$size" \
+                    --config "$here/configs/scope-8k-consensus.yaml"
+            done ;;
         prefill-quest)
             bench prefill-quest --model smollm2 --contexts 32k,128k --methods kvtier \
                 --config "$here/configs/policy-quest.yaml" ;;
@@ -93,7 +95,7 @@ for stage in "$@"; do
                 --steps 2 --out "$out/chunks-smollm2-128k" > "$out/chunks-smollm2-128k.log" 2>&1
             echo "== chunks-smollm2-128k: exit $?"; grep -E "^===|kvtier\.|^\|" "$out/chunks-smollm2-128k.log" | tail -n 20 ;;
         long8b)
-            bench long8b-graphs --model llama8b --contexts 1m --prefill fill --methods kvtier-host \
+            bench long8b-graphs --model llama8b --contexts 8k,1m --prefill fill --methods kvtier-host \
                 --config "$here/configs/scope-8k-consensus.yaml" --gpu-budget 36GiB ;;
         disk2m)
             bench disk2m --model smollm2 --contexts 2m --prefill fill --methods kvtier,kvtier-disk \
