@@ -180,10 +180,11 @@ def _run_demo(args: argparse.Namespace) -> int:
         sample = build_task_sample(tokenized_corpus(tokenizer), length, args.depth, "niah_single",
                                    draw=f"{args.seed}:{length}:{args.depth}:0")
         needle, start = f"the magic number of {sample.asked[0].key}, {sample.key}, in prose", sample.needle_spans[0][0]
+        setup = sweep_task("natural", "niah_single", 1)
     else:
         sample = build_sample(tokenizer, length, args.depth, draw_key(args.seed, length, args.depth, 0))
         needle, start = f"pass key {sample.key} in filler", sample.needle_start
-    setup = sweep_task("natural", "niah_single", 1) if args.haystack == "natural" else sweep_task("filler")
+        setup = sweep_task("filler")
     max_new_tokens = args.max_new_tokens or default_answer_tokens(setup)
     print(f"prompt: {sample.length} tokens ({sample.length / window_of(model):.1f}x the window), {needle}, at "
           f"depth {args.depth:.0%} (token {start})", flush=True)
