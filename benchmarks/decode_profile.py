@@ -92,6 +92,17 @@ def profile_config(name: str, model, make_cache, prepare, args, layers: int) -> 
     return row
 
 
+CONFIGS = ("stock", "auto", "reference", "host", "disk")
+
+
+def _configs(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in CONFIGS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown configuration(s) {unknown or text!r}: choose from {','.join(CONFIGS)}")
+    return names
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--context", type=length, default=None, help="context tokens (default 8k; --quick 2k)")
@@ -113,6 +124,10 @@ def main(argv: list[str] | None = None) -> int:
                              "each layer's selection before its gather: the path the device table avoids)")
     parser.add_argument("--host-budget", type=byte_budget, default=None,
                         help="with --disk-path, the pinned host pool's budget (default: unbounded, nothing spills)")
+    parser.add_argument("--configs", type=_configs, default=list(CONFIGS),
+                        help=f"which configurations, comma-separated, of {','.join(CONFIGS)} (default all; host and "
+                             "disk need --gpu-budget, disk --disk-path: e.g. --configs host at a context only the "
+                             "host tier holds)")
     parser.add_argument("--quick", action="store_true",
                         help="a tiny random Llama on the CPU, a 2k context: checks the script in seconds (CI)")
     parser.add_argument("--out", type=Path, default=None,
@@ -122,6 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     unwind_on_sigterm()  # stopped by `timeout` or a scheduler, the run unwinds: no spill file stays behind
     if (args.disk_path or args.host_budget) and not args.gpu_budget:
         parser.error("--disk-path and --host-budget add a configuration to --gpu-budget's: give --gpu-budget too")
+    if ("host" in args.configs and not args.gpu_budget) or ("disk" in args.configs and not args.disk_path):
+        if args.configs != list(CONFIGS):
+            parser.error("--configs host needs --gpu-budget, and disk needs --disk-path too")
     device = "cuda" if torch.cuda.is_available() and not args.quick else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     if args.model == "smollm2" and not args.quick:
@@ -147,17 +165,20 @@ def main(argv: list[str] | None = None) -> int:
         fill(cache, kv, context)
         return ids[:, context:]
 
-    configurations = [("stock", lambda: DynamicCache(config=model.config), stock_prepare)]
-    variants = [("kvtier kernels=auto", {"kernels": "auto"}), ("kvtier kernels=reference", {"kernels": "reference"})]
+    configurations = []
+    if "stock" in args.configs:
+        configurations.append(("stock", lambda: DynamicCache(config=model.config), stock_prepare))
+    variants = [("auto", "kvtier kernels=auto", {"kernels": "auto"}),
+                ("reference", "kvtier kernels=reference", {"kernels": "reference"})]
     gpu = f"gpu_budget={format_bytes(args.gpu_budget)}"
     if args.gpu_budget:
-        variants.append((f"kvtier kernels=auto {gpu}", {"gpu_budget": args.gpu_budget}))
+        variants.append(("host", f"kvtier kernels=auto {gpu}", {"gpu_budget": args.gpu_budget}))
     if args.gpu_budget and args.disk_path:
         host = f" host_budget={format_bytes(args.host_budget)}" if args.host_budget else ""
-        variants.append((f"kvtier kernels=auto {gpu}{host} + LMDB",
+        variants.append(("disk", f"kvtier kernels=auto {gpu}{host} + LMDB",
                          {"gpu_budget": args.gpu_budget, "host_budget": args.host_budget, "disk_path": args.disk_path}))
     configurations += [(name, lambda overrides=overrides: ReAttentionCache(model, config, **overrides), kvtier_prepare)
-                       for name, overrides in variants]
+                       for key, name, overrides in variants if key in args.configs]
     rows = [profile_config(name, model, make_cache, prepare, args, layers)
             for name, make_cache, prepare in tqdm(configurations, desc="decode_profile", unit="configuration")]
     out = args.out or default_out("decode_profile")
@@ -176,7 +197,8 @@ def format_table(rows: list[dict], chunk: int) -> str:
         counted = row["launches"]
         launch = f"{counted['kernels']} / {counted['copies']}"
         busy = counted["gpu_busy_ms"]
-        lines.append(f"| {row['config']} | {row['ms_median']} | {row['ms_median'] / rows[0]['ms_median']:.2f}x | "
+        ratio = f"{row['ms_median'] / rows[0]['ms_median']:.2f}x" if rows[0]["config"] == "stock" else "-"
+        lines.append(f"| {row['config']} | {row['ms_median']} | {ratio} | "
                      f"{launch} | {busy} |")
     return "\n".join(lines)
 

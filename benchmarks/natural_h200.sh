@@ -27,13 +27,18 @@ given run at once, each in its own process, and the script waits for all of them
              niah_single at 16K and 64K, multikey at 16K, best-last at 256K; stock at 4K on both tasks
   long-1m    consensus best-last at 1M, niah_single, 6 depths x 1 key
   filler-1m  consensus (the default) on the filler passkey at 1M, 5 depths (RESULTS 23 ran it in text order)
+  diagnose   kvtier niah --diagnose at 16K, 11 depths x 2 keys (selection recall, the plain run and the oracle, one
+             prompt at a time), and stock at 4K beside it (the reference of the oracle's goal)
+  diagnose-1m kvtier niah --diagnose at 1M, depths 0.1 and 0.7 (long-1m's misses), 1 key
+  stride     consensus at 16K and 64K scoring every 2nd, 4th and 8th query chunk of a prefill forward (configs/
+             consensus-stride{2,4,8}.yaml; the default: every chunk)
   speed      kvtier bench on SmolLM2 at 32K and 128K: stock, quest and consensus prefill tokens/s, decode ms/token
 Every kvtier stage caps its GPU span pool at 12 GiB (configs/niah-gpu12.yaml; the rest goes to pinned host memory),
 so stages running side by side never fail to grow a pool.
 environment: NATURAL_LIMIT seconds per stage (default 560). An unknown stage runs nothing and exits 2.
 USAGE
 }
-known=" layout long-1m filler-1m 16k 64k 64k-paper topk long stock tasks ablate long-quest filler speed chunksize default long-keys2 multikey "
+known=" layout long-1m filler-1m diagnose diagnose-1m stride 16k 64k 64k-paper topk long stock tasks ablate long-quest filler speed chunksize default long-keys2 multikey "
 here=$(cd "$(dirname "$0")" && pwd)
 source "$here/stages.sh"
 depths=0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1
@@ -95,6 +100,13 @@ for stage in "$@"; do
         long-1m) run long-1m --lengths 1m --depths 0.1,0.3,0.5,0.7,0.9,1 --batch 2 $best_last & ;;
         filler-1m) run filler-1m --haystack filler --lengths 1m --depths 0.1,0.3,0.5,0.7,0.9 --policy consensus --batch 1 \
                        $gpu12 & ;;
+        diagnose) run diagnose-stock --lengths 4k --depths $depths --keys 2 --policy stock --batch 11 &
+                  run diagnose --diagnose --lengths 16k --depths $depths --keys 2 $gpu12 & ;;
+        diagnose-1m) run diagnose-1m --diagnose --lengths 1m --depths 0.1,0.7 $gpu12 & ;;
+        stride) for every in 2 4 8; do
+                    run "stride-$every" --lengths 16k,64k --depths $depths --keys 2 --batch 11 \
+                        --config "$here/configs/consensus-stride$every.yaml" &
+                done ;;
         stock) run stock --lengths 4k --depths $depths --keys 2 --policy stock --batch 11 & ;;
     esac
 done

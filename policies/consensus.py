@@ -11,10 +11,14 @@ A span's neighbours share its score (max-pooled), so a sentence cut by a span bo
 Decode steps reuse their layer's last selection until spans are sealed (seal_group of them every seal_group *
 span_size steps: the newest text becomes selectable) or, if set, `refresh` steps have passed, then re-score, with the
 window sliding over the generated queries. So a decode runs eagerly only where it seals anyway, and statically in
-between (kvtier.fast_decode). The "summary" is the span's full keys (as `reattention`'s), so every middle key stays
+between (kvtier.fast_decode). In a prompt's batched forward (select_chunks) a query chunk scores every middle key for
+its window: the one prefill cost that grows with the prompt (quadratic in it). With `stride` s > 1 only every s-th
+chunk of a forward and its last (the question's) score; the chunks between reuse the selection before them. The
+"summary" is the span's full keys (as `reattention`'s), so every middle key stays
 on the model's device."""
 from __future__ import annotations
 
+import bisect
 import functools
 from dataclasses import dataclass, field
 from typing import Callable
@@ -93,6 +97,9 @@ class ConsensusPolicy(ReAttentionPolicy):
     # the chosen spans' order in the scope: "best_last" (policies.base.best_run_last: the best run of spans next to the
     # local window, i.e. nearest the question; RESULTS 23) or "text"
     layout: str = "best_last"
+    # a batched forward's chunks score every `stride`-th chunk and the last; the others reuse the selection before them
+    # (1: every chunk scores, exactly as chunk by chunk; RESULTS 24 measures the trade)
+    stride: int = 1
     span_block: int = 1024  # spans scored at once: bounds the [B, Hkv, g, window, block, S] score tensor
     # what computes span_best_scores' result instead of it: kvtier.kernels.window_mass on the kernel path (set by
     # kvtier.dispatch at each selection), None elsewhere
@@ -107,7 +114,7 @@ class ConsensusPolicy(ReAttentionPolicy):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for option in ("window", "refresh", "span_block"):
+        for option in ("window", "refresh", "stride", "span_block"):
             value = getattr(self, option)
             if option == "refresh" and value is None:
                 continue
@@ -206,11 +213,14 @@ class ConsensusPolicy(ReAttentionPolicy):
         windows, next_slot = self._chunk_windows(state, queries, chunks)  # [B, Hq, m, window, D]
         state.ring.copy_(windows[:, :, -1])  # the ring as the last chunk leaves it, slot for slot
         state.next = next_slot
-        spans = upload(torch.tensor([chunk.spans for chunk in chunks]), queries.device)  # [m]
-        beyond = torch.arange(n_spans, device=queries.device)[None, :] >= spans[:, None]  # [m, n] sealed later
+        scoring = self._scoring_chunks(state, len(chunks), top_k)  # the chunks that score, ascending
+        if len(scoring) < len(chunks):
+            windows = windows[:, :, scoring]  # [B, Hq, m', window, D]
+        spans = upload(torch.tensor([chunks[at].spans for at in scoring]), queries.device)  # [m']
+        beyond = torch.arange(n_spans, device=queries.device)[None, :] >= spans[:, None]  # [m', n] sealed later
         mass = torch.cat([self.chunks_mass(windows[:, :, block], summaries[:, :, :n_spans], per_kv_head,
                                            beyond[block])
-                          for block in self._chunk_blocks(windows.shape, n_spans)], dim=2)  # [B, Hsel, m, n]
+                          for block in self._chunk_blocks(windows.shape, n_spans)], dim=2)  # [B, Hsel, m', n]
         key = chunks[-1].tokens
         if layer == 0:  # a new vote: keep only the earlier chunks of this forward that layer 0 selected one by one
             self._votes = {t: vote for t, vote in self._votes.items() if vote[0] == 0 and t < chunks[0].tokens}
@@ -221,8 +231,17 @@ class ConsensusPolicy(ReAttentionPolicy):
             score = F.max_pool1d(votes.flatten(0, 1), 3, 1, 1).view_as(votes) + 1e-3 * votes
         chosen = best_spans(score.masked_fill(beyond, -torch.inf), votes.masked_fill(beyond, -torch.inf), top_k,
                             layout=self.layout)
-        state.selected, state.steps, state.spans = chosen[:, :, -1], 0, n_spans  # [B, Hsel, m, k] -> the last's
-        return list(chosen.unbind(2))
+        previous, scored = state.selected, chosen.unbind(2)  # [B, Hsel, m', k] -> m' of [B, Hsel, k]
+        state.selected, state.steps, state.spans = scored[-1], 0, n_spans  # the last chunk always scores
+        return [previous if at < scoring[0] else scored[bisect.bisect_right(scoring, at) - 1]
+                for at in range(len(chunks))]
+
+    def _scoring_chunks(self, state: _LayerState, count: int, top_k: int) -> list[int]:
+        """Which of a forward's `count` chunks score (the others reuse the selection before them): every stride-th,
+        counted from the forward's start, and the last; the first too where the selection held has not top_k spans."""
+        scoring = [at for at in range(count) if (at + 1) % self.stride == 0 or at == count - 1]
+        held = state.selected is not None and state.selected.shape[-1] == top_k
+        return scoring if held or scoring[0] == 0 else [0, *scoring]
 
     def _chunk_windows(self, state: _LayerState, queries: torch.Tensor,
                        chunks: list[QueryChunk]) -> tuple[torch.Tensor, int]:

@@ -185,3 +185,27 @@ def test_a_forward_whose_first_chunks_have_fewer_than_top_k_spans_gives_chunk_by
     by_chunk = _one_by_one(ReAttentionCache(model, **TINY, policy=policy))
     for got, want in zip(_forwards(model, at_once, ids, pieces), _forwards(model, by_chunk, ids, pieces)):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("stride", [2, 3])
+def test_a_consensus_stride_scores_every_strideth_chunk_and_the_last_the_rest_reuse_the_one_before(stride):
+    model = tiny_model("llama")
+    ids = random_ids(300, seed=8)
+    chosen = {}
+    for name, options in (("every", {"window": 8}), ("stride", {"window": 8, "stride": stride})):
+        cache = ReAttentionCache(model, **TINY, policy="consensus", policy_options=options)
+        policy, taken = cache.layers[0].policy, []
+        selects = policy.select_chunks
+        policy.select_chunks = lambda *args, layer, **kwargs: taken.append((layer, selects(*args, layer=layer,
+                                                                                           **kwargs))) or taken[-1][1]
+        _forwards(model, cache, ids, [100, 200])
+        chosen[name] = [result for layer, result in taken if layer == 0 and result is not None]  # layer 0: same queries
+    assert [len(results) for results in chosen["stride"]] == [len(results) for results in chosen["every"]] == [6, 17]
+    for every, strided in zip(chosen["every"], chosen["stride"]):
+        count = len(every)
+        scoring = [at for at in range(count) if (at + 1) % stride == 0 or at == count - 1]
+        for at in range(scoring[0], count):  # before the first scoring chunk: the selection the forward began with
+            source = max(index for index in scoring if index <= at)
+            torch.testing.assert_close(strided[at], every[source], rtol=0, atol=0)
+        distinct = {tuple(selection.flatten().tolist()) for selection in strided}
+        assert len(distinct) <= len(scoring) + 1

@@ -282,7 +282,7 @@ def test_the_window_ring_holds_the_newest_queries_without_copying_the_rest():
 
 
 # ---- 5. validation ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("option", ["window", "refresh", "span_block"])
+@pytest.mark.parametrize("option", ["window", "refresh", "stride", "span_block"])
 @pytest.mark.parametrize("bad", [0, -1, True, 1.5])
 def test_options_must_be_positive_integers(option, bad):
     with pytest.raises(ValueError, match=rf"consensus policy: {option} must be a positive integer, got {bad!r}"):
