@@ -264,7 +264,8 @@ class ReAttentionLayer(GrowingLayer):
         order, chosen among the spans sealed before it, as `select` would have chosen them chunk by chunk."""
         chosen = dispatch.select_chunks(self.policy, queries, self.table.summaries.view(), chunks, self.config,
                                         self.use_kernels, self.index)
-        return [ids.expand(-1, self.kv_heads, -1) for ids in chosen]
+        expanded = {}  # chunks sharing a selection (one tensor) keep sharing it: gather_chunk_scopes reads it once
+        return [expanded.setdefault(id(ids), ids.expand(-1, self.kv_heads, -1)) for ids in chosen]
 
     def select(self, queries: torch.Tensor) -> torch.Tensor:
         """queries [B, Hq, c, D] pre-RoPE -> span ids [B, Hkv, k] in scope order (the same ids for every head
@@ -316,34 +317,50 @@ class ReAttentionLayer(GrowingLayer):
         keys (rotated at 0..L_j-1), values [B*m, Hkv, Lmax, D] (row b*m + j: chunk j of row b; the positions past L_j
         hold copies of its last local token, to be masked) and each chunk's L_j."""
         batch, kv_heads, head_dim, m = self.batch, self.kv_heads, self.head_dim, len(chunks)
-        ids = torch.stack(chosen, dim=2)  # [B, Hkv, m, k]
-        n_spans = ids.shape[-1] * self.config.span_size
-        global_kv = tuple(part.repeat_interleave(m, dim=0) for part in self.global_region.view())  # [B*m, Hkv, G, D]
-        head = global_kv[0].shape[2] + n_spans  # global and spans: the same positions in every chunk's scope
+        # chunks sharing one selection (a policy's reused one, e.g. consensus' stride) read its spans once
+        distinct = list({id(ids): ids for ids in chosen}.values())
+        n_spans = chosen[0].shape[-1] * self.config.span_size
+        head = self.global_region.length + n_spans  # global and spans: the same positions in every chunk's scope
         local_lengths = [chunk.local.stop - chunk.local.start for chunk in chunks]
         longest = max(local_lengths)
         self.largest_scope = max(self.largest_scope, head + longest)
         keys = torch.empty(batch * m, kv_heads, head + longest, head_dim, dtype=self.dtype, device=self.device)
         values = torch.empty_like(keys)
-        spans_of_rows = ids.flatten(2)  # [B, Hkv, m*k]: one selection of every chunk's spans
-        if self.use_kernels:
-            loc = self._locate(spans_of_rows).unflatten(2, (m, -1)).transpose(1, 2).flatten(0, 1)  # [B*m, Hkv, k]
-            pool, host_blocks = self.placement.gather_sources()
-            no_local = (global_kv[0][:, :, :0], global_kv[1][:, :, :0])
-            dispatch.scope_gather(global_kv, no_local, pool, host_blocks, loc, rotary, keys[:, :, :head],
-                                  values[:, :, :head])
-            self.placement.host_reads_launched()
+        if len(distinct) == m:
+            self._gather_heads(chosen, rotary, keys[:, :, :head], values[:, :, :head])
         else:
-            spans = self._fetch(spans_of_rows).unflatten(2, (m, -1)).transpose(1, 2).flatten(0, 1)
-            # spans [B*m, Hkv, k, 2, S, D]
-            keys[:, :, :head] = rotary.rotate(torch.cat((global_kv[0], spans[:, :, :, 0].flatten(2, 3)), 2), 0)
-            values[:, :, :head] = torch.cat((global_kv[1], spans[:, :, :, 1].flatten(2, 3)), 2)
+            shared = torch.empty(batch * len(distinct), kv_heads, head, head_dim, dtype=self.dtype, device=self.device)
+            shared_values = torch.empty_like(shared)  # [B*u, Hkv, head, D]
+            self._gather_heads(distinct, rotary, shared, shared_values)
+            which = {id(ids): at for at, ids in enumerate(distinct)}
+            rows = [b * len(distinct) + which[id(ids)] for b in range(batch) for ids in chosen]  # row b*m + j
+            index = upload(torch.tensor(rows), self.device)
+            keys[:, :, :head], values[:, :, :head] = shared.index_select(0, index), shared_values.index_select(0, index)
         index = padded_index(tuple((chunk.local.start, chunk.local.stop) for chunk in chunks), longest, self.device)
         local_keys, local_values = (part.index_select(2, index).unflatten(2, (m, longest)).transpose(1, 2)
                                     .flatten(0, 1) for part in stream)  # [B*m, Hkv, longest, D]
         keys[:, :, head:] = dispatch.rotate(rotary, local_keys, head, self.use_kernels)
         values[:, :, head:] = local_values
         return keys, values, [head + length for length in local_lengths]
+
+    def _gather_heads(self, chosen: list[torch.Tensor], rotary: ScopeRotary, keys: torch.Tensor,
+                      values: torch.Tensor) -> None:
+        """`[global | spans]` of each selection of `chosen` (m of [B, Hkv, k]) into keys (rotated at 0..), values
+        [B*m, Hkv, G + k*S, D] (row b*m + j: selection j of row b)."""
+        m = len(chosen)
+        global_kv = tuple(part.repeat_interleave(m, dim=0) for part in self.global_region.view())  # [B*m, Hkv, G, D]
+        spans_of_rows = torch.stack(chosen, dim=2).flatten(2)  # [B, Hkv, m*k]: one selection of every chunk's spans
+        if self.use_kernels:
+            loc = self._locate(spans_of_rows).unflatten(2, (m, -1)).transpose(1, 2).flatten(0, 1)  # [B*m, Hkv, k]
+            pool, host_blocks = self.placement.gather_sources()
+            no_local = (global_kv[0][:, :, :0], global_kv[1][:, :, :0])
+            dispatch.scope_gather(global_kv, no_local, pool, host_blocks, loc, rotary, keys, values)
+            self.placement.host_reads_launched()
+            return
+        spans = self._fetch(spans_of_rows).unflatten(2, (m, -1)).transpose(1, 2).flatten(0, 1)
+        # spans [B*m, Hkv, k, 2, S, D]
+        keys.copy_(rotary.rotate(torch.cat((global_kv[0], spans[:, :, :, 0].flatten(2, 3)), 2), 0))
+        values.copy_(torch.cat((global_kv[1], spans[:, :, :, 1].flatten(2, 3)), 2))
 
     def _selected_uids(self, ids: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """ids [B, Hkv, k] -> (the distinct uids selected [U], the index of each id's uid in them [B, Hkv, k])."""

@@ -209,3 +209,25 @@ def test_a_consensus_stride_scores_every_strideth_chunk_and_the_last_the_rest_re
             torch.testing.assert_close(strided[at], every[source], rtol=0, atol=0)
         distinct = {tuple(selection.flatten().tolist()) for selection in strided}
         assert len(distinct) <= len(scoring) + 1
+
+
+@pytest.mark.parametrize("kernels", ["reference", "triton"])
+def test_chunks_sharing_a_selection_read_its_spans_once_with_the_same_logits(kernels):
+    if kernels == "triton":
+        pytest.importorskip("triton")
+    model = tiny_model("llama")
+    ids = random_ids(300, seed=8)
+    config = dict(TINY, kernels=kernels, policy="consensus", policy_options={"window": 8, "stride": 3})
+    shared, copied = ReAttentionCache(model, **config), ReAttentionCache(model, **config)
+    policy = copied.layers[0].policy
+    selects = policy.select_chunks
+    policy.select_chunks = lambda *args, **kwargs: [ids.clone() for ids in (selects(*args, **kwargs) or [])] or None
+    gathered = {"shared": [], "copied": []}  # selections whose spans layer 0 gathers, per forward's gather
+    for name, cache in (("shared", shared), ("copied", copied)):
+        layer = cache.layers[0]
+        layer._gather_heads = lambda chosen, *args, gather=layer._gather_heads, seen=gathered[name]: \
+            seen.append(len(chosen)) or gather(chosen, *args)
+    torch.testing.assert_close(_forwards(model, shared, ids, [100, 200]), _forwards(model, copied, ids, [100, 200]),
+                               rtol=0, atol=0)
+    assert gathered["copied"] == [2, 6, 17]  # every chunk of the forwards' batched groups
+    assert gathered["shared"] == [2, 3, 7]  # the distinct selections: every third chunk, the last, the one held before
