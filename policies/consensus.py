@@ -214,8 +214,8 @@ class ConsensusPolicy(ReAttentionPolicy):
         state.ring.copy_(windows[:, :, -1])  # the ring as the last chunk leaves it, slot for slot
         state.next = next_slot
         scoring = self._scoring_chunks(state, len(chunks), top_k)  # the chunks that score, ascending
-        if len(scoring) < len(chunks):
-            windows = windows[:, :, scoring]  # [B, Hq, m', window, D]
+        if len(scoring) < len(chunks):  # [B, Hq, m', window, D]; the index uploaded without a wait for the device
+            windows = windows.index_select(2, _device_index(tuple(scoring), queries.device))
         spans = upload(torch.tensor([chunks[at].spans for at in scoring]), queries.device)  # [m']
         beyond = torch.arange(n_spans, device=queries.device)[None, :] >= spans[:, None]  # [m', n] sealed later
         mass = torch.cat([self.chunks_mass(windows[:, :, block], summaries[:, :, :n_spans], per_kv_head,
@@ -296,6 +296,12 @@ class ConsensusPolicy(ReAttentionPolicy):
                                .to(queries.dtype)).amax(-1)
                   for start in range(0, keys.shape[2], self.span_block)]  # each [B, Hkv, g, w, block]
         return torch.cat(blocks, dim=-1).float()
+
+
+@functools.lru_cache(maxsize=16)
+def _device_index(index: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """index on `device` as int64 [len(index)], uploaded once: every layer of a forward asks the same."""
+    return upload(torch.tensor(index), device)
 
 
 @functools.lru_cache(maxsize=4)
