@@ -1,5 +1,5 @@
-"""Storage that grows by doubling: tensors along one dimension (appends copy in place, no per-step torch.cat) and
-per-span numpy arrays."""
+"""Storage that grows by doubling (by less where the device cannot hold the doubled copy): tensors along one dimension
+(appends copy in place, no per-step torch.cat) and per-span numpy arrays."""
 from __future__ import annotations
 
 import numpy as np
@@ -13,6 +13,40 @@ def buffer(shape, dtype: torch.dtype, device: torch.device | str = "cpu", pin_me
     with torch.inference_mode(False):
         made = torch.empty(shape, dtype=dtype, device=device, pin_memory=pin_memory)
         return made.zero_() if zeroed else made
+
+
+FULL_AT = 8  # a budgeted buffer (kvtier.tiers.gpu's pool) past 1/FULL_AT of its capacity takes all of it in one step
+
+
+def growth_target(have: int, rows: int, capacity: int | None) -> int:
+    """Slots a buffer of `have` slots grows to when it needs `rows`: double, or straight to a budget's capacity once
+    past 1/FULL_AT of it - so the copy that grows a buffer briefly holds at most (1 + 1/FULL_AT) x the budget."""
+    target = max(rows, 2 * have)
+    if capacity is None:
+        return target
+    return capacity if target * FULL_AT > capacity else target
+
+
+def fallback_targets(have: int, rows: int, capacity: int | None) -> list[int]:
+    """growth_target, then smaller growths (+1/2, +1/4, just `rows`) to try when the device cannot hold the old and
+    the new allocation at once: a buffer near the device's size still grows, a step at a time."""
+    targets = [growth_target(have, rows, capacity), have + have // 2, have + have // 4, rows]
+    if capacity is not None:
+        targets = [min(target, capacity) for target in targets]
+    return sorted({max(target, rows) for target in targets}, reverse=True)
+
+
+def larger_buffer(data: torch.Tensor, dim: int, rows: int, capacity: int | None = None) -> torch.Tensor | None:
+    """A new, unfilled buffer like `data` with at least `rows` entries along `dim`: growth_target's size or, where the
+    device cannot hold it beside `data`, the first of fallback_targets' smaller growths it can; None if none fits."""
+    shape = list(data.shape)
+    for target in fallback_targets(data.shape[dim], rows, capacity):
+        shape[dim] = target
+        try:
+            return buffer(shape, data.dtype, data.device)
+        except torch.OutOfMemoryError:
+            continue
+    return None
 
 
 def gather_rows(source: torch.Tensor, index: torch.Tensor, row_shape: tuple[int, ...] | None = None) -> torch.Tensor:
@@ -64,9 +98,13 @@ class GrowableTensor:
     def reserve(self, capacity: int) -> None:
         if capacity <= self.data.shape[self.dim]:
             return
-        shape = list(self.data.shape)
-        shape[self.dim] = max(capacity, 2 * shape[self.dim])
-        grown = buffer(shape, self.data.dtype, self.data.device)
+        grown = larger_buffer(self.data, self.dim, capacity)
+        if grown is None:
+            held = self.data.numel() * self.data.element_size()
+            raise torch.OutOfMemoryError(
+                f"kvtier cannot grow a buffer of {held / 2**30:.2f} GiB {tuple(self.data.shape)} on {self.data.device} "
+                f"to {capacity} entries along dimension {self.dim}, not even a step at a time: the device is full; "
+                "lower gpu_budget (the span pool) or the context")
         grown.narrow(self.dim, 0, self.length).copy_(self.view())
         self.data = grown
 

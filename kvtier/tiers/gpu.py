@@ -4,35 +4,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from kvtier.buffers import buffer, upload
+from kvtier.buffers import buffer, larger_buffer, upload
 from kvtier.errors import TierFullError
 from kvtier.tiers.base import SlotPool
 
 
-FULL_AT = 8  # a budgeted pool past 1/FULL_AT of its capacity takes all of it in one step
-
-
-def growth_target(have: int, rows: int, capacity: int | None) -> int:
-    """Slots a pool of `have` slots grows to when it needs `rows`: double, or straight to a budget's capacity once
-    past 1/FULL_AT of it - so the copy that grows a pool briefly holds at most (1 + 1/FULL_AT) x the budget."""
-    target = max(rows, 2 * have)
-    if capacity is None:
-        return target
-    return capacity if target * FULL_AT > capacity else target
-
-
-def fallback_targets(have: int, rows: int, capacity: int | None) -> list[int]:
-    """growth_target, then smaller growths (+1/2, +1/4, just `rows`) to try when the device cannot hold the old and
-    the new allocation at once: a pool near the device's size still grows, a step at a time."""
-    targets = [growth_target(have, rows, capacity), have + have // 2, have + have // 4, rows]
-    if capacity is not None:
-        targets = [min(target, capacity) for target in targets]
-    return sorted({max(target, rows) for target in targets}, reverse=True)
-
-
 class DevicePool(SlotPool):
     """Spans on the model's device, at most `capacity` of them (None: no limit); the allocation grows by doubling
-    (see growth_target), so a budget is never exceeded and a small context does not reserve it all."""
+    (kvtier.buffers.growth_target), so a budget is never exceeded and a small context does not reserve it all."""
 
     def __init__(self, span_shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, capacity: int | None):
         super().__init__(capacity)
@@ -53,13 +32,8 @@ class DevicePool(SlotPool):
         have = self.data.shape[0]
         if rows <= have:
             return
-        for target in fallback_targets(have, rows, self.capacity):
-            try:
-                grown = buffer((target, *self.data.shape[1:]), self.data.dtype, self.data.device)
-                break
-            except torch.OutOfMemoryError:
-                continue
-        else:
+        grown = larger_buffer(self.data, 0, rows, self.capacity)
+        if grown is None:
             span_bytes = self.data[0].numel() * self.data.element_size()
             raise TierFullError(
                 f"the GPU span pool cannot grow from {have} to {rows} spans on {self.data.device}: growing copies the "

@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 import torch
 
-from kvtier.tiers.gpu import growth_target
+from kvtier.buffers import growth_target
 
 
 class Sample(NamedTuple):

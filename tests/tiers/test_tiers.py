@@ -325,7 +325,8 @@ def assert_device_table_matches_the_placement(placement):
 
 
 def test_a_budgeted_gpu_pool_grows_by_doubling_then_to_its_budget_in_one_step():
-    from kvtier.tiers.gpu import DevicePool, growth_target
+    from kvtier.buffers import growth_target
+    from kvtier.tiers.gpu import DevicePool
 
     assert [growth_target(have, have + 1, None) for have in (16, 32)] == [32, 64]
     assert growth_target(16, 17, 1024) == 32 and growth_target(64, 65, 1024) == 128
@@ -342,12 +343,13 @@ def test_a_gpu_pool_short_of_memory_grows_in_smaller_steps_then_names_gpu_budget
     """The device cannot hold the old and the doubled pool at once: the pool grows by less; when even the spans
     needed do not fit, TierFullError names gpu_budget, and the pool and its slot map are left as they were."""
     from kvtier.errors import CorruptCacheError, TierFullError
-    from kvtier.tiers import gpu
-    from kvtier.tiers.gpu import DevicePool, fallback_targets
+    from kvtier import buffers
+    from kvtier.buffers import fallback_targets
+    from kvtier.tiers.gpu import DevicePool
 
     assert fallback_targets(64, 65, None) == [128, 96, 80, 65]
     assert fallback_targets(64, 80, 90) == [90, 80]  # a budget caps every step
-    real_buffer = gpu.buffer
+    real_buffer = buffers.buffer
 
     def device_of_40_slots(shape, *args, **kwargs):  # what is allocated now (16 slots) + the new allocation
         if shape[0] + 16 > 40:
@@ -355,7 +357,7 @@ def test_a_gpu_pool_short_of_memory_grows_in_smaller_steps_then_names_gpu_budget
         return real_buffer(shape, *args, **kwargs)
 
     pool = DevicePool(SPAN_SHAPE, torch.float32, torch.device("cpu"), capacity=None)
-    monkeypatch.setattr(gpu, "buffer", device_of_40_slots)
+    monkeypatch.setattr(buffers, "buffer", device_of_40_slots)
     pool.put(np.arange(17), torch.zeros(17, *SPAN_SHAPE))
     assert pool.data.shape[0] == 24  # 32 did not fit beside the 16; 16 + 16 // 2 did
     with pytest.raises(TierFullError, match="set gpu_budget"):
@@ -430,3 +432,27 @@ def test_scratch_rows_are_kept_while_big_enough_then_grow_by_doubling():
     assert scratch_rows(first, 2, SPAN_SHAPE, torch.float32) is first
     grown = scratch_rows(first, 4, SPAN_SHAPE, torch.float32)
     assert grown.shape[0] == 6 and scratch_rows(grown, 20, SPAN_SHAPE, torch.float32).shape[0] == 20
+
+
+def test_a_growable_tensor_short_of_memory_grows_in_smaller_steps_then_names_the_fix(monkeypatch):
+    """consensus' span table (a GrowableTensor of every middle key) doubling past the device: it grows by less, as the
+    GPU pool does; when even the entries needed do not fit, the error names the budget and the table is unchanged."""
+    from kvtier import buffers
+    from kvtier.buffers import GrowableTensor
+
+    table = GrowableTensor((1, 0, 2), 1, torch.float32, torch.device("cpu"), capacity=64)
+    table.append(torch.ones(1, 64, 2))
+    real_buffer = buffers.buffer
+
+    def device_of_160_entries(shape, *args, **kwargs):  # the 64 held + the new allocation
+        if shape[1] + 64 > 160:
+            raise torch.OutOfMemoryError("CUDA out of memory (test)")
+        return real_buffer(shape, *args, **kwargs)
+
+    monkeypatch.setattr(buffers, "buffer", device_of_160_entries)
+    table.append(torch.full((1, 1, 2), 2.0))
+    assert table.data.shape[1] == 96 and table.length == 65  # 128 did not fit beside the 64; 64 + 64 // 2 did
+    assert table.view()[0, :, 0].tolist() == [1.0] * 64 + [2.0]
+    with pytest.raises(torch.OutOfMemoryError, match="lower gpu_budget"):
+        table.append(torch.zeros(1, 40, 2))
+    assert table.data.shape[1] == 96 and table.length == 65
