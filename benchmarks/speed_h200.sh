@@ -19,11 +19,14 @@ usage: bash benchmarks/speed_h200.sh OUT_DIR STAGE...
   decode-smollm2 kvtier bench --model smollm2 at 32K and 1M (filled), graphs only (stock beside)
   long8b   kvtier bench --model llama8b at 8K and 1M (filled), kvtier-host (a 36 GiB span pool, at 1M the other 92 GiB
            of K/V pinned; consensus' 64 GiB of keys on the GPU beside it), graphs: decode_flat from one run
-  prefill1m kvtier bench --model llama8b at 1M, a real prefill in 32K forwards, kvtier-host as long8b, consensus
-           scoring every 8th query chunk (configs/scope-8k-consensus-stride8.yaml); 8 decode steps
+  prefill1m kvtier bench --model llama8b at 1M, a real prefill in 8K forwards, kvtier-host with a 32 GiB span pool,
+           consensus scoring every 8th query chunk (configs/scope-8k-consensus-stride8.yaml); 8 decode steps
   profile1m benchmarks/decode_profile.py --chunk 8k at 960K on the 8B shape, kvtier-host as long8b, consensus (every
            chunk scores): a prefill forward's time per query chunk and layer at 1M of depth
-  forwards-stride kvtier bench --model smollm2 at 128K in 32K forwards, consensus scoring every 4th query chunk
+  profile1m-stride8 the same with consensus scoring every 8th chunk (prefill1m's config), the allocator as is
+  profile1m-expandable the same as profile1m-stride8 under PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+  forwards-stride kvtier bench --model smollm2 at 128K in 32K forwards: consensus (a first run compiling the kernels'
+           variants), consensus scoring every 4th query chunk, then consensus again
   disk2m   kvtier bench --model smollm2 at 2M (filled): kvtier (every span on the GPU) and kvtier-disk (a 2 GiB pool,
            8 GiB of pinned host, the rest of the 46 GiB of K/V in LMDB under /tmp/kvtier-disk2m)
   profile  benchmarks/decode_profile.py at 8K on the 8B shape with consensus: where a (replayed) decode step's time goes
@@ -39,7 +42,8 @@ An unknown stage runs nothing and exits 2.
 USAGE
 }
 known=" tests kernels prefill prefill-quest forwards prefill8b chunksize smollm2 llama8b decode8b decode-smollm2 long8b profile "
-known+="syncs chunks chunks-smollm2 chunks-smollm2-128k disk2m prefill1m profile1m forwards-stride "
+known+="syncs chunks chunks-smollm2 chunks-smollm2-128k disk2m prefill1m profile1m profile1m-stride8 profile1m-expandable "
+known+="forwards-stride "
 here=$(cd "$(dirname "$0")" && pwd)
 source "$here/stages.sh"
 mkdir -p "$out"
@@ -103,16 +107,24 @@ for stage in "$@"; do
             bench long8b-graphs --model llama8b --contexts 8k,1m --prefill fill --methods kvtier-host \
                 --config "$here/configs/scope-8k-consensus.yaml" --gpu-budget 36GiB ;;
         prefill1m)
-            bench prefill1m --model llama8b --contexts 1m --methods kvtier-host --prefill-chunk 32768 \
-                --config "$here/configs/scope-8k-consensus-stride8.yaml" --gpu-budget 36GiB ;;
-        profile1m)
-            timeout "${SPEED_LIMIT:-280}" python3 "$here/decode_profile.py" --context 960k --chunk 8k --steps 2 \
-                --profile-steps 1 --configs host --gpu-budget 36GiB --config "$here/configs/scope-8k-consensus.yaml" \
-                --out "$out/profile1m" > "$out/profile1m.log" 2>&1
-            echo "== profile1m: exit $?"; grep -E "^===|kvtier\.|^\|" "$out/profile1m.log" | tail -n 20 ;;
+            bench prefill1m --model llama8b --contexts 1m --methods kvtier-host --prefill-chunk 8192 --decode-steps 8 \
+                --max-prefill 1m --config "$here/configs/scope-8k-consensus-stride8.yaml" --gpu-budget 32GiB ;;
+        profile1m|profile1m-stride8|profile1m-expandable)
+            config=scope-8k-consensus-stride8.yaml
+            [ "$stage" = profile1m ] && config=scope-8k-consensus.yaml
+            allocator=${PYTORCH_CUDA_ALLOC_CONF:-}
+            [ "$stage" = profile1m-expandable ] && allocator=expandable_segments:True
+            PYTORCH_CUDA_ALLOC_CONF=$allocator timeout "${SPEED_LIMIT:-280}" python3 "$here/decode_profile.py" \
+                --context 960k --chunk 8k --steps 2 --profile-steps 1 --configs host --gpu-budget 36GiB \
+                --config "$here/configs/$config" --out "$out/$stage" > "$out/$stage.log" 2>&1
+            echo "== $stage: exit $?"; grep -E "^===|kvtier\.|^\|" "$out/$stage.log" | tail -n 20 ;;
         forwards-stride)
-            bench forwards-stride-smollm2-32768 --model smollm2 --contexts 128k --methods kvtier --prefill-chunk 32768 \
-                --config "$here/configs/consensus-stride4.yaml" ;;
+            for run in compile stride4 stride1; do
+                config=()
+                [ "$run" = stride4 ] && config=(--config "$here/configs/consensus-stride4.yaml")
+                bench "forwards-$run-smollm2-32768" --model smollm2 --contexts 128k --methods kvtier \
+                    --prefill-chunk 32768 "${config[@]}"
+            done ;;
         disk2m)
             bench disk2m --model smollm2 --contexts 2m --prefill fill --methods kvtier,kvtier-disk \
                 --gpu-budget 2GiB --host-budget 8GiB --disk-path /tmp/kvtier-disk2m ;;
