@@ -57,6 +57,17 @@ def test_decode_profile_quick_profiles_stock_and_every_kvtier_configuration(tmp_
     assert all(row["ms_median"] > 0 and row["ms_per_layer"] > 0 for row in rows)
 
 
+def test_decode_profile_configs_picks_the_configurations_and_refuses_a_budgetless_host(tmp_path):
+    rows = _run("decode_profile.py", tmp_path, "--configs", "host", "--gpu-budget", "64KiB", "--steps", "2",
+                "--top", "3")["rows"]
+    assert [row["config"] for row in rows] == ["kvtier kernels=auto gpu_budget=64 KiB"]
+    for bad, message in ((["--configs", "host"], "--configs host needs --gpu-budget"),
+                         (["--configs", "stock,gpu"], "unknown configuration")):
+        done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "decode_profile.py"), "--quick", *bad],
+                              cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2 and message in done.stderr
+
+
 def test_spill_quick_measures_the_writer_against_lmdb_put_and_the_reads(tmp_path):
     result = _run("spill.py", tmp_path, "--dir", str(tmp_path), "--repeats", "1")
     assert set(result["gb_per_s"]) == {"encode_each", "lmdb_put", "writer", "read_cold", "read_warm"}
