@@ -25,6 +25,8 @@ usage: bash benchmarks/speed_h200.sh OUT_DIR STAGE...
            chunk scores): a prefill forward's time per query chunk and layer at 1M of depth
   profile1m-stride8 the same with consensus scoring every 8th chunk (prefill1m's config), the allocator as is
   profile1m-expandable the same as profile1m-stride8 under PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+  pinning  benchmarks/pinning.py: each 256 MiB pinned host block's allocation, and host-bound launches beside a thread
+           allocating them (could the host tier's growth leave the prefill's critical path?)
   forwards-stride kvtier bench --model smollm2 at 128K in 32K forwards: consensus (a first run compiling the kernels'
            variants), consensus scoring every 4th query chunk, then consensus again
   disk2m   kvtier bench --model smollm2 at 2M (filled): kvtier (every span on the GPU) and kvtier-disk (a 2 GiB pool,
@@ -43,7 +45,7 @@ USAGE
 }
 known=" tests kernels prefill prefill-quest forwards prefill8b chunksize smollm2 llama8b decode8b decode-smollm2 long8b profile "
 known+="syncs chunks chunks-smollm2 chunks-smollm2-128k disk2m prefill1m profile1m profile1m-stride8 profile1m-expandable "
-known+="forwards-stride "
+known+="forwards-stride pinning "
 here=$(cd "$(dirname "$0")" && pwd)
 source "$here/stages.sh"
 mkdir -p "$out"
@@ -118,6 +120,9 @@ for stage in "$@"; do
                 --context 960k --chunk 8k --steps 2 --profile-steps 1 --configs host --gpu-budget 36GiB \
                 --config "$here/configs/$config" --out "$out/$stage" > "$out/$stage.log" 2>&1
             echo "== $stage: exit $?"; grep -E "^===|kvtier\.|^\|" "$out/$stage.log" | tail -n 20 ;;
+        pinning)
+            timeout "${SPEED_LIMIT:-280}" python3 "$here/pinning.py" --out "$out/pinning" > "$out/pinning.log" 2>&1
+            echo "== pinning: exit $?"; grep -E "^\|" "$out/pinning.log" ;;
         forwards-stride)
             for run in compile stride4 stride1; do
                 config=()

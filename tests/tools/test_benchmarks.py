@@ -68,6 +68,13 @@ def test_decode_profile_configs_picks_the_configurations_and_refuses_a_budgetles
         assert done.returncode == 2 and message in done.stderr
 
 
+def test_pinning_quick_times_each_block_and_the_launches_beside_them(tmp_path):
+    result = _run("pinning.py", tmp_path)
+    assert len(result["block_ms"]) == result["blocks"] == 4 and not result["pinned"]  # no CUDA: plain memory
+    assert result["gib_per_s"] > 0 and result["work_alone_s"] > 0 and result["work_beside_pinning_s"] > 0
+    assert result["blocks_in_thread"] == 4  # the thread allocated them all while the loop ran
+
+
 def test_spill_quick_measures_the_writer_against_lmdb_put_and_the_reads(tmp_path):
     result = _run("spill.py", tmp_path, "--dir", str(tmp_path), "--repeats", "1")
     assert set(result["gb_per_s"]) == {"encode_each", "lmdb_put", "writer", "read_cold", "read_warm"}
