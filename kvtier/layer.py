@@ -317,8 +317,8 @@ class ReAttentionLayer(GrowingLayer):
         keys (rotated at 0..L_j-1), values [B*m, Hkv, Lmax, D] (row b*m + j: chunk j of row b; the positions past L_j
         hold copies of its last local token, to be masked) and each chunk's L_j."""
         batch, kv_heads, head_dim, m = self.batch, self.kv_heads, self.head_dim, len(chunks)
-        # chunks sharing one selection (a policy's reused one, e.g. consensus' stride) read its spans once
-        distinct = list({id(ids): ids for ids in chosen}.values())
+        # consecutive chunks sharing one selection (a policy's reused one, e.g. consensus' stride) read its spans once
+        runs = [start for start in range(m) if start == 0 or chosen[start] is not chosen[start - 1]]
         n_spans = chosen[0].shape[-1] * self.config.span_size
         head = self.global_region.length + n_spans  # global and spans: the same positions in every chunk's scope
         local_lengths = [chunk.local.stop - chunk.local.start for chunk in chunks]
@@ -326,16 +326,16 @@ class ReAttentionLayer(GrowingLayer):
         self.largest_scope = max(self.largest_scope, head + longest)
         keys = torch.empty(batch * m, kv_heads, head + longest, head_dim, dtype=self.dtype, device=self.device)
         values = torch.empty_like(keys)
-        if len(distinct) == m:
+        if len(runs) == m:
             self._gather_heads(chosen, rotary, keys[:, :, :head], values[:, :, :head])
         else:
-            shared = torch.empty(batch * len(distinct), kv_heads, head, head_dim, dtype=self.dtype, device=self.device)
-            shared_values = torch.empty_like(shared)  # [B*u, Hkv, head, D]
-            self._gather_heads(distinct, rotary, shared, shared_values)
-            which = {id(ids): at for at, ids in enumerate(distinct)}
-            rows = [b * len(distinct) + which[id(ids)] for b in range(batch) for ids in chosen]  # row b*m + j
-            index = upload(torch.tensor(rows), self.device)
-            keys[:, :, :head], values[:, :, :head] = shared.index_select(0, index), shared_values.index_select(0, index)
+            shared = torch.empty(batch * len(runs), kv_heads, head, head_dim, dtype=self.dtype, device=self.device)
+            shared_values = torch.empty_like(shared)  # [B*u, Hkv, head, D]: one row per run of chunks
+            self._gather_heads([chosen[start] for start in runs], rotary, shared, shared_values)
+            for source, target in ((shared, keys), (shared_values, values)):  # each run's rows: one broadcast copy
+                per_run, per_chunk = source.unflatten(0, (batch, -1)), target.unflatten(0, (batch, m))
+                for at, (start, end) in enumerate(zip(runs, [*runs[1:], m])):
+                    per_chunk[:, start:end, :, :head] = per_run[:, at : at + 1]
         index = padded_index(tuple((chunk.local.start, chunk.local.stop) for chunk in chunks), longest, self.device)
         local_keys, local_values = (part.index_select(2, index).unflatten(2, (m, longest)).transpose(1, 2)
                                     .flatten(0, 1) for part in stream)  # [B*m, Hkv, longest, D]
