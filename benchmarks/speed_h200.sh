@@ -25,8 +25,11 @@ usage: bash benchmarks/speed_h200.sh OUT_DIR STAGE...
            chunk scores): a prefill forward's time per query chunk and layer at 1M of depth
   profile1m-stride8 the same with consensus scoring every 8th chunk (prefill1m's config), the allocator as is
   profile1m-expandable the same as profile1m-stride8 under PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+  prefill1m-register prefill1m under PYTORCH_CUDA_ALLOC_CONF=pinned_use_cuda_host_register:True,
+           pinned_num_register_threads:8 (pinned blocks by malloc and cudaHostRegister, pages mapped by 8 threads)
   pinning  benchmarks/pinning.py: each 256 MiB pinned host block's allocation, and host-bound launches beside a thread
-           allocating them (could the host tier's growth leave the prefill's critical path?)
+           allocating them (could the host tier's growth leave the prefill's critical path?); then the same under
+           prefill1m-register's allocator setting
   forwards-stride kvtier bench --model smollm2 at 128K in 32K forwards: consensus (a first run compiling the kernels'
            variants), consensus scoring every 4th query chunk, then consensus again
   disk2m   kvtier bench --model smollm2 at 2M (filled): kvtier (every span on the GPU) and kvtier-disk (a 2 GiB pool,
@@ -45,11 +48,12 @@ USAGE
 }
 known=" tests kernels prefill prefill-quest forwards prefill8b chunksize smollm2 llama8b decode8b decode-smollm2 long8b profile "
 known+="syncs chunks chunks-smollm2 chunks-smollm2-128k disk2m prefill1m profile1m profile1m-stride8 profile1m-expandable "
-known+="forwards-stride pinning "
+known+="forwards-stride pinning prefill1m-register "
 here=$(cd "$(dirname "$0")" && pwd)
 source "$here/stages.sh"
 mkdir -p "$out"
 steps=${SPEED_STEPS:-128}
+register=pinned_use_cuda_host_register:True,pinned_num_register_threads:8
 bench() {  # name, kvtier bench arguments...
     local name=$1
     shift
@@ -108,8 +112,10 @@ for stage in "$@"; do
         long8b)
             bench long8b-graphs --model llama8b --contexts 8k,1m --prefill fill --methods kvtier-host \
                 --config "$here/configs/scope-8k-consensus.yaml" --gpu-budget 36GiB ;;
-        prefill1m)
-            bench prefill1m --model llama8b --contexts 1m --methods kvtier-host --prefill-chunk 8192 --decode-steps 8 \
+        prefill1m|prefill1m-register)
+            allocator=${PYTORCH_CUDA_ALLOC_CONF:-}
+            [ "$stage" = prefill1m-register ] && allocator=$register
+            PYTORCH_CUDA_ALLOC_CONF=$allocator bench "$stage" --model llama8b --contexts 1m --methods kvtier-host --prefill-chunk 8192 --decode-steps 8 \
                 --max-prefill 1m --config "$here/configs/scope-8k-consensus-stride8.yaml" --gpu-budget 32GiB ;;
         profile1m|profile1m-stride8|profile1m-expandable)
             config=scope-8k-consensus-stride8.yaml
@@ -122,7 +128,10 @@ for stage in "$@"; do
             echo "== $stage: exit $?"; grep -E "^===|kvtier\.|^\|" "$out/$stage.log" | tail -n 20 ;;
         pinning)
             timeout "${SPEED_LIMIT:-280}" python3 "$here/pinning.py" --out "$out/pinning" > "$out/pinning.log" 2>&1
-            echo "== pinning: exit $?"; grep -E "^\|" "$out/pinning.log" ;;
+            echo "== pinning: exit $?"; grep -E "^\|" "$out/pinning.log"
+            PYTORCH_CUDA_ALLOC_CONF=$register timeout "${SPEED_LIMIT:-280}" python3 "$here/pinning.py" \
+                --out "$out/pinning-register" > "$out/pinning-register.log" 2>&1
+            echo "== pinning-register: exit $?"; grep -E "^\|" "$out/pinning-register.log" ;;
         forwards-stride)
             for run in compile stride4 stride1; do
                 config=()

@@ -1,7 +1,8 @@
 """The host pool: spans in page-locked (pinned) memory when CUDA is present, plain memory otherwise. It grows in
 equal blocks (pinning one huge buffer up front would stall for seconds), and a block never moves once allocated,
 so its address stays valid for the GPU to read directly: host slot h is row h % block_slots of block
-h // block_slots (the layout kvtier.kernels.gather reads)."""
+h // block_slots (the layout kvtier.kernels.gather reads). Pinned blocks are allocated ahead of need on a background
+thread (kvtier.tiers.reserve), at most AHEAD_BLOCKS beyond those holding spans."""
 from __future__ import annotations
 
 import numpy as np
@@ -9,8 +10,10 @@ import torch
 
 from kvtier.buffers import buffer
 from kvtier.tiers.base import SlotPool
+from kvtier.tiers.reserve import BlockReserve
 
 BLOCK_BYTES = 256 * 2**20
+AHEAD_BLOCKS = 8  # pinned blocks kept ready: 2 GiB, two 8K-token forwards' evictions of the Llama-3.1-8B shape
 
 
 def contiguous_runs(slots: np.ndarray, blocks: np.ndarray) -> list[tuple[int, int]]:
@@ -24,7 +27,10 @@ def contiguous_runs(slots: np.ndarray, blocks: np.ndarray) -> list[tuple[int, in
 
 
 class HostPool(SlotPool):
-    def __init__(self, span_shape: tuple[int, ...], dtype: torch.dtype, capacity: int | None, pinned: bool):
+    def __init__(self, span_shape: tuple[int, ...], dtype: torch.dtype, capacity: int | None, pinned: bool,
+                 ahead: int | None = None):
+        """`ahead`: blocks allocated ahead of need on a thread (default AHEAD_BLOCKS when pinned, 0 - none, each
+        block allocated when needed - for plain memory, which is quick)."""
         super().__init__(capacity)
         self.span_shape, self.dtype, self.pinned = span_shape, dtype, pinned
         span_bytes = int(np.prod(span_shape)) * dtype.itemsize
@@ -32,10 +38,16 @@ class HostPool(SlotPool):
         if capacity is not None:
             self.block_slots = min(self.block_slots, capacity)
         self.blocks: list[torch.Tensor] = []  # each [block_slots, 2, Hkv, S, D]
+        ahead = (AHEAD_BLOCKS if pinned else 0) if ahead is None else ahead
+        limit = None if capacity is None else -(-capacity // self.block_slots)
+        self._reserve = BlockReserve(self._new_block, ahead, limit) if ahead else None
+
+    def _new_block(self) -> torch.Tensor:
+        return buffer((self.block_slots, *self.span_shape), self.dtype, pin_memory=self.pinned)
 
     def _grow_to(self, slots: int) -> None:
         while len(self.blocks) * self.block_slots < slots:
-            self.blocks.append(buffer((self.block_slots, *self.span_shape), self.dtype, pin_memory=self.pinned))
+            self.blocks.append(self._new_block() if self._reserve is None else self._reserve.take())
 
     def _block_and_row(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """slots [N] -> (block index [N], row in the block [N])."""

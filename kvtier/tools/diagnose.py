@@ -3,9 +3,10 @@ the model misreads once selected: which spans hold a needle's tokens, what each 
 needle's spans ranked under the policy, and an oracle that puts them in the scope.
 
 Both hooks wrap `select` on the cache's layer instances (an instance attribute, removed on exit) and have the layers
-take every forward chunk by chunk meanwhile (`batches_forwards`: the same selections, each through `select`): the
-library is not changed, and a cache used outside the `with` block selects as it always does. Only attention calls whose query chunk
-holds a token at or after `from_token` are touched (with `kvtier.tools.niah.answer`, `from_token = len(ids) - 1`
+take a forward reaching `from_token` chunk by chunk (`plan_forward`: the same selections, each through `select`); the
+forwards before it keep the batched path (a 1M-token prompt's prefill is not slowed): the library is not changed, and
+a cache used outside the `with` block selects as it always does. Only attention calls whose query chunk holds a token
+at or after `from_token` are touched (with `kvtier.tools.niah.answer`, `from_token = len(ids) - 1`
 picks the answer's queries: the last prompt token, then each generated token).
 """
 from __future__ import annotations
@@ -133,7 +134,7 @@ def observe_selection(cache: ReAttentionCache, needles: Sequence[TokenRanges] | 
         return observed
 
     observation = Observation()
-    with _wrapped_selects(cache, wrap):
+    with _wrapped_selects(cache, wrap, from_token):
         yield observation
 
 
@@ -168,7 +169,7 @@ def force_spans(cache: ReAttentionCache, span_ids_per_row: Sequence[Sequence[int
 
         return forced
 
-    with _wrapped_selects(cache, wrap):
+    with _wrapped_selects(cache, wrap, from_token):
         yield
 
 
@@ -232,20 +233,32 @@ _ABSENT = object()
 
 
 @contextmanager
-def _wrapped_selects(cache: ReAttentionCache,
-                     wrap: Callable[[int, ReAttentionLayer, Select], Select]) -> Iterator[None]:
-    """Each layer's `select` replaced by wrap(layer index, layer, the select it had) as an instance attribute, put
-    back on exit (hooks nest: the innermost wraps the library's, and each is undone in turn)."""
-    previous = [(vars(layer).get("select", _ABSENT), layer.batches_forwards) for layer in cache.layers]
+def _wrapped_selects(cache: ReAttentionCache, wrap: Callable[[int, ReAttentionLayer, Select], Select],
+                     from_token: int) -> Iterator[None]:
+    """Each layer's `select` replaced by wrap(layer index, layer, the select it had), and its `plan_forward` by one
+    that takes a forward chunk by chunk once it reaches token `from_token` (so every chunk of it goes through
+    `select`), as instance attributes put back on exit (hooks nest: the innermost wraps the library's, and each is
+    undone in turn)."""
+    previous = [(vars(layer).get("select", _ABSENT), vars(layer).get("plan_forward", _ABSENT)) for layer in cache.layers]
     for index, layer in enumerate(cache.layers):
         layer.select = wrap(index, layer, layer.select)
-        layer.batches_forwards = False
+        layer.plan_forward = _batched_before(layer, layer.plan_forward, from_token)
     try:
         yield
     finally:
-        for layer, (before, batches) in zip(cache.layers, previous):
-            layer.batches_forwards = batches
-            if before is _ABSENT:
-                del layer.select
-            else:
-                layer.select = before
+        for layer, saved in zip(cache.layers, previous):
+            for name, before in zip(("select", "plan_forward"), saved):
+                if before is _ABSENT:
+                    delattr(layer, name)
+                else:
+                    setattr(layer, name, before)
+
+
+def _batched_before(layer: ReAttentionLayer, plan_forward: Callable, from_token: int) -> Callable:
+    """plan_forward for the hooks: None (chunk by chunk) for a forward whose chunks reach token `from_token`, the
+    layer's own plan for one that ends before it (plan_forward's bounds count from the first chunk not yet taken in)."""
+
+    def planned(bounds: list[tuple[int, int]]):
+        return None if layer.tokens_held() + bounds[-1][1] > from_token else plan_forward(bounds)
+
+    return planned

@@ -3,6 +3,7 @@ hold at every step, and the stores keep their promises (slots reused, a span dro
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ from kvtier.tiers.disk_tier import DiskTier
 from kvtier.tiers.host import HostPool, contiguous_runs
 from kvtier.tiers.lmdb_pages import file_offset
 from kvtier.tiers.placement import Placement, shortfall
+from kvtier.tiers.reserve import BlockReserve
 from tests.conftest import greedy, random_ids, tiny_model
 
 TINY = dict(global_size=4, local_size=24, span_size=4, top_k=3, chunk_size=12)
@@ -170,17 +172,56 @@ def test_contiguous_runs_split_at_gaps_and_block_edges():
     assert contiguous_runs(slots, blocks) == [(0, 2), (2, 4), (4, 6)]
 
 
-def test_host_pool_round_trips_spans_across_blocks(monkeypatch):
+@pytest.mark.parametrize("ahead", [0, 2])
+def test_host_pool_round_trips_spans_across_blocks(monkeypatch, ahead):
     monkeypatch.setattr("kvtier.tiers.host.BLOCK_BYTES", 3 * SPAN_BYTES)
-    pool = HostPool(SPAN_SHAPE, torch.float32, capacity=None, pinned=False)
+    pool = HostPool(SPAN_SHAPE, torch.float32, capacity=None, pinned=False, ahead=ahead)
     spans = torch.randn(20, *SPAN_SHAPE)
     pool.put(np.arange(20), spans)
     assert len(pool.blocks) == 7  # blocks of 3 spans
+    assert len({block.data_ptr() for block in pool.blocks}) == 7  # each block its own memory
     out = torch.full((5, *SPAN_SHAPE), float("nan"))
     chosen = np.array([19, 2, 3, 8, 0])
     pool.get_into(chosen, out)
     assert torch.equal(out, spans[torch.from_numpy(chosen)])
     assert pool.nbytes == sum(block.numel() * 4 for block in pool.blocks)
+
+
+def test_block_reserve_hands_blocks_out_in_order_keeping_ahead_allocated():
+    made = []
+
+    def allocate():
+        made.append(threading.current_thread().name)
+        return torch.full((2,), float(len(made)))
+
+    reserve = BlockReserve(allocate, ahead=3)
+    assert [reserve.take()[0].item() for _ in range(5)] == [1, 2, 3, 4, 5]
+    assert reserve.requested == 5 + 3  # the five taken and three ahead
+    _wait_for(lambda: reserve.ready == 3)
+    assert set(made) == {name for name in made if name.startswith("kvtier-host-blocks")}  # never on the caller's thread
+
+
+def test_block_reserve_stops_at_its_limit_and_raises_an_allocation_error_where_the_block_is_taken():
+    reserve = BlockReserve(lambda: torch.zeros(1), ahead=4, limit=3)
+    [reserve.take() for _ in range(3)]
+    assert reserve.requested == 3
+    with pytest.raises(AssertionError, match="all 3 blocks"):
+        reserve.take()  # a bounded pool never asks for more than its limit
+
+    def failing():
+        raise RuntimeError("cannot pin 256 MiB")
+
+    with pytest.raises(RuntimeError, match="cannot pin"):
+        BlockReserve(failing, ahead=1).take()
+    with pytest.raises(ValueError, match="ahead=0"):
+        BlockReserve(failing, ahead=0)
+
+
+def _wait_for(condition, seconds: float = 10.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
 
 
 def test_lmdb_store_reads_back_only_committed_spans(tmp_path):

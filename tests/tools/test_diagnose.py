@@ -107,6 +107,19 @@ def test_observe_selection_records_one_entry_per_layer_per_answer_query(model):
             assert record.sealed == sealed_spans(record.tokens, CONFIG)
 
 
+def test_the_hooks_leave_the_forwards_before_the_answer_batched(model):
+    baseline = _answer(model, ReAttentionCache(model, CONFIG)).tokens
+    cache = ReAttentionCache(model, CONFIG)
+    plans = []  # what the layers' own plan_forward returned, seen beneath the hooks
+    for layer in cache.layers:
+        layer.plan_forward = _recording(layer.plan_forward, plans)
+    with force_spans(cache, [[5]], from_token=PROMPT - 1), observe_selection(cache, [NEEDLE], from_token=PROMPT - 1):
+        tokens = _answer(model, cache).tokens
+    assert any(plan is not None for plan in plans)  # the prefill's forwards were planned at once
+    assert all("plan_forward" in vars(layer) for layer in cache.layers)  # the recorder put back, the hooks' removed
+    assert tokens != [] and len(tokens) == len(baseline)
+
+
 def _recording(select, into: list):
     def recording(queries):
         into.append(select(queries))
