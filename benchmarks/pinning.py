@@ -38,6 +38,15 @@ def allocate_blocks(count: int, nbytes: int, pinned: bool, held: list[torch.Tens
     return spent
 
 
+def release_pinned(held: list[torch.Tensor], pinned: bool) -> None:
+    """Drop the blocks and empty PyTorch's pinned-memory cache, so the next pass pins anew (a cached block comes
+    back in microseconds: the first version of this script timed the thread's pass on cached blocks)."""
+    held.clear()
+    if pinned:
+        empty = getattr(getattr(torch, "accelerator", None), "empty_host_cache", None) or torch._C._host_emptyCache
+        empty()
+
+
 def host_bound_work(steps: int, device: torch.device) -> float:
     """Seconds for `steps` rounds of 16 tiny elementwise launches on `device` (bound by the host queueing them), then
     waiting for the device."""
@@ -56,14 +65,14 @@ def measure(blocks: int, nbytes: int, steps: int, device: torch.device) -> dict:
     host_bound_work(steps // 10 + 1, device)  # warm-up: the kernels' first launches
     held: list[torch.Tensor] = []
     block_ms = allocate_blocks(blocks, nbytes, pinned, held)
-    held.clear()
+    release_pinned(held, pinned)
     alone_s = host_bound_work(steps, device)
     beside: list[float] = []
     worker = threading.Thread(target=lambda: beside.extend(allocate_blocks(blocks, nbytes, pinned, held)))
     worker.start()
     concurrent_s = host_bound_work(steps, device)
     worker.join()
-    held.clear()
+    release_pinned(held, pinned)
     total_gib = blocks * nbytes / 2**30
     return {
         "device": torch.cuda.get_device_name(device) if pinned else "cpu", "pinned": pinned, "blocks": blocks,

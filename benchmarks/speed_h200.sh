@@ -19,17 +19,18 @@ usage: bash benchmarks/speed_h200.sh OUT_DIR STAGE...
   decode-smollm2 kvtier bench --model smollm2 at 32K and 1M (filled), graphs only (stock beside)
   long8b   kvtier bench --model llama8b at 8K and 1M (filled), kvtier-host (a 36 GiB span pool, at 1M the other 92 GiB
            of K/V pinned; consensus' 64 GiB of keys on the GPU beside it), graphs: decode_flat from one run
-  prefill1m kvtier bench --model llama8b at 1M, a real prefill in 8K forwards, kvtier-host with a 32 GiB span pool,
-           consensus scoring every 8th query chunk (configs/scope-8k-consensus-stride8.yaml); 8 decode steps
+  prefill1m kvtier bench --model llama8b at 1M, a real prefill in 16K forwards, kvtier-host with a 32 GiB span pool,
+           consensus scoring the first and last query chunk of each forward (configs/scope-8k-consensus-stride32.yaml);
+           8 decode steps. The kvtier command pins host blocks by cudaHostRegister (kvtier.allocator)
+  prefill1m-8k the same in 8K forwards, every 8th chunk scoring (configs/scope-8k-consensus-stride8.yaml)
+  prefill1m-hostalloc prefill1m with the host blocks pinned by cudaHostAlloc (pinned_use_cuda_host_register:False)
   profile1m benchmarks/decode_profile.py --chunk 8k at 960K on the 8B shape, kvtier-host as long8b, consensus (every
            chunk scores): a prefill forward's time per query chunk and layer at 1M of depth
-  profile1m-stride8 the same with consensus scoring every 8th chunk (prefill1m's config), the allocator as is
+  profile1m-stride8 the same with consensus scoring every 8th chunk (configs/scope-8k-consensus-stride8.yaml), the allocator as is
   profile1m-expandable the same as profile1m-stride8 under PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
-  prefill1m-register prefill1m under PYTORCH_CUDA_ALLOC_CONF=pinned_use_cuda_host_register:True,
-           pinned_num_register_threads:8 (pinned blocks by malloc and cudaHostRegister, pages mapped by 8 threads)
   pinning  benchmarks/pinning.py: each 256 MiB pinned host block's allocation, and host-bound launches beside a thread
            allocating them (could the host tier's growth leave the prefill's critical path?); then the same under
-           prefill1m-register's allocator setting
+           kvtier.allocator's setting (cudaHostRegister, pages mapped by 8 threads)
   forwards-stride kvtier bench --model smollm2 at 128K in 32K forwards: consensus (a first run compiling the kernels'
            variants), consensus scoring every 4th query chunk, then consensus again
   disk2m   kvtier bench --model smollm2 at 2M (filled): kvtier (every span on the GPU) and kvtier-disk (a 2 GiB pool,
@@ -48,7 +49,7 @@ USAGE
 }
 known=" tests kernels prefill prefill-quest forwards prefill8b chunksize smollm2 llama8b decode8b decode-smollm2 long8b profile "
 known+="syncs chunks chunks-smollm2 chunks-smollm2-128k disk2m prefill1m profile1m profile1m-stride8 profile1m-expandable "
-known+="forwards-stride pinning prefill1m-register "
+known+="forwards-stride pinning prefill1m-8k prefill1m-hostalloc "
 here=$(cd "$(dirname "$0")" && pwd)
 source "$here/stages.sh"
 mkdir -p "$out"
@@ -112,11 +113,13 @@ for stage in "$@"; do
         long8b)
             bench long8b-graphs --model llama8b --contexts 8k,1m --prefill fill --methods kvtier-host \
                 --config "$here/configs/scope-8k-consensus.yaml" --gpu-budget 36GiB ;;
-        prefill1m|prefill1m-register)
-            allocator=${PYTORCH_CUDA_ALLOC_CONF:-}
-            [ "$stage" = prefill1m-register ] && allocator=$register
-            PYTORCH_CUDA_ALLOC_CONF=$allocator bench "$stage" --model llama8b --contexts 1m --methods kvtier-host --prefill-chunk 8192 --decode-steps 8 \
-                --max-prefill 1m --config "$here/configs/scope-8k-consensus-stride8.yaml" --gpu-budget 32GiB ;;
+        prefill1m|prefill1m-8k|prefill1m-hostalloc)
+            size=16384 config=scope-8k-consensus-stride32.yaml allocator=${PYTORCH_CUDA_ALLOC_CONF:-}
+            [ "$stage" = prefill1m-8k ] && size=8192 config=scope-8k-consensus-stride8.yaml
+            [ "$stage" = prefill1m-hostalloc ] && allocator=pinned_use_cuda_host_register:False
+            PYTORCH_CUDA_ALLOC_CONF=$allocator bench "$stage" --model llama8b --contexts 1m --methods kvtier-host \
+                --prefill-chunk "$size" --decode-steps 8 --max-prefill 1m --config "$here/configs/$config" \
+                --gpu-budget 32GiB ;;
         profile1m|profile1m-stride8|profile1m-expandable)
             config=scope-8k-consensus-stride8.yaml
             [ "$stage" = profile1m ] && config=scope-8k-consensus.yaml

@@ -1,13 +1,18 @@
 """The host pool: spans in page-locked (pinned) memory when CUDA is present, plain memory otherwise. It grows in
 equal blocks (pinning one huge buffer up front would stall for seconds), and a block never moves once allocated,
 so its address stays valid for the GPU to read directly: host slot h is row h % block_slots of block
-h // block_slots (the layout kvtier.kernels.gather reads). Pinned blocks are allocated ahead of need on a background
-thread (kvtier.tiers.reserve), at most AHEAD_BLOCKS beyond those holding spans."""
+h // block_slots (the layout kvtier.kernels.gather reads). Where PyTorch pins by cudaHostRegister (kvtier.allocator),
+pinned blocks are allocated ahead of need on a background thread (kvtier.tiers.reserve), at most AHEAD_BLOCKS beyond
+those holding spans; with cudaHostAlloc, which holds the driver's lock while it pins, a thread gained nothing
+(RESULTS.md section 25) and the pool allocates each block when it needs it, after one warning."""
 from __future__ import annotations
+
+import warnings
 
 import numpy as np
 import torch
 
+from kvtier.allocator import PINNED_REGISTER, registers_pinned_pages
 from kvtier.buffers import buffer
 from kvtier.tiers.base import SlotPool
 from kvtier.tiers.reserve import BlockReserve
@@ -29,8 +34,8 @@ def contiguous_runs(slots: np.ndarray, blocks: np.ndarray) -> list[tuple[int, in
 class HostPool(SlotPool):
     def __init__(self, span_shape: tuple[int, ...], dtype: torch.dtype, capacity: int | None, pinned: bool,
                  ahead: int | None = None):
-        """`ahead`: blocks allocated ahead of need on a thread (default AHEAD_BLOCKS when pinned, 0 - none, each
-        block allocated when needed - for plain memory, which is quick)."""
+        """`ahead`: blocks allocated ahead of need on a thread (default AHEAD_BLOCKS when pinned by cudaHostRegister,
+        else 0: each block allocated when needed)."""
         super().__init__(capacity)
         self.span_shape, self.dtype, self.pinned = span_shape, dtype, pinned
         span_bytes = int(np.prod(span_shape)) * dtype.itemsize
@@ -38,11 +43,16 @@ class HostPool(SlotPool):
         if capacity is not None:
             self.block_slots = min(self.block_slots, capacity)
         self.blocks: list[torch.Tensor] = []  # each [block_slots, 2, Hkv, S, D]
-        ahead = (AHEAD_BLOCKS if pinned else 0) if ahead is None else ahead
+        if ahead is None:
+            ahead = AHEAD_BLOCKS if pinned and registers_pinned_pages() else 0
         limit = None if capacity is None else -(-capacity // self.block_slots)
         self._reserve = BlockReserve(self._new_block, ahead, limit) if ahead else None
 
     def _new_block(self) -> torch.Tensor:
+        if self.pinned and not self.blocks and not registers_pinned_pages():
+            warnings.warn(f"kvtier's host tier pins its blocks through cudaHostAlloc (2.6 GiB/s on an H200); set "
+                          f"PYTORCH_CUDA_ALLOC_CONF={PINNED_REGISTER} before CUDA starts to pin 3.6x faster (the "
+                          "`kvtier` command does)", stacklevel=2)
         return buffer((self.block_slots, *self.span_shape), self.dtype, pin_memory=self.pinned)
 
     def _grow_to(self, slots: int) -> None:

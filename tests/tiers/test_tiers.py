@@ -11,6 +11,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from kvtier import ReAttentionCache
+from kvtier.allocator import PINNED_REGISTER, prefer_pinned_register, registers_pinned_pages
 from kvtier.buffers import scratch_rows
 from kvtier.config import ReAttentionConfig
 from kvtier.errors import CorruptCacheError, TierFullError
@@ -18,7 +19,7 @@ from kvtier.tiers import DISK, GPU, HOST
 from kvtier.tiers.base import SlotMap, SpanStore
 from kvtier.tiers.disk import LmdbStore, put_records, span_key
 from kvtier.tiers.disk_tier import DiskTier
-from kvtier.tiers.host import HostPool, contiguous_runs
+from kvtier.tiers.host import AHEAD_BLOCKS, HostPool, contiguous_runs
 from kvtier.tiers.lmdb_pages import file_offset
 from kvtier.tiers.placement import Placement, shortfall
 from kvtier.tiers.reserve import BlockReserve
@@ -215,6 +216,31 @@ def test_block_reserve_stops_at_its_limit_and_raises_an_allocation_error_where_t
         BlockReserve(failing, ahead=1).take()
     with pytest.raises(ValueError, match="ahead=0"):
         BlockReserve(failing, ahead=0)
+
+
+@pytest.mark.parametrize("before, after", [
+    ({}, {"PYTORCH_CUDA_ALLOC_CONF": PINNED_REGISTER}),
+    ({"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"},
+     {"PYTORCH_CUDA_ALLOC_CONF": f"expandable_segments:True,{PINNED_REGISTER}"}),
+    ({"PYTORCH_ALLOC_CONF": "expandable_segments:True"},
+     {"PYTORCH_ALLOC_CONF": f"expandable_segments:True,{PINNED_REGISTER}"}),
+    ({"PYTORCH_CUDA_ALLOC_CONF": "pinned_use_cuda_host_register:False"},
+     {"PYTORCH_CUDA_ALLOC_CONF": "pinned_use_cuda_host_register:False"}),  # the user's choice stands
+])
+def test_the_kvtier_command_prefers_pinning_by_host_register_unless_told(before, after):
+    environ = dict(before)
+    prefer_pinned_register(environ)
+    assert environ == after
+    assert registers_pinned_pages(environ) == ("False" not in str(after))
+
+
+def test_a_pinned_host_pool_reserves_blocks_ahead_only_where_pages_are_registered(monkeypatch):
+    monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", PINNED_REGISTER)
+    assert HostPool(SPAN_SHAPE, torch.float32, None, pinned=True)._reserve.ahead == AHEAD_BLOCKS
+    assert HostPool(SPAN_SHAPE, torch.float32, None, pinned=False)._reserve is None
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    assert HostPool(SPAN_SHAPE, torch.float32, None, pinned=True)._reserve is None
 
 
 def _wait_for(condition, seconds: float = 10.0) -> None:
