@@ -72,7 +72,8 @@ def diagnose(model, tokenizer, probes: Iterable[Probe], config: ReAttentionConfi
                   "answers": list(probe.answers), "needles": [list(needle) for needle in probe.needles],
                   "needle_spans": list(at_answer.ids),
                   "by_construction": [list(tokens) for tokens in at_answer.by_construction],
-                  "plain": plain, "layers": layers}
+                  "plain": plain, "layers": layers,
+                  "last_layer_spans": chosen_spans(observation, tokenizer, probe, resolved)}
         if oracle:
             forced, observation, _ = _answer(model, tokenizer, probe, config, max_new_tokens, prefill_chunk,
                                              progress, forced=True)
@@ -102,6 +103,19 @@ def _answer(model, tokenizer, probe: Probe, config, max_new_tokens: int, prefill
               "prefill_s": round(result.prefill_s, 3),
               "decode_s": round(result.decode_s, 3)}
     return record, observation, resolved
+
+
+def chosen_spans(observation: Observation, tokenizer, probe: Probe, config: ReAttentionConfig) -> list[dict[str, Any]]:
+    """What the last layer chose at the answer's first query (row 0, the first selecting head), in the scope's order:
+    each span's id and text - which spans won where the needle did not."""
+    records = [record for record in observation.records if record.query == 0]
+    if not records:
+        return []
+    last = max(records, key=lambda record: record.layer)
+    start = config.global_size
+    return [{"span": span, "text": tokenizer.decode(list(probe.ids[start + span * config.span_size:
+                                                                   start + (span + 1) * config.span_size]))}
+            for span in last.selected[0][0]]
 
 
 def _layer_records(observation: Observation, layers: int) -> list[dict[str, Any]]:

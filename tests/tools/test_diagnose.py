@@ -211,6 +211,7 @@ def test_diagnose_reports_recall_rank_and_the_oracle_per_prompt_and_layer(one_to
     probes = [probe_of(build_sample(tokenizer, 400, depth, "12345"), length=400) for depth in (0.2, 0.6)]
     config = {**SMALL, "span_size": 16, "top_k": 6}  # room for the 59 bytes of a needle: at most 5 spans of 16
     report = diagnose(model, tokenizer, probes, config, max_new_tokens=3, prefill_chunk=64)
+    probes_ids = {probe.depth: probe.ids for probe in probes}
     assert report["config"]["top_k"] == 6 and len(report["prompts"]) == 2
     for prompt in report["prompts"]:
         assert len(prompt["layers"]) == 2 and prompt["needle_spans"]
@@ -220,6 +221,10 @@ def test_diagnose_reports_recall_rank_and_the_oracle_per_prompt_and_layer(one_to
             assert (layer["recall"] == 1) == all(layer["in_scope"])
         assert prompt["oracle"]["recall"] == 1.0  # the oracle's selections hold the needle at every query
         assert isinstance(prompt["plain"]["hit"], bool) and "answer" in prompt["oracle"]
+        chosen = prompt["last_layer_spans"]  # the last layer's choice at the first answer query, with its text
+        assert 0 < len(chosen) <= 6 and all(len(span["text"]) == 16 for span in chosen)  # 16 byte tokens per span
+        span = chosen[0]["span"]
+        assert chosen[0]["text"] == tokenizer.decode(list(probes_ids[prompt["depth"]][4 + 16 * span:][:16]))
     by_length, overall = report["summary"]
     assert by_length["length"] == 400 and overall["length"] is None and overall["prompts"] == 2
     assert 0 <= overall["all_selected"] <= overall["recall"] <= 1
