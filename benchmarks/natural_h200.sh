@@ -30,6 +30,8 @@ given run at once, each in its own process, and the script waits for all of them
   diagnose   kvtier niah --diagnose at 16K, 11 depths x 2 keys (selection recall, the plain run and the oracle, one
              prompt at a time), and stock at 4K beside it (the reference of the oracle's goal)
   diagnose-1m kvtier niah --diagnose at 1M, depths 0.1 and 0.7 (long-1m's misses), 1 key
+  vote-1m    the same with the layers voting by rank (configs/consensus-rank.yaml)
+  vote       consensus voting by rank at 16K and 64K, 11 depths x 2 keys (the default's 19/22 and 18/22: RESULTS 23a)
   stride     consensus at 16K and 64K scoring every 2nd, 4th and 8th query chunk of a prefill forward (configs/
              consensus-stride{2,4,8}.yaml; the default: every chunk)
   speed      kvtier bench on SmolLM2 at 32K and 128K: stock, quest and consensus prefill tokens/s, decode ms/token
@@ -38,7 +40,7 @@ so stages running side by side never fail to grow a pool.
 environment: NATURAL_LIMIT seconds per stage (default 560). An unknown stage runs nothing and exits 2.
 USAGE
 }
-known=" layout long-1m filler-1m diagnose diagnose-1m stride 16k 64k 64k-paper topk long stock tasks ablate long-quest filler speed chunksize default long-keys2 multikey "
+known=" vote vote-1m layout long-1m filler-1m diagnose diagnose-1m stride 16k 64k 64k-paper topk long stock tasks ablate long-quest filler speed chunksize default long-keys2 multikey "
 here=$(cd "$(dirname "$0")" && pwd)
 source "$here/stages.sh"
 depths=0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1
@@ -103,6 +105,8 @@ for stage in "$@"; do
         diagnose) run diagnose-stock --lengths 4k --depths $depths --keys 2 --policy stock --batch 11 &
                   run diagnose --diagnose --lengths 16k --depths $depths --keys 2 $gpu12 & ;;
         diagnose-1m) run diagnose-1m --diagnose --lengths 1m --depths 0.1,0.7 $gpu12 & ;;
+        vote-1m) run vote-1m --diagnose --lengths 1m --depths 0.1,0.7 --config "$here/configs/consensus-rank.yaml" & ;;
+        vote) run vote --lengths 16k,64k --depths $depths --keys 2 --batch 11 --config "$here/configs/consensus-rank.yaml" & ;;
         stride) for every in 2 4 8; do
                     run "stride-$every" --lengths 16k,64k --depths $depths --keys 2 --batch 11 \
                         --config "$here/configs/consensus-stride$every.yaml" &

@@ -6,7 +6,10 @@ the window asks, e.g. the question's function words and the attention-sink direc
 against every middle key; a span's score is its best key's, and each (query, head) spreads one unit of attention over
 the spans (softmax at the model's scale). Layer l selects by the sum of that attention mass over layers 0..l of the
 same query chunk (layers vote; no layer alone ranks a needle in natural prose reliably, their sum does: RESULTS 14).
-A span's neighbours share its score (max-pooled), so a sentence cut by a span border comes in whole.
+A span's neighbours share its score (max-pooled), so a sentence cut by a span border comes in whole. With `vote: rank`
+a layer votes by rank instead of mass (reciprocal rank fusion: 1 / (rank_offset + its rank of the span)), so a layer
+whose mass piles onto a few spans counts no more than one that spreads it (at 1M the votes of layers 2-17 hold the
+needle and layer 18's mass pushes it out: RESULTS 25d).
 
 Decode steps reuse their layer's last selection until spans are sealed (seal_group of them every seal_group *
 span_size steps: the newest text becomes selectable) or, if set, `refresh` steps have passed, then re-score, with the
@@ -34,6 +37,7 @@ from .reattention import ReAttentionPolicy
 
 
 _MASS_BLOCK_BYTES = 2**29  # select_chunks scores chunks in blocks whose fp32 scores stay within this
+VOTES = ("mass", "rank")
 
 
 @dataclass
@@ -100,6 +104,10 @@ class ConsensusPolicy(ReAttentionPolicy):
     # a batched forward's chunks score every `stride`-th chunk and the last; the others reuse the selection before them
     # (1: every chunk scores, exactly as chunk by chunk; RESULTS 24 measures the trade)
     stride: int = 1
+    # what a layer adds to the vote: "mass" (its attention mass per span) or "rank" (1 / (rank_offset + the span's
+    # rank under that mass), 0 the best)
+    vote: str = "mass"
+    rank_offset: int = 60
     span_block: int = 1024  # spans scored at once: bounds the [B, Hkv, g, window, block, S] score tensor
     # what computes span_best_scores' result instead of it: kvtier.kernels.window_mass on the kernel path (set by
     # kvtier.dispatch at each selection), None elsewhere
@@ -114,7 +122,7 @@ class ConsensusPolicy(ReAttentionPolicy):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for option in ("window", "refresh", "stride", "span_block"):
+        for option in ("window", "refresh", "stride", "span_block", "rank_offset"):
             value = getattr(self, option)
             if option == "refresh" and value is None:
                 continue
@@ -122,6 +130,8 @@ class ConsensusPolicy(ReAttentionPolicy):
                 raise ValueError(f"consensus policy: {option} must be a positive integer, got {value!r}")
         if self.layout not in LAYOUTS:
             raise ValueError(f"consensus policy: layout must be one of {LAYOUTS}, got {self.layout!r}")
+        if self.vote not in VOTES:
+            raise ValueError(f"consensus policy: vote must be one of {VOTES}, got {self.vote!r}")
 
     def reset(self, layer: int) -> None:
         self._layers.pop(layer, None)
@@ -190,7 +200,7 @@ class ConsensusPolicy(ReAttentionPolicy):
         if queries.shape[2] == 1 and reuse:
             state.steps += 1
             return state.selected
-        mass = self.window_mass(window, summaries, per_kv_head)  # [B, Hsel, n]
+        mass = self.layer_vote(self.window_mass(window, summaries, per_kv_head))  # [B, Hsel, n]
         if layer == 0:  # a new chunk's vote: keep only the earlier chunks of this forward that layer 0 began
             self._votes = {t: vote for t, vote in self._votes.items() if vote[0] == 0 and t < tokens}
         # a layer on another device (device_map) adds the earlier layers' votes on its own
@@ -221,6 +231,7 @@ class ConsensusPolicy(ReAttentionPolicy):
         mass = torch.cat([self.chunks_mass(windows[:, :, block], summaries[:, :, :n_spans], per_kv_head,
                                            beyond[block])
                           for block in self._chunk_blocks(windows.shape, n_spans)], dim=2)  # [B, Hsel, m', n]
+        mass = self.layer_vote(mass, beyond)
         key = chunks[-1].tokens
         if layer == 0:  # a new vote: keep only the earlier chunks of this forward that layer 0 selected one by one
             self._votes = {t: vote for t, vote in self._votes.items() if vote[0] == 0 and t < chunks[0].tokens}
@@ -260,6 +271,16 @@ class ConsensusPolicy(ReAttentionPolicy):
         batch, q_heads, m, w, _ = shape
         step = max(1, _MASS_BLOCK_BYTES // max(batch * q_heads * w * n_spans * 4, 1))
         return [slice(start, start + step) for start in range(0, m, step)]
+
+    def layer_vote(self, mass: torch.Tensor, beyond: torch.Tensor | None = None) -> torch.Tensor:
+        """One layer's attention mass [..., n] -> what it adds to the vote [..., n]: the mass, or with vote "rank"
+        1 / (rank_offset + each span's rank under it), 0 for spans `beyond` [m, n] (sealed after the chunk; mass [..., m,
+        n]), which rank last: the spans before them rank as in a chunk-by-chunk selection."""
+        if self.vote == "mass":
+            return mass
+        ranks = mass.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1)  # [..., n], 0 the best
+        vote = 1.0 / (self.rank_offset + ranks.float())
+        return vote if beyond is None else vote.masked_fill(beyond, 0.0)
 
     def window_mass(self, window: torch.Tensor, summaries: torch.Tensor, per_kv_head: bool) -> torch.Tensor:
         """window [B, Hq, w, D] pre-RoPE queries, summaries (the keys) [B, Hkv, n, S, D] -> each span's attention mass

@@ -282,7 +282,7 @@ def test_the_window_ring_holds_the_newest_queries_without_copying_the_rest():
 
 
 # ---- 5. validation ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("option", ["window", "refresh", "stride", "span_block"])
+@pytest.mark.parametrize("option", ["window", "refresh", "stride", "span_block", "rank_offset"])
 @pytest.mark.parametrize("bad", [0, -1, True, 1.5])
 def test_options_must_be_positive_integers(option, bad):
     with pytest.raises(ValueError, match=rf"consensus policy: {option} must be a positive integer, got {bad!r}"):
@@ -295,6 +295,29 @@ def test_build_policy_validates_consensus_options():
     policy = build_policy("consensus", {"window": 8, "refresh": 3, "span_block": 2, "neighbours": False})
     assert isinstance(policy, ConsensusPolicy)
     assert (policy.window, policy.refresh, policy.span_block, policy.neighbours) == (8, 3, 2, False)
+
+
+def test_vote_must_be_known():
+    with pytest.raises(ValueError, match=r"consensus policy: vote must be one of \('mass', 'rank'\), got 'count'"):
+        ConsensusPolicy(vote="count")
+
+
+def test_a_rank_vote_counts_each_layer_by_rank_so_a_peaked_layer_cannot_outvote_the_others():
+    # layer 0 and 1 prefer span 1 mildly; layer 2 piles its mass onto span 3
+    keys = [_spans([0, 2, 0, 1.5, 0]), _spans([0, 2, 0, 1.5, 0]), _spans([0, 0, 0, 40, 0])]
+    chosen = {}
+    for vote in ("mass", "rank"):
+        policy = ConsensusPolicy(window=1, neighbours=False, vote=vote, rank_offset=2)
+        chosen[vote] = [policy.select_at(_e(0), layer_keys, 1, False, layer=layer, tokens=10).item()
+                        for layer, layer_keys in enumerate(keys)]
+    assert chosen["mass"] == [1, 1, 3]  # layer 2's mass outweighs the two layers before it
+    assert chosen["rank"] == [1, 1, 1]  # by rank: span 1 has 1/2 + 1/2 + 1/4 against span 3's 1/3 + 1/3 + 1/2
+    policy = ConsensusPolicy(vote="rank", rank_offset=2)
+    mass = torch.tensor([[[0.1, 3.0, 0.1, 2.0, 0.0]]])
+    assert torch.allclose(policy.layer_vote(mass), torch.tensor([[[1 / 4, 1 / 2, 1 / 5, 1 / 3, 1 / 6]]]))
+    beyond = torch.tensor([[False, False, False, True, True]])  # spans 3 and 4 sealed after the chunk: mass 0
+    masked = policy.layer_vote(torch.tensor([[[[0.1, 3.0, 0.1, 0.0, 0.0]]]]), beyond)
+    assert torch.allclose(masked, torch.tensor([[[[1 / 3, 1 / 2, 1 / 4, 0, 0]]]]))  # as if spans 3, 4 did not exist
 
 
 def test_layout_must_be_known():

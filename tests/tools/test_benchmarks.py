@@ -142,3 +142,12 @@ def test_sync_points_says_it_needs_cuda_on_a_cpu(tmp_path):
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "sync_points.py"), "--quick", "--out",
                            str(tmp_path)], capture_output=True, text=True)
     assert done.returncode == 2 and "needs a CUDA device" in done.stderr and not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "benchmarks" / "configs").glob("*.yaml")), ids=lambda path: path.name)
+def test_every_benchmark_config_loads_and_builds_its_policy(path):
+    from kvtier.config import ReAttentionConfig
+    from kvtier.policies import build_policy
+
+    config = ReAttentionConfig.from_file(path)
+    assert build_policy(config.policy, config.policy_options).name == config.policy
