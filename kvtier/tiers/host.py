@@ -83,5 +83,6 @@ class HostPool(SlotPool):
 
     @property
     def nbytes(self) -> int:
-        """Bytes allocated on the host (at most the budget)."""
-        return sum(block.numel() * block.element_size() for block in self.blocks)
+        """Bytes allocated on the host (at most the budget): the blocks in use and those the reserve holds ready."""
+        block_bytes = self.block_slots * int(np.prod(self.span_shape)) * self.dtype.itemsize
+        return (len(self.blocks) + (self._reserve.ready if self._reserve else 0)) * block_bytes

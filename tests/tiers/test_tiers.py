@@ -181,11 +181,13 @@ def test_host_pool_round_trips_spans_across_blocks(monkeypatch, ahead):
     pool.put(np.arange(20), spans)
     assert len(pool.blocks) == 7  # blocks of 3 spans
     assert len({block.data_ptr() for block in pool.blocks}) == 7  # each block its own memory
+    if ahead:
+        _wait_for(lambda: pool._reserve.ready == ahead)
+    assert pool.nbytes == (7 + ahead) * 3 * SPAN_BYTES  # the blocks in use and those ready
     out = torch.full((5, *SPAN_SHAPE), float("nan"))
     chosen = np.array([19, 2, 3, 8, 0])
     pool.get_into(chosen, out)
     assert torch.equal(out, spans[torch.from_numpy(chosen)])
-    assert pool.nbytes == sum(block.numel() * 4 for block in pool.blocks)
 
 
 def test_block_reserve_hands_blocks_out_in_order_keeping_ahead_allocated():
