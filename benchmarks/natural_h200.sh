@@ -30,8 +30,9 @@ given run at once, each in its own process, and the script waits for all of them
   diagnose   kvtier niah --diagnose at 16K, 11 depths x 2 keys (selection recall, the plain run and the oracle, one
              prompt at a time), and stock at 4K beside it (the reference of the oracle's goal)
   diagnose-1m kvtier niah --diagnose at 1M, depths 0.1 and 0.7 (long-1m's misses), 1 key
-  vote-1m    the same with the layers voting by rank (configs/consensus-rank.yaml)
-  vote       consensus voting by rank at 16K and 64K, 11 depths x 2 keys (the default's 19/22 and 18/22: RESULTS 23a)
+  vote-1m    the same with the layers voting by rank and by log mass (configs/consensus-{rank,log}.yaml), side by side
+  vote       consensus voting by rank and by log mass at 16K and 64K, 11 depths x 2 keys (the default's 19/22 and
+             18/22: RESULTS 23a)
   stride     consensus at 16K and 64K scoring every 2nd, 4th and 8th query chunk of a prefill forward (configs/
              consensus-stride{2,4,8}.yaml; the default: every chunk)
   speed      kvtier bench on SmolLM2 at 32K and 128K: stock, quest and consensus prefill tokens/s, decode ms/token
@@ -105,8 +106,13 @@ for stage in "$@"; do
         diagnose) run diagnose-stock --lengths 4k --depths $depths --keys 2 --policy stock --batch 11 &
                   run diagnose --diagnose --lengths 16k --depths $depths --keys 2 $gpu12 & ;;
         diagnose-1m) run diagnose-1m --diagnose --lengths 1m --depths 0.1,0.7 $gpu12 & ;;
-        vote-1m) run vote-1m --diagnose --lengths 1m --depths 0.1,0.7 --config "$here/configs/consensus-rank.yaml" & ;;
-        vote) run vote --lengths 16k,64k --depths $depths --keys 2 --batch 11 --config "$here/configs/consensus-rank.yaml" & ;;
+        vote-1m) for vote in rank log; do
+                     run "vote-1m-$vote" --diagnose --lengths 1m --depths 0.1,0.7 --config "$here/configs/consensus-$vote.yaml" &
+                 done ;;
+        vote) for vote in rank log; do
+                  run "vote-$vote" --lengths 16k,64k --depths $depths --keys 2 --batch 11 \
+                      --config "$here/configs/consensus-$vote.yaml" &
+              done ;;
         stride) for every in 2 4 8; do
                     run "stride-$every" --lengths 16k,64k --depths $depths --keys 2 --batch 11 \
                         --config "$here/configs/consensus-stride$every.yaml" &

@@ -8,7 +8,7 @@ the spans (softmax at the model's scale). Layer l selects by the sum of that att
 same query chunk (layers vote; no layer alone ranks a needle in natural prose reliably, their sum does: RESULTS 14).
 A span's neighbours share its score (max-pooled), so a sentence cut by a span border comes in whole. With `vote: rank`
 a layer votes by rank instead of mass (reciprocal rank fusion: 1 / (rank_offset + its rank of the span)), so a layer
-whose mass piles onto a few spans counts no more than one that spreads it (at 1M the votes of layers 2-17 hold the
+whose mass piles onto a few spans counts no more than one that spreads it; `vote: log` is between the two (at 1M the votes of layers 2-17 hold the
 needle and layer 18's mass pushes it out: RESULTS 25d).
 
 Decode steps reuse their layer's last selection until spans are sealed (seal_group of them every seal_group *
@@ -37,7 +37,7 @@ from .reattention import ReAttentionPolicy
 
 
 _MASS_BLOCK_BYTES = 2**29  # select_chunks scores chunks in blocks whose fp32 scores stay within this
-VOTES = ("mass", "rank")
+VOTES = ("mass", "rank", "log")
 
 
 @dataclass
@@ -104,8 +104,8 @@ class ConsensusPolicy(ReAttentionPolicy):
     # a batched forward's chunks score every `stride`-th chunk and the last; the others reuse the selection before them
     # (1: every chunk scores, exactly as chunk by chunk; RESULTS 24 measures the trade)
     stride: int = 1
-    # what a layer adds to the vote: "mass" (its attention mass per span) or "rank" (1 / (rank_offset + the span's
-    # rank under that mass), 0 the best)
+    # what a layer adds to the vote: "mass" (its attention mass per span), "rank" (1 / (rank_offset + the span's rank
+    # under that mass), 0 the best) or "log" (log(1 + the mass over a uniform share): a layer's peaks count less)
     vote: str = "mass"
     rank_offset: int = 60
     span_block: int = 1024  # spans scored at once: bounds the [B, Hkv, g, window, block, S] score tensor
@@ -273,11 +273,15 @@ class ConsensusPolicy(ReAttentionPolicy):
         return [slice(start, start + step) for start in range(0, m, step)]
 
     def layer_vote(self, mass: torch.Tensor, beyond: torch.Tensor | None = None) -> torch.Tensor:
-        """One layer's attention mass [..., n] -> what it adds to the vote [..., n]: the mass, or with vote "rank"
-        1 / (rank_offset + each span's rank under it), 0 for spans `beyond` [m, n] (sealed after the chunk; mass [..., m,
-        n]), which rank last: the spans before them rank as in a chunk-by-chunk selection."""
+        """One layer's attention mass [..., n] -> what it adds to the vote [..., n]: the mass; with vote "rank"
+        1 / (rank_offset + each span's rank under it); with "log" log(1 + mass / the uniform share). Spans `beyond`
+        [m, n] (sealed after the chunk; mass [..., m, n], 0 there) add 0 and count for neither the ranks nor the
+        uniform share: the spans before them vote as in a chunk-by-chunk selection."""
         if self.vote == "mass":
             return mass
+        if self.vote == "log":
+            spans = mass.shape[-1] if beyond is None else (~beyond).sum(-1, keepdim=True)  # [m, 1] spans in the softmax
+            return torch.log1p(mass * spans / mass.sum(-1, keepdim=True).clamp(min=1e-30))
         ranks = mass.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1)  # [..., n], 0 the best
         vote = 1.0 / (self.rank_offset + ranks.float())
         return vote if beyond is None else vote.masked_fill(beyond, 0.0)

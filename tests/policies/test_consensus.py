@@ -298,7 +298,7 @@ def test_build_policy_validates_consensus_options():
 
 
 def test_vote_must_be_known():
-    with pytest.raises(ValueError, match=r"consensus policy: vote must be one of \('mass', 'rank'\), got 'count'"):
+    with pytest.raises(ValueError, match=r"consensus policy: vote must be one of \('mass', 'rank', 'log'\), got 'count'"):
         ConsensusPolicy(vote="count")
 
 
@@ -318,6 +318,15 @@ def test_a_rank_vote_counts_each_layer_by_rank_so_a_peaked_layer_cannot_outvote_
     beyond = torch.tensor([[False, False, False, True, True]])  # spans 3 and 4 sealed after the chunk: mass 0
     masked = policy.layer_vote(torch.tensor([[[[0.1, 3.0, 0.1, 0.0, 0.0]]]]), beyond)
     assert torch.allclose(masked, torch.tensor([[[[1 / 3, 1 / 2, 1 / 4, 0, 0]]]]))  # as if spans 3, 4 did not exist
+
+
+def test_a_log_vote_counts_the_mass_over_a_uniform_share_compressed():
+    policy = ConsensusPolicy(vote="log")
+    mass = torch.tensor([[[1.0, 3.0, 0.0, 4.0]]])  # 8 units over 4 spans: a uniform share is 2
+    assert torch.allclose(policy.layer_vote(mass), torch.log1p(torch.tensor([[[0.5, 1.5, 0.0, 2.0]]])))
+    beyond = torch.tensor([[False, False, True, True]])  # 2 spans in the chunk's softmax: a uniform share is 2
+    masked = policy.layer_vote(torch.tensor([[[[1.0, 3.0, 0.0, 0.0]]]]), beyond)
+    assert torch.allclose(masked, torch.log1p(torch.tensor([[[[0.5, 1.5, 0.0, 0.0]]]])))
 
 
 def test_layout_must_be_known():
