@@ -4,6 +4,7 @@ the benchmark scripts' --quick / --out, and the versions a run records."""
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import torch
 import transformers
 
 import kvtier
+from kvtier.allocator import SETTINGS
 from kvtier.config import parse_bytes
 from kvtier.tools.model import preferred_dtype
 
@@ -130,6 +132,8 @@ def apply_device_options(args: argparse.Namespace, quick: bool = False) -> tuple
 
 
 def versions() -> dict[str, str]:
-    """What a run's JSON records of the software it ran on."""
+    """What a run's JSON records of the software it ran on, and PyTorch's allocator settings (how host memory is
+    pinned changes the host tier's speed: kvtier.allocator)."""
+    settings = {name: os.environ[name] for name in SETTINGS if os.environ.get(name)}
     return {"kvtier": kvtier.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version()}
+            "python": platform.python_version(), **settings}

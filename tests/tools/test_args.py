@@ -7,7 +7,7 @@ import argparse
 import pytest
 import torch
 
-from kvtier.tools.args import (apply_device_options, byte_budget, format_bytes, format_length, fraction, fractions,
+from kvtier.tools.args import (apply_device_options, versions, byte_budget, format_bytes, format_length, fraction, fractions,
                                length, lengths, milliseconds, positive, versions)
 
 
@@ -84,4 +84,12 @@ def test_cuda_without_a_device_is_refused():
 
 
 def test_a_run_records_its_versions():
+    assert set(versions()) == {"kvtier", "torch", "transformers", "python"}
+
+
+def test_versions_record_the_allocator_settings_that_pin_host_memory(monkeypatch):
+    monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "pinned_use_cuda_host_register:True")
+    assert versions()["PYTORCH_CUDA_ALLOC_CONF"] == "pinned_use_cuda_host_register:True"
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF")
     assert set(versions()) == {"kvtier", "torch", "transformers", "python"}
