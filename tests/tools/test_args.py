@@ -7,7 +7,7 @@ import argparse
 import pytest
 import torch
 
-from kvtier.tools.args import (apply_device_options, versions, byte_budget, format_bytes, format_length, fraction, fractions,
+from kvtier.tools.args import (apply_device_options, byte_budget, format_bytes, format_length, fraction, fractions,
                                length, lengths, milliseconds, positive, versions)
 
 
