@@ -83,13 +83,10 @@ def test_cuda_without_a_device_is_refused():
         apply_device_options(argparse.Namespace(device="cuda", dtype="auto", threads=None))
 
 
-def test_a_run_records_its_versions():
-    assert set(versions()) == {"kvtier", "torch", "transformers", "python"}
-
-
-def test_versions_record_the_allocator_settings_that_pin_host_memory(monkeypatch):
+def test_a_run_records_its_versions_and_the_allocator_settings_that_pin_host_memory(monkeypatch):
+    # (importing the `kvtier` command sets PYTORCH_CUDA_ALLOC_CONF in this process: kvtier.allocator)
     monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    assert set(versions()) == {"kvtier", "torch", "transformers", "python"}
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "pinned_use_cuda_host_register:True")
     assert versions()["PYTORCH_CUDA_ALLOC_CONF"] == "pinned_use_cuda_host_register:True"
-    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF")
-    assert set(versions()) == {"kvtier", "torch", "transformers", "python"}
