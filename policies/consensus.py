@@ -6,10 +6,10 @@ the window asks, e.g. the question's function words and the attention-sink direc
 against every middle key; a span's score is its best key's, and each (query, head) spreads one unit of attention over
 the spans (softmax at the model's scale). Layer l selects by the sum of that attention mass over layers 0..l of the
 same query chunk (layers vote; no layer alone ranks a needle in natural prose reliably, their sum does: RESULTS 14).
-A span's neighbours share its score (max-pooled), so a sentence cut by a span border comes in whole. With `vote: rank`
-a layer votes by rank instead of mass (reciprocal rank fusion: 1 / (rank_offset + its rank of the span)), so a layer
-whose mass piles onto a few spans counts no more than one that spreads it; `vote: log` is between the two (at 1M the votes of layers 2-17 hold the
-needle and layer 18's mass pushes it out: RESULTS 25d).
+A span's neighbours share its score (max-pooled), so a sentence cut by a span border comes in whole. At 1M the votes
+of layers 2-17 hold the needle and layer 18's mass pushes it out (RESULTS 25d); two options weigh a layer's peaks
+less: `vote: rank` (reciprocal rank fusion: a layer adds 1 / (rank_offset + the span's rank)), so a layer whose mass
+piles onto a few spans counts no more than one that spreads it, and `vote: log`, between the two.
 
 Decode steps reuse their layer's last selection until spans are sealed (seal_group of them every seal_group *
 span_size steps: the newest text becomes selectable) or, if set, `refresh` steps have passed, then re-score, with the

@@ -3,8 +3,8 @@ equal blocks (pinning one huge buffer up front would stall for seconds), and a b
 so its address stays valid for the GPU to read directly: host slot h is row h % block_slots of block
 h // block_slots (the layout kvtier.kernels.gather reads). Where PyTorch pins by cudaHostRegister (kvtier.allocator),
 pinned blocks are allocated ahead of need on a background thread (kvtier.tiers.reserve), at most AHEAD_BLOCKS beyond
-those holding spans; with cudaHostAlloc, which holds the driver's lock while it pins, a thread gained nothing
-(RESULTS.md section 25) and the pool allocates each block when it needs it, after one warning."""
+those holding spans; with cudaHostAlloc, which holds the driver's lock while it pins, a thread did not help in the run
+measured (RESULTS.md section 25a) and the pool allocates each block when it needs it, after one warning."""
 from __future__ import annotations
 
 import warnings

@@ -14,6 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from kvtier.config import ReAttentionConfig
+from kvtier.policies import build_policy
+
 ROOT = Path(__file__).resolve().parents[2]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -146,8 +149,5 @@ def test_sync_points_says_it_needs_cuda_on_a_cpu(tmp_path):
 
 @pytest.mark.parametrize("path", sorted((ROOT / "benchmarks" / "configs").glob("*.yaml")), ids=lambda path: path.name)
 def test_every_benchmark_config_loads_and_builds_its_policy(path):
-    from kvtier.config import ReAttentionConfig
-    from kvtier.policies import build_policy
-
     config = ReAttentionConfig.from_file(path)
     assert build_policy(config.policy, config.policy_options).name == config.policy

@@ -23,8 +23,10 @@ from kvtier.tools.niah import answer
 from kvtier.tools.tasks import build_task_sample
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def prompt_and_model(description: str, argv: list[str] | None):
+    """The scripts' shared start: --length, --depth, --out parsed -> (args, model, tokenizer, the natural-text
+    niah_single sample of that length and depth)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--length", type=int, default=16384)
     parser.add_argument("--depth", type=float, default=0.5)
     parser.add_argument("--out", type=Path, required=True)
@@ -32,11 +34,21 @@ def main(argv: list[str] | None = None) -> int:
     model, tokenizer = load_smollm2(dtype=torch.float32, device="cpu")
     sample = build_task_sample(tokenized_corpus(tokenizer), args.length, args.depth,
                                draw=f"0:{args.length}:{args.depth}:0")
+    return args, model, tokenizer, sample
+
+
+def needle_span_ids(sample, config) -> list[int]:
+    """The middle spans holding the sample's asked needle."""
+    needle = [span for span, item in zip(sample.needle_spans, sample.needles) if item.asked]
+    return list(spans_of([tuple(map(int, rng)) for rng in needle], config).ids)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, model, tokenizer, sample = prompt_and_model(__doc__.split("\n\n")[0], argv)
     cache = ReAttentionCache(model)
     config = cache.config
     result = answer(model, list(sample.ids), cache, max_new_tokens=1)
-    needle = [span for span, item in zip(sample.needle_spans, sample.needles) if item.asked]
-    needle_ids = spans_of([tuple(map(int, rng)) for rng in needle], config).ids
+    needle_ids = needle_span_ids(sample, config)
     rows = []
     with torch.inference_mode():
         for index, layer in enumerate(cache.layers):

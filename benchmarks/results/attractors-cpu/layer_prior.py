@@ -9,7 +9,6 @@ layers' summed votes is computed three ways: the mass (consensus' vote), the mas
 Writes OUT/layer-prior-DEPTH.json and prints a line per layer."""
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -17,24 +16,14 @@ from pathlib import Path
 import torch
 
 from kvtier import ReAttentionCache
-from kvtier.tools.corpus import tokenized_corpus
-from kvtier.tools.diagnose import spans_of
-from kvtier.tools.model import load_smollm2
 from kvtier.tools.niah import answer
-from kvtier.tools.tasks import build_task_sample
+from layer_mass import needle_span_ids, prompt_and_model  # beside this script
 
 MAX_SPANS = 1 << 14
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--length", type=int, default=16384)
-    parser.add_argument("--depth", type=float, default=0.5)
-    parser.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args(argv)
-    model, tokenizer = load_smollm2(dtype=torch.float32, device="cpu")
-    sample = build_task_sample(tokenized_corpus(tokenizer), args.length, args.depth,
-                               draw=f"0:{args.length}:{args.depth}:0")
+    args, model, tokenizer, sample = prompt_and_model(__doc__.split("\n\n")[0], argv)
     cache = ReAttentionCache(model)
     config, layers = cache.config, len(cache.layers)
     policy = cache.layers[0].policy  # one policy object serves every layer (its state is per layer)
@@ -60,8 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     policy.layer_vote = recording
     result = answer(model, list(sample.ids), cache, max_new_tokens=1)
     policy.layer_vote = vote
-    needle = [span for span, item in zip(sample.needle_spans, sample.needles) if item.asked]
-    needle_ids = list(spans_of([tuple(map(int, rng)) for rng in needle], config).ids)
+    needle_ids = needle_span_ids(sample, config)
     start = config.global_size
     votes = {name: 0.0 for name in ("mass", "mass - prior", "mass / prior")}
     rows = []
