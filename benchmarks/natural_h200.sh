@@ -30,9 +30,11 @@ given run at once, each in its own process, and the script waits for all of them
   diagnose   kvtier niah --diagnose at 16K, 11 depths x 2 keys (selection recall, the plain run and the oracle, one
              prompt at a time), and stock at 4K beside it (the reference of the oracle's goal)
   diagnose-1m kvtier niah --diagnose at 1M, depths 0.1 and 0.7 (long-1m's misses), 1 key
-  vote-1m    the same with the layers voting by rank and by log mass (configs/consensus-{rank,log}.yaml), side by side
-  vote       consensus voting by rank and by log mass at 16K and 64K, 11 depths x 2 keys (the default's 19/22 and
-             18/22: RESULTS 23a)
+  vote-1m    the same with the layers voting by rank, by log mass and only the first 18 layers voting
+             (configs/consensus-{rank,log,vote18}.yaml), side by side
+  vote       consensus voting by rank, by log mass and with the first 18 layers voting at 16K and 64K, 11 depths x 2
+             keys (the default's 19/22 and 18/22: RESULTS 23a)
+  long-1m-vote18 long-1m with the first 18 layers voting (configs/consensus-vote18.yaml)
   stride     consensus at 16K and 64K scoring every 2nd, 4th and 8th query chunk of a prefill forward (configs/
              consensus-stride{2,4,8}.yaml; the default: every chunk)
   speed      kvtier bench on SmolLM2 at 32K and 128K: stock, quest and consensus prefill tokens/s, decode ms/token
@@ -41,7 +43,7 @@ so stages running side by side never fail to grow a pool.
 environment: NATURAL_LIMIT seconds per stage (default 560). An unknown stage runs nothing and exits 2.
 USAGE
 }
-known=" vote vote-1m layout long-1m filler-1m diagnose diagnose-1m stride 16k 64k 64k-paper topk long stock tasks ablate long-quest filler speed chunksize default long-keys2 multikey "
+known=" vote vote-1m layout long-1m long-1m-vote18 filler-1m diagnose diagnose-1m stride 16k 64k 64k-paper topk long stock tasks ablate long-quest filler speed chunksize default long-keys2 multikey "
 here=$(cd "$(dirname "$0")" && pwd)
 source "$here/stages.sh"
 depths=0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1
@@ -101,15 +103,17 @@ for stage in "$@"; do
                     $best_last &
                 run layout-256k-best-last --lengths 256k --depths $depths --keys 2 --batch 4 $best_last & ;;
         long-1m) run long-1m --lengths 1m --depths 0.1,0.3,0.5,0.7,0.9,1 --batch 2 $best_last & ;;
+        long-1m-vote18) run long-1m-vote18 --lengths 1m --depths 0.1,0.3,0.5,0.7,0.9,1 --batch 2 \
+                            --config "$here/configs/consensus-vote18.yaml" & ;;
         filler-1m) run filler-1m --haystack filler --lengths 1m --depths 0.1,0.3,0.5,0.7,0.9 --policy consensus --batch 1 \
                        $gpu12 & ;;
         diagnose) run diagnose-stock --lengths 4k --depths $depths --keys 2 --policy stock --batch 11 &
                   run diagnose --diagnose --lengths 16k --depths $depths --keys 2 $gpu12 & ;;
         diagnose-1m) run diagnose-1m --diagnose --lengths 1m --depths 0.1,0.7 $gpu12 & ;;
-        vote-1m) for vote in rank log; do
+        vote-1m) for vote in rank log vote18; do
                      run "vote-1m-$vote" --diagnose --lengths 1m --depths 0.1,0.7 --config "$here/configs/consensus-$vote.yaml" &
                  done ;;
-        vote) for vote in rank log; do
+        vote) for vote in rank log vote18; do
                   run "vote-$vote" --lengths 16k,64k --depths $depths --keys 2 --batch 11 \
                       --config "$here/configs/consensus-$vote.yaml" &
               done ;;

@@ -108,6 +108,9 @@ class ConsensusPolicy(ReAttentionPolicy):
     # under that mass), 0 the best) or "log" (log(1 + the mass over a uniform share): a layer's peaks count less)
     vote: str = "mass"
     rank_offset: int = 60
+    # only layers 0..vote_layers-1 vote; the later layers select by their sum and score nothing (None: every layer
+    # votes). At 1M the first 18 layers' votes hold the needle and layer 18's mass pushes it out (RESULTS 25d)
+    vote_layers: int | None = None
     span_block: int = 1024  # spans scored at once: bounds the [B, Hkv, g, window, block, S] score tensor
     # what computes span_best_scores' result instead of it: kvtier.kernels.window_mass on the kernel path (set by
     # kvtier.dispatch at each selection), None elsewhere
@@ -122,9 +125,9 @@ class ConsensusPolicy(ReAttentionPolicy):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for option in ("window", "refresh", "stride", "span_block", "rank_offset"):
+        for option in ("window", "refresh", "stride", "span_block", "rank_offset", "vote_layers"):
             value = getattr(self, option)
-            if option == "refresh" and value is None:
+            if option in ("refresh", "vote_layers") and value is None:
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"consensus policy: {option} must be a positive integer, got {value!r}")
@@ -200,11 +203,15 @@ class ConsensusPolicy(ReAttentionPolicy):
         if queries.shape[2] == 1 and reuse:
             state.steps += 1
             return state.selected
-        mass = self.layer_vote(self.window_mass(window, summaries, per_kv_head))  # [B, Hsel, n]
         if layer == 0:  # a new chunk's vote: keep only the earlier chunks of this forward that layer 0 began
             self._votes = {t: vote for t, vote in self._votes.items() if vote[0] == 0 and t < tokens}
-        # a layer on another device (device_map) adds the earlier layers' votes on its own
-        votes = self._votes[tokens][1].to(mass.device) + mass if tokens in self._votes else mass
+        earlier = self._votes.get(tokens)
+        if earlier is not None and not self._votes_at(layer):
+            votes = earlier[1].to(queries.device)
+        else:
+            mass = self.layer_vote(self.window_mass(window, summaries, per_kv_head))  # [B, Hsel, n]
+            # a layer on another device (device_map) adds the earlier layers' votes on its own
+            votes = mass if earlier is None else earlier[1].to(mass.device) + mass
         self._votes[tokens] = (layer, votes)
         score = F.max_pool1d(votes, 3, 1, 1) + 1e-3 * votes if self.neighbours and votes.shape[-1] > 1 else votes
         state.selected, state.steps, state.spans = best_spans(score, votes, k, layout=self.layout), 0, n_spans
@@ -228,14 +235,19 @@ class ConsensusPolicy(ReAttentionPolicy):
             windows = windows.index_select(2, _device_index(tuple(scoring), queries.device))
         spans = upload(torch.tensor([chunks[at].spans for at in scoring]), queries.device)  # [m']
         beyond = torch.arange(n_spans, device=queries.device)[None, :] >= spans[:, None]  # [m', n] sealed later
-        mass = torch.cat([self.chunks_mass(windows[:, :, block], summaries[:, :, :n_spans], per_kv_head,
-                                           beyond[block])
-                          for block in self._chunk_blocks(windows.shape, n_spans)], dim=2)  # [B, Hsel, m', n]
-        mass = self.layer_vote(mass, beyond)
         key = chunks[-1].tokens
         if layer == 0:  # a new vote: keep only the earlier chunks of this forward that layer 0 selected one by one
             self._votes = {t: vote for t, vote in self._votes.items() if vote[0] == 0 and t < chunks[0].tokens}
-        votes = self._votes[key][1].to(mass.device) + mass if key in self._votes else mass
+        earlier = self._votes.get(key)
+        shape = (queries.shape[0], summaries.shape[1] if per_kv_head else 1, len(scoring), n_spans)
+        if earlier is not None and not self._votes_at(layer) and earlier[1].shape == shape:
+            votes = earlier[1].to(queries.device)
+        else:
+            mass = torch.cat([self.chunks_mass(windows[:, :, block], summaries[:, :, :n_spans], per_kv_head,
+                                               beyond[block])
+                              for block in self._chunk_blocks(windows.shape, n_spans)], dim=2)  # [B, Hsel, m', n]
+            mass = self.layer_vote(mass, beyond)
+            votes = mass if earlier is None else earlier[1].to(mass.device) + mass
         self._votes[key] = (layer, votes)
         score = votes
         if self.neighbours:
@@ -246,6 +258,10 @@ class ConsensusPolicy(ReAttentionPolicy):
         state.selected, state.steps, state.spans = scored[-1], 0, n_spans  # the last chunk always scores
         return [previous if at < scoring[0] else scored[bisect.bisect_right(scoring, at) - 1]
                 for at in range(len(chunks))]
+
+    def _votes_at(self, layer: int) -> bool:
+        """Whether `layer` adds to the vote (vote_layers); a later layer selects by the earlier layers' sum."""
+        return self.vote_layers is None or layer < self.vote_layers
 
     def _scoring_chunks(self, state: _LayerState, count: int, top_k: int) -> list[int]:
         """Which of a forward's `count` chunks score (the others reuse the selection before them): every stride-th,

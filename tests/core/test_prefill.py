@@ -83,11 +83,13 @@ def test_same_span_counts_groups_consecutive_chunks_with_as_many_spans():
     assert attention._same_span_counts(chosen) == [slice(0, 1), slice(1, 3), slice(3, 6), slice(6, 7)]
 
 
-@pytest.mark.parametrize("per_kv_head, vote", [(True, "mass"), (False, "rank"), (True, "rank"), (False, "log")])
-def test_consensus_selects_every_chunk_as_one_by_one_per_kv_head_and_voting_by_rank_too(per_kv_head, vote):
+@pytest.mark.parametrize("per_kv_head, options", [(True, {"vote": "mass"}), (False, {"vote": "rank"}),
+                                                  (True, {"vote": "rank"}), (False, {"vote": "log"}),
+                                                  (True, {"vote_layers": 1}), (False, {"vote_layers": 1})])
+def test_consensus_selects_every_chunk_as_one_by_one_per_kv_head_and_voting_by_rank_too(per_kv_head, options):
     model = tiny_model("llama")
     ids = random_ids(260, seed=5)
-    config = dict(TINY, policy="consensus", per_kv_head=per_kv_head, policy_options={"window": 16, "vote": vote})
+    config = dict(TINY, policy="consensus", per_kv_head=per_kv_head, policy_options={"window": 16, **options})
     chosen = {}
     for name, cache in (("at once", ReAttentionCache(model, **config)),
                         ("by chunk", _one_by_one(ReAttentionCache(model, **config)))):

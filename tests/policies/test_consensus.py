@@ -282,7 +282,7 @@ def test_the_window_ring_holds_the_newest_queries_without_copying_the_rest():
 
 
 # ---- 5. validation ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("option", ["window", "refresh", "stride", "span_block", "rank_offset"])
+@pytest.mark.parametrize("option", ["window", "refresh", "stride", "span_block", "rank_offset", "vote_layers"])
 @pytest.mark.parametrize("bad", [0, -1, True, 1.5])
 def test_options_must_be_positive_integers(option, bad):
     with pytest.raises(ValueError, match=rf"consensus policy: {option} must be a positive integer, got {bad!r}"):
@@ -318,6 +318,20 @@ def test_a_rank_vote_counts_each_layer_by_rank_so_a_peaked_layer_cannot_outvote_
     beyond = torch.tensor([[False, False, False, True, True]])  # spans 3 and 4 sealed after the chunk: mass 0
     masked = policy.layer_vote(torch.tensor([[[[0.1, 3.0, 0.1, 0.0, 0.0]]]]), beyond)
     assert torch.allclose(masked, torch.tensor([[[[1 / 3, 1 / 2, 1 / 4, 0, 0]]]]))  # as if spans 3, 4 did not exist
+
+
+def test_layers_past_vote_layers_select_by_the_earlier_votes_and_score_nothing():
+    # layers 0 and 1 prefer span 1 mildly; layer 2 piles its mass onto span 3
+    keys = [_spans([0, 2, 0, 1.5, 0]), _spans([0, 2, 0, 1.5, 0]), _spans([0, 0, 0, 40, 0])]
+    policy = ConsensusPolicy(window=1, neighbours=False, vote_layers=2)
+    scored = []
+    policy.window_mass = lambda *args, original=policy.window_mass: scored.append(1) or original(*args)
+    chosen = [policy.select_at(_e(0), layer_keys, 1, False, layer=layer, tokens=10).item()
+              for layer, layer_keys in enumerate(keys)]
+    assert chosen == [1, 1, 1]  # every layer voting chooses [1, 1, 3] (test_a_rank_vote_counts_each_layer...)
+    assert len(scored) == 2  # layer 2 scored nothing
+    alone = ConsensusPolicy(window=1, neighbours=False, vote_layers=2)
+    assert alone.select_at(_e(0), keys[2], 1, False, layer=2, tokens=10).item() == 3  # no earlier vote: it scores
 
 
 def test_a_log_vote_counts_the_mass_over_a_uniform_share_compressed():
