@@ -25,16 +25,17 @@ given run at once, each in its own process, and the script waits for all of them
   chunksize  consensus at 16K and 64K with query chunks of 1024 and 2016 tokens (the default: 512)
   layout     consensus in text order (configs/consensus-text.yaml) and best-last (the default since RESULTS 23):
              niah_single at 16K and 64K, multikey at 16K, best-last at 256K; stock at 4K on both tasks
-  long-1m    consensus best-last at 1M, niah_single, 6 depths x 1 key
+  long-1m    consensus (best-last, the first 60% of the layers voting: the default) at 1M, niah_single, 6 depths x 1 key
   filler-1m  consensus (the default) on the filler passkey at 1M, 5 depths (RESULTS 23 ran it in text order)
   diagnose   kvtier niah --diagnose at 16K, 11 depths x 2 keys (selection recall, the plain run and the oracle, one
              prompt at a time), and stock at 4K beside it (the reference of the oracle's goal)
   diagnose-1m kvtier niah --diagnose at 1M, depths 0.1 and 0.7 (long-1m's misses), 1 key
   vote-1m    the same with the layers voting by rank, by log mass and only the first 18 layers voting
              (configs/consensus-{rank,log,vote18}.yaml), side by side
-  vote       consensus voting by rank, by log mass and with the first 18 layers voting at 16K and 64K, 11 depths x 2
-             keys (the default's 19/22 and 18/22: RESULTS 23a)
-  long-1m-vote18 long-1m with the first 18 layers voting (configs/consensus-vote18.yaml)
+  vote       consensus with every layer voting its mass (configs/consensus-all-layers.yaml: the default before RESULTS
+             26), voting by rank, by log mass, and with the first 18 layers voting, at 16K and 64K, 11 depths x 2 keys
+  long-1m-keys2a, long-1m-keys2b  long-1m's cell at 11 depths x 2 keys in two halves (depths 0-0.5, 0.6-1), one
+             device call each (~7 minutes on the H200; not beside another 1M stage: one takes ~72 GiB of GPU memory)
   stride     consensus at 16K and 64K scoring every 2nd, 4th and 8th query chunk of a prefill forward (configs/
              consensus-stride{2,4,8}.yaml; the default: every chunk)
   speed      kvtier bench on SmolLM2 at 32K and 128K: stock, quest and consensus prefill tokens/s, decode ms/token
@@ -43,7 +44,7 @@ so stages running side by side never fail to grow a pool.
 environment: NATURAL_LIMIT seconds per stage (default 560). An unknown stage runs nothing and exits 2.
 USAGE
 }
-known=" vote vote-1m layout long-1m long-1m-vote18 filler-1m diagnose diagnose-1m stride 16k 64k 64k-paper topk long stock tasks ablate long-quest filler speed chunksize default long-keys2 multikey "
+known=" vote vote-1m layout long-1m long-1m-keys2a long-1m-keys2b filler-1m diagnose diagnose-1m stride 16k 64k 64k-paper topk long stock tasks ablate long-quest filler speed chunksize default long-keys2 multikey "
 here=$(cd "$(dirname "$0")" && pwd)
 source "$here/stages.sh"
 depths=0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1
@@ -103,8 +104,8 @@ for stage in "$@"; do
                     $best_last &
                 run layout-256k-best-last --lengths 256k --depths $depths --keys 2 --batch 4 $best_last & ;;
         long-1m) run long-1m --lengths 1m --depths 0.1,0.3,0.5,0.7,0.9,1 --batch 2 $best_last & ;;
-        long-1m-vote18) run long-1m-vote18 --lengths 1m --depths 0.1,0.3,0.5,0.7,0.9,1 --batch 2 \
-                            --config "$here/configs/consensus-vote18.yaml" & ;;
+        long-1m-keys2a) run long-1m-keys2a --lengths 1m --depths 0,0.1,0.2,0.3,0.4,0.5 --keys 2 --batch 2 $best_last & ;;
+        long-1m-keys2b) run long-1m-keys2b --lengths 1m --depths 0.6,0.7,0.8,0.9,1 --keys 2 --batch 2 $best_last & ;;
         filler-1m) run filler-1m --haystack filler --lengths 1m --depths 0.1,0.3,0.5,0.7,0.9 --policy consensus --batch 1 \
                        $gpu12 & ;;
         diagnose) run diagnose-stock --lengths 4k --depths $depths --keys 2 --policy stock --batch 11 &
@@ -113,7 +114,7 @@ for stage in "$@"; do
         vote-1m) for vote in rank log vote18; do
                      run "vote-1m-$vote" --diagnose --lengths 1m --depths 0.1,0.7 --config "$here/configs/consensus-$vote.yaml" &
                  done ;;
-        vote) for vote in rank log vote18; do
+        vote) for vote in all-layers rank log vote18; do
                   run "vote-$vote" --lengths 16k,64k --depths $depths --keys 2 --batch 11 \
                       --config "$here/configs/consensus-$vote.yaml" &
               done ;;

@@ -43,8 +43,8 @@ class ReAttentionCache(hf.HostedCache):
         self.config = config.replace(**overrides).resolve(spec.window)
         group = hf.tensor_parallel_group(model)
         self._shards = None if group is None else HeadShards(group)  # tensor parallelism: this rank's heads
-        self.policy = self._new_policy()
         self.spec = spec
+        self.policy = self._new_policy()
         self.model_fingerprint = fingerprint(model)  # checked against the model a saved cache is loaded into
         self._rotary: dict[torch.device, ScopeRotary] = {}
         # one placement per device the layers' K/V live on, made on its first K/V (it needs their shape)
@@ -62,6 +62,7 @@ class ReAttentionCache(hf.HostedCache):
         """The config's policy, seeing every rank's heads under tensor parallelism (kvtier.parallel)."""
         policy = build_policy(self.config.policy, self.config.policy_options)
         policy.head_shards = self._shards
+        policy.num_layers = self.spec.num_layers
         return policy
 
     def _batched_layers(self) -> list[ReAttentionLayer]:

@@ -44,6 +44,7 @@ class Policy:
     # under tensor parallelism (kvtier.parallel), what brings every rank's per-head scores to a selection shared by all
     # heads (set by the cache; None on one device)
     head_shards: Any = field(default=None, init=False, repr=False, compare=False)
+    num_layers: int | None = field(default=None, init=False, repr=False, compare=False)  # the model's (set by the cache)
 
     name: ClassVar[str] = ""
     kernel_summary: ClassVar[str | None] = None  # "mean", "minmax" or "representatives" (kvtier.kernels.summarise)

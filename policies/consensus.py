@@ -1,15 +1,17 @@
-"""`consensus`: the spans the last `window` queries (the question, at the end of a prompt) attend to, as voted by all
+"""`consensus`: the spans the last `window` queries (the question, at the end of a prompt) attend to, as voted by the
 layers so far.
 
 Per layer, the observation window's pre-RoPE queries are centred (their mean per head removed: what every query of
 the window asks, e.g. the question's function words and the attention-sink direction, is not content) and scored
 against every middle key; a span's score is its best key's, and each (query, head) spreads one unit of attention over
-the spans (softmax at the model's scale). Layer l selects by the sum of that attention mass over layers 0..l of the
-same query chunk (layers vote; no layer alone ranks a needle in natural prose reliably, their sum does: RESULTS 14).
-A span's neighbours share its score (max-pooled), so a sentence cut by a span border comes in whole. At 1M the votes
-of layers 2-17 hold the needle and layer 18's mass pushes it out (RESULTS 25d); two options weigh a layer's peaks
-less: `vote: rank` (reciprocal rank fusion: a layer adds 1 / (rank_offset + the span's rank)), so a layer whose mass
-piles onto a few spans counts no more than one that spreads it, and `vote: log`, between the two.
+the spans (softmax at the model's scale). Layer l selects by the sum of that attention mass over the voting layers
+0..l of the same query chunk (layers vote; no layer alone ranks a needle in natural prose reliably, their sum does:
+RESULTS 14). A span's neighbours share its score (max-pooled), so a sentence cut by a span border comes in whole. At
+1M the votes of layers 2-17 hold the needle and layer 18's mass pushes it out (RESULTS 25d), so by default only the
+first 60% of the layers vote (`vote_layers`) and the later ones select by their sum (RESULTS 26: SmolLM2 finds 5/6
+needles at 1M instead of 2/6, and as many at 16K and 64K). Two options weigh a layer's peaks less instead: `vote:
+rank` (reciprocal rank fusion: a layer adds 1 / (rank_offset + the span's rank)), so a layer whose mass piles onto a
+few spans counts no more than one that spreads it, and `vote: log`, between the two.
 
 Decode steps reuse their layer's last selection until spans are sealed (seal_group of them every seal_group *
 span_size steps: the newest text becomes selectable) or, if set, `refresh` steps have passed, then re-score, with the
@@ -108,9 +110,10 @@ class ConsensusPolicy(ReAttentionPolicy):
     # under that mass), 0 the best) or "log" (log(1 + the mass over a uniform share): a layer's peaks count less)
     vote: str = "mass"
     rank_offset: int = 60
-    # only layers 0..vote_layers-1 vote; the later layers select by their sum and score nothing (None: every layer
-    # votes). At 1M the first 18 layers' votes hold the needle and layer 18's mass pushes it out (RESULTS 25d)
-    vote_layers: int | None = None
+    # the layers that vote: a count, or a share of the model's layers (rounded; every layer outside a cache, which
+    # tells the policy the model's depth); the later layers select by their sum and score nothing. None: every layer.
+    # 0.6 = SmolLM2's first 18 of 30: at 1M their votes hold the needle and layer 18's mass pushes it out (RESULTS 26)
+    vote_layers: int | float | None = 0.6
     span_block: int = 1024  # spans scored at once: bounds the [B, Hkv, g, window, block, S] score tensor
     # what computes span_best_scores' result instead of it: kvtier.kernels.window_mass on the kernel path (set by
     # kvtier.dispatch at each selection), None elsewhere
@@ -125,9 +128,9 @@ class ConsensusPolicy(ReAttentionPolicy):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for option in ("window", "refresh", "stride", "span_block", "rank_offset", "vote_layers"):
+        for option in ("window", "refresh", "stride", "span_block", "rank_offset"):
             value = getattr(self, option)
-            if option in ("refresh", "vote_layers") and value is None:
+            if option == "refresh" and value is None:
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"consensus policy: {option} must be a positive integer, got {value!r}")
@@ -135,6 +138,11 @@ class ConsensusPolicy(ReAttentionPolicy):
             raise ValueError(f"consensus policy: layout must be one of {LAYOUTS}, got {self.layout!r}")
         if self.vote not in VOTES:
             raise ValueError(f"consensus policy: vote must be one of {VOTES}, got {self.vote!r}")
+        share = isinstance(self.vote_layers, float) and 0 < self.vote_layers <= 1
+        count = isinstance(self.vote_layers, int) and not isinstance(self.vote_layers, bool) and self.vote_layers > 0
+        if not (self.vote_layers is None or share or count):
+            raise ValueError("consensus policy: vote_layers must be a layer count (a positive integer), a share of the "
+                             f"model's layers in (0, 1] or null (every layer), got {self.vote_layers!r}")
 
     def reset(self, layer: int) -> None:
         self._layers.pop(layer, None)
@@ -261,7 +269,11 @@ class ConsensusPolicy(ReAttentionPolicy):
 
     def _votes_at(self, layer: int) -> bool:
         """Whether `layer` adds to the vote (vote_layers); a later layer selects by the earlier layers' sum."""
-        return self.vote_layers is None or layer < self.vote_layers
+        if self.vote_layers is None or (isinstance(self.vote_layers, float) and self.num_layers is None):
+            return True
+        if isinstance(self.vote_layers, float):
+            return layer < max(1, round(self.vote_layers * self.num_layers))
+        return layer < self.vote_layers
 
     def _scoring_chunks(self, state: _LayerState, count: int, top_k: int) -> list[int]:
         """Which of a forward's `count` chunks score (the others reuse the selection before them): every stride-th,

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 
 from kvtier import ReAttentionCache
 from tests.conftest import tiny_model
-from tests.core.tp_worker import CONFIGURATIONS
+from tests.core.tp_worker import CONFIGURATIONS, prompt
 
 SCOPE = dict(global_size=4, local_size=24, span_size=4, top_k=3, chunk_size=12)
 NEW = 16
@@ -41,7 +41,7 @@ def _tensor_parallel_against_one(folder: Path, device: str) -> tuple[dict, dict]
                           capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     single = AutoModelForCausalLM.from_pretrained(folder / "model", dtype=torch.float32).to(device)
-    ids = ((torch.arange(150)[None] * 7) % single.config.vocab_size).to(device)
+    ids = prompt(single.config.vocab_size).to(device)
     alone = {}
     for name, overrides in CONFIGURATIONS.items():
         cache = ReAttentionCache(single, SCOPE, decode_graphs="off", **overrides)
@@ -68,7 +68,7 @@ def test_the_shared_selection_differs_from_each_ranks_own():
     """The case the gathering is for: on this prompt a selection shared by both KV heads differs from one per head,
     so ranks selecting from their own heads alone would not reproduce one process."""
     model = tiny_model("llama")
-    ids = (torch.arange(150)[None] * 7) % model.config.vocab_size
+    ids = prompt(model.config.vocab_size)
     tokens = []
     for per_kv_head in (False, True):
         with torch.inference_mode():

@@ -20,9 +20,15 @@ CONFIGURATIONS = {  # name -> ReAttentionCache overrides, beside the test's SCOP
 }
 
 
+def prompt(vocab_size: int) -> torch.Tensor:
+    """The prompt [1, 150] every configuration generates from: one on which a selection shared by both KV heads
+    differs from one per head (test_the_shared_selection_differs_from_each_ranks_own)."""
+    return (torch.arange(150)[None] * 5) % vocab_size
+
+
 def main(model_dir: str, out: str, scope: str, new_tokens: int) -> None:
     model = AutoModelForCausalLM.from_pretrained(model_dir, tp_plan="auto", dtype=torch.float32)
-    ids = (torch.arange(150)[None] * 7) % model.config.vocab_size
+    ids = prompt(model.config.vocab_size)
     results = {}
     for name, overrides in CONFIGURATIONS.items():
         cache = ReAttentionCache(model, json.loads(scope), **overrides)

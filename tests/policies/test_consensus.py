@@ -282,7 +282,7 @@ def test_the_window_ring_holds_the_newest_queries_without_copying_the_rest():
 
 
 # ---- 5. validation ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("option", ["window", "refresh", "stride", "span_block", "rank_offset", "vote_layers"])
+@pytest.mark.parametrize("option", ["window", "refresh", "stride", "span_block", "rank_offset"])
 @pytest.mark.parametrize("bad", [0, -1, True, 1.5])
 def test_options_must_be_positive_integers(option, bad):
     with pytest.raises(ValueError, match=rf"consensus policy: {option} must be a positive integer, got {bad!r}"):
@@ -332,6 +332,26 @@ def test_layers_past_vote_layers_select_by_the_earlier_votes_and_score_nothing()
     assert len(scored) == 2  # layer 2 scored nothing
     alone = ConsensusPolicy(window=1, neighbours=False, vote_layers=2)
     assert alone.select_at(_e(0), keys[2], 1, False, layer=2, tokens=10).item() == 3  # no earlier vote: it scores
+
+
+@pytest.mark.parametrize("bad", [0, -2, 0.0, 1.5, True, "18"])
+def test_vote_layers_must_be_a_count_a_share_or_null(bad):
+    with pytest.raises(ValueError, match=rf"consensus policy: vote_layers must be a layer count .* got {bad!r}"):
+        ConsensusPolicy(vote_layers=bad)
+
+
+@pytest.mark.parametrize("vote_layers, layers, voting", [(0.6, 30, 18), (0.6, 32, 19), (0.1, 2, 1), (1.0, 4, 4),
+                                                         (3, 30, 3), (None, 30, 30), (0.6, None, 5)])
+def test_vote_layers_counts_or_shares_the_model_s_layers(vote_layers, layers, voting):
+    policy = ConsensusPolicy(vote_layers=vote_layers)
+    policy.num_layers = layers
+    assert [policy._votes_at(layer) for layer in range(5 if layers is None else layers)].count(True) == voting
+
+
+def test_the_cache_tells_the_policy_the_model_s_depth_and_60_percent_vote_by_default():
+    model = tiny_model("llama")
+    cache = ReAttentionCache(model)
+    assert (cache.policy.num_layers, cache.policy.vote_layers) == (model.config.num_hidden_layers, 0.6)
 
 
 def test_a_log_vote_counts_the_mass_over_a_uniform_share_compressed():

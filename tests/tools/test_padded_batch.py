@@ -24,8 +24,8 @@ def test_quick_answers_the_padded_rows_as_alone_and_reports_both(tmp_path, capsy
     table = capsys.readouterr().out.rstrip().splitlines()
     assert table[-1].startswith("throughput") and "padded batch" in table[-1]
     result = json.loads((tmp_path / "padded_batch.json").read_text())
-    assert result["lengths"] == [500, 700, 900]
-    assert result["padded"]["padded"] and result["padded"]["pads"] == [400, 200, 0]
+    assert result["lengths"] == [516, 708, 900]
+    assert result["padded"]["padded"] and result["padded"]["pads"] == [384, 192, 0]
     assert result["same_answers"] == 3
     assert [row["tokens"] for row in result["alone"]["rows"]] == [row["tokens"] for row in result["padded"]["rows"]]
     assert result["padded"]["max_position"] < ReAttentionConfig.from_dict(result["config"]).scope_bound
