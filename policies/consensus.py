@@ -239,8 +239,6 @@ class ConsensusPolicy(ReAttentionPolicy):
         state.ring.copy_(windows[:, :, -1])  # the ring as the last chunk leaves it, slot for slot
         state.next = next_slot
         scoring = self._scoring_chunks(state, len(chunks), top_k)  # the chunks that score, ascending
-        if len(scoring) < len(chunks):  # [B, Hq, m', window, D]; the index uploaded without a wait for the device
-            windows = windows.index_select(2, _device_index(tuple(scoring), queries.device))
         spans = upload(torch.tensor([chunks[at].spans for at in scoring]), queries.device)  # [m']
         beyond = torch.arange(n_spans, device=queries.device)[None, :] >= spans[:, None]  # [m', n] sealed later
         key = chunks[-1].tokens
@@ -251,6 +249,8 @@ class ConsensusPolicy(ReAttentionPolicy):
         if earlier is not None and not self._votes_at(layer) and earlier[1].shape == shape:
             votes = earlier[1].to(queries.device)
         else:
+            if len(scoring) < len(chunks):  # [B, Hq, m', window, D]; the index uploaded without a wait for the device
+                windows = windows.index_select(2, _device_index(tuple(scoring), queries.device))
             mass = torch.cat([self.chunks_mass(windows[:, :, block], summaries[:, :, :n_spans], per_kv_head,
                                                beyond[block])
                               for block in self._chunk_blocks(windows.shape, n_spans)], dim=2)  # [B, Hsel, m', n]
@@ -269,11 +269,10 @@ class ConsensusPolicy(ReAttentionPolicy):
 
     def _votes_at(self, layer: int) -> bool:
         """Whether `layer` adds to the vote (vote_layers); a later layer selects by the earlier layers' sum."""
-        if self.vote_layers is None or (isinstance(self.vote_layers, float) and self.num_layers is None):
-            return True
-        if isinstance(self.vote_layers, float):
-            return layer < max(1, round(self.vote_layers * self.num_layers))
-        return layer < self.vote_layers
+        count = self.vote_layers
+        if isinstance(count, float):  # a share of the model's layers, known once a cache has told the policy
+            count = None if self.num_layers is None else max(1, round(count * self.num_layers))
+        return count is None or layer < count
 
     def _scoring_chunks(self, state: _LayerState, count: int, top_k: int) -> list[int]:
         """Which of a forward's `count` chunks score (the others reuse the selection before them): every stride-th,

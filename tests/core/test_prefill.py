@@ -86,7 +86,7 @@ def test_same_span_counts_groups_consecutive_chunks_with_as_many_spans():
 @pytest.mark.parametrize("per_kv_head, options", [(True, {"vote": "mass"}), (False, {"vote": "rank"}),
                                                   (True, {"vote": "rank"}), (False, {"vote": "log"}),
                                                   (True, {"vote_layers": 1}), (False, {"vote_layers": None})])
-def test_consensus_selects_every_chunk_as_one_by_one_per_kv_head_and_voting_by_rank_too(per_kv_head, options):
+def test_consensus_selects_every_chunk_as_one_by_one_with_each_vote_option(per_kv_head, options):
     model = tiny_model("llama")
     ids = random_ids(260, seed=5)
     config = dict(TINY, policy="consensus", per_kv_head=per_kv_head, policy_options={"window": 16, **options})
