@@ -34,6 +34,10 @@ given run at once, each in its own process, and the script waits for all of them
              (configs/consensus-{rank,log,vote18}.yaml), side by side
   vote       consensus with every layer voting its mass (configs/consensus-all-layers.yaml: the default before RESULTS
              26), voting by rank, by log mass, and with the first 18 layers voting, at 16K and 64K, 11 depths x 2 keys
+  decode     the default (decode steps of every layer reuse the whole vote's selection), each layer its own
+             (configs/consensus-decode-layer.yaml, the default before RESULTS 27) and every layer voting
+             (configs/consensus-all-layers.yaml) at 16K and 64K, 11 depths x 2 keys, side by side
+  diagnose-long kvtier niah --diagnose at 64K and 256K, 6 depths x 1 key
   long-1m-keys2a, long-1m-keys2b  long-1m's cell at 11 depths x 2 keys in two halves (depths 0-0.5, 0.6-1), one
              device call each (~7 minutes on the H200; not beside another 1M stage: one takes ~72 GiB of GPU memory)
   stride     consensus at 16K and 64K scoring every 2nd, 4th and 8th query chunk of a prefill forward (configs/
@@ -44,7 +48,7 @@ so stages running side by side never fail to grow a pool.
 environment: NATURAL_LIMIT seconds per stage (default 560). An unknown stage runs nothing and exits 2.
 USAGE
 }
-known=" vote vote-1m layout long-1m long-1m-keys2a long-1m-keys2b filler-1m diagnose diagnose-1m stride 16k 64k 64k-paper topk long stock tasks ablate long-quest filler speed chunksize default long-keys2 multikey "
+known=" decode diagnose-long vote vote-1m layout long-1m long-1m-keys2a long-1m-keys2b filler-1m diagnose diagnose-1m stride 16k 64k 64k-paper topk long stock tasks ablate long-quest filler speed chunksize default long-keys2 multikey "
 here=$(cd "$(dirname "$0")" && pwd)
 source "$here/stages.sh"
 depths=0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1
@@ -110,6 +114,7 @@ for stage in "$@"; do
                        $gpu12 & ;;
         diagnose) run diagnose-stock --lengths 4k --depths $depths --keys 2 --policy stock --batch 11 &
                   run diagnose --diagnose --lengths 16k --depths $depths --keys 2 $gpu12 & ;;
+        diagnose-long) run diagnose-long --diagnose --lengths 64k,256k --depths 0,0.2,0.4,0.6,0.8,1 $gpu12 & ;;
         diagnose-1m) run diagnose-1m --diagnose --lengths 1m --depths 0.1,0.7 $gpu12 & ;;
         vote-1m) for vote in rank log vote18; do
                      run "vote-1m-$vote" --diagnose --lengths 1m --depths 0.1,0.7 --config "$here/configs/consensus-$vote.yaml" &
@@ -118,6 +123,11 @@ for stage in "$@"; do
                   run "vote-$vote" --lengths 16k,64k --depths $depths --keys 2 --batch 11 \
                       --config "$here/configs/consensus-$vote.yaml" &
               done ;;
+        decode) run decode-final --lengths 16k,64k --depths $depths --keys 2 --batch 11 $gpu12 &
+                for option in decode-layer all-layers; do
+                    run "decode-$option" --lengths 16k,64k --depths $depths --keys 2 --batch 11 \
+                        --config "$here/configs/consensus-$option.yaml" &
+                done ;;
         stride) for every in 2 4 8; do
                     run "stride-$every" --lengths 16k,64k --depths $depths --keys 2 --batch 11 \
                         --config "$here/configs/consensus-stride$every.yaml" &

@@ -15,7 +15,9 @@ few spans counts no more than one that spreads it, and `vote: log`, between the 
 
 Decode steps reuse their layer's last selection until spans are sealed (seal_group of them every seal_group *
 span_size steps: the newest text becomes selectable) or, if set, `refresh` steps have passed, then re-score, with the
-window sliding over the generated queries. So a decode runs eagerly only where it seals anyway, and statically in
+window sliding over the generated queries. By default (`decode_selection: final`) the last voting layer hands its
+selection, the whole vote's, to the layers before it for those steps: an early layer's own sum is near chance among
+the 32K spans of a 1M prompt (RESULTS 26), and the answer's tokens read what the question's vote chose. So a decode runs eagerly only where it seals anyway, and statically in
 between (kvtier.fast_decode). In a prompt's batched forward (select_chunks) a query chunk scores every middle key for
 its window: the one prefill cost that grows with the prompt (quadratic in it). With `stride` s > 1 only every s-th
 chunk of a forward and its last (the question's) score; the chunks between reuse the selection before them. The
@@ -40,6 +42,7 @@ from .reattention import ReAttentionPolicy
 
 _MASS_BLOCK_BYTES = 2**29  # select_chunks scores chunks in blocks whose fp32 scores stay within this
 VOTES = ("mass", "rank", "log")
+DECODE_SELECTIONS = ("final", "layer")
 
 
 @dataclass
@@ -114,6 +117,10 @@ class ConsensusPolicy(ReAttentionPolicy):
     # tells the policy the model's depth); the later layers select by their sum and score nothing. None: every layer.
     # 0.6 = SmolLM2's first 18 of 30: at 1M their votes hold the needle and layer 18's mass pushes it out (RESULTS 26)
     vote_layers: int | float | None = 0.6
+    # what decode steps reuse between re-scorings: "final" (every layer the selection of the forward's whole vote, the
+    # one the layers past vote_layers select by: an early layer's own sum is near chance among many spans, RESULTS 27)
+    # or "layer" (each layer its own: the sum of the votes up to it)
+    decode_selection: str = "final"
     span_block: int = 1024  # spans scored at once: bounds the [B, Hkv, g, window, block, S] score tensor
     # what computes span_best_scores' result instead of it: kvtier.kernels.window_mass on the kernel path (set by
     # kvtier.dispatch at each selection), None elsewhere
@@ -138,6 +145,9 @@ class ConsensusPolicy(ReAttentionPolicy):
             raise ValueError(f"consensus policy: layout must be one of {LAYOUTS}, got {self.layout!r}")
         if self.vote not in VOTES:
             raise ValueError(f"consensus policy: vote must be one of {VOTES}, got {self.vote!r}")
+        if self.decode_selection not in DECODE_SELECTIONS:
+            raise ValueError(f"consensus policy: decode_selection must be one of {DECODE_SELECTIONS}, "
+                             f"got {self.decode_selection!r}")
         share = isinstance(self.vote_layers, float) and 0 < self.vote_layers <= 1
         count = isinstance(self.vote_layers, int) and not isinstance(self.vote_layers, bool) and self.vote_layers > 0
         if not (self.vote_layers is None or share or count):
@@ -223,6 +233,7 @@ class ConsensusPolicy(ReAttentionPolicy):
         self._votes[tokens] = (layer, votes)
         score = F.max_pool1d(votes, 3, 1, 1) + 1e-3 * votes if self.neighbours and votes.shape[-1] > 1 else votes
         state.selected, state.steps, state.spans = best_spans(score, votes, k, layout=self.layout), 0, n_spans
+        self._share_final(layer, state.selected, n_spans)
         return state.selected
 
     def select_chunks(self, queries: torch.Tensor, summaries: torch.Tensor, chunks: list[QueryChunk], top_k: int,
@@ -264,15 +275,34 @@ class ConsensusPolicy(ReAttentionPolicy):
                             layout=self.layout)
         previous, scored = state.selected, chosen.unbind(2)  # [B, Hsel, m', k] -> m' of [B, Hsel, k]
         state.selected, state.steps, state.spans = scored[-1], 0, n_spans  # the last chunk always scores
+        self._share_final(layer, state.selected, n_spans)
         return [previous if at < scoring[0] else scored[bisect.bisect_right(scoring, at) - 1]
                 for at in range(len(chunks))]
 
     def _votes_at(self, layer: int) -> bool:
         """Whether `layer` adds to the vote (vote_layers); a later layer selects by the earlier layers' sum."""
-        count = self.vote_layers
-        if isinstance(count, float):  # a share of the model's layers, known once a cache has told the policy
-            count = None if self.num_layers is None else max(1, round(count * self.num_layers))
+        count = self._voting_layers()
         return count is None or layer < count
+
+    def _voting_layers(self) -> int | None:
+        """How many layers vote: vote_layers resolved against the model's depth (a cache tells the policy); None where
+        that is unknown (a share, or every layer, outside a cache)."""
+        count = self.vote_layers
+        if isinstance(count, float):
+            count = None if self.num_layers is None else max(1, round(count * self.num_layers))
+        elif count is None:
+            count = self.num_layers
+        return count if count is None or self.num_layers is None else min(count, self.num_layers)
+
+    def _share_final(self, layer: int, selected: torch.Tensor, n_spans: int) -> None:
+        """With decode_selection "final", at the forward's last voting layer: the earlier layers keep its selection
+        [B, Hsel, k] (the whole vote's) for the decode steps that reuse theirs."""
+        count = self._voting_layers()
+        if self.decode_selection != "final" or count is None or layer != count - 1:
+            return
+        for earlier, state in self._layers.items():
+            if earlier < layer and state.selected is not None:
+                state.selected, state.spans = selected.to(state.selected.device), n_spans
 
     def _scoring_chunks(self, state: _LayerState, count: int, top_k: int) -> list[int]:
         """Which of a forward's `count` chunks score (the others reuse the selection before them): every stride-th,

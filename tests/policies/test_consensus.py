@@ -334,6 +334,51 @@ def test_layers_past_vote_layers_select_by_the_earlier_votes_and_score_nothing()
     assert alone.select_at(_e(0), keys[2], 1, False, layer=2, tokens=10).item() == 3  # no earlier vote: it scores
 
 
+@pytest.mark.parametrize("decode_selection, decoded", [("final", 3), ("layer", 1)])
+def test_decode_steps_of_every_layer_reuse_the_whole_vote_s_selection(decode_selection, decoded):
+    """With decode_selection "final" (the default) the last voting layer's selection, the whole vote's, becomes the
+    earlier layers' too: a decode step reusing layer 0's selection reads what layers 1 and 2 read; with "layer" it
+    reads layer 0's own."""
+    keys = [_spans([0, 2, 0, 1.5, 0]), _spans([0, 0, 0, 40, 0]), _spans([0, 2, 0, 1.5, 0])]
+    policy = ConsensusPolicy(window=1, neighbours=False, vote_layers=2, decode_selection=decode_selection)
+    policy.num_layers = 3
+    chosen = [policy.select_at(_e(0), layer_keys, 1, False, layer=layer, tokens=10).item()
+              for layer, layer_keys in enumerate(keys)]
+    assert chosen == [1, 3, 3]  # layer 0 alone reads span 1; the sum of layers 0 and 1 reads span 3
+    calls = _count_scorings(policy)
+    steps = [policy.select_at(_e(0), layer_keys, 1, False, layer=layer, tokens=11).item()
+             for layer, layer_keys in enumerate(keys)]
+    assert steps == [decoded, 3, 3] and not calls  # reused, nothing scored
+    assert policy._layers[0].spans == 5 and policy.reuses_selection(0)
+
+
+def test_without_the_model_s_depth_every_layer_keeps_its_own_selection():
+    """Outside a cache a policy whose every layer votes does not know its last layer: each keeps its own."""
+    keys = [_spans([0, 2, 0, 1.5, 0]), _spans([0, 0, 0, 40, 0])]
+    policy = ConsensusPolicy(window=1, neighbours=False, vote_layers=None)
+    for layer, layer_keys in enumerate(keys):
+        policy.select_at(_e(0), layer_keys, 1, False, layer=layer, tokens=10)
+    assert [policy._layers[layer].selected.item() for layer in (0, 1)] == [1, 3]
+
+
+def test_after_a_prompt_every_layer_of_a_cache_keeps_the_whole_vote_s_selection():
+    model = tiny_model("llama", num_hidden_layers=4)  # the first 2 of 4 layers vote (0.6, rounded)
+    kept = {}
+    for decode_selection in ("final", "layer"):
+        cache = ReAttentionCache(model, dict(TINY, policy="consensus",
+                                             policy_options={"decode_selection": decode_selection}))
+        with torch.inference_mode():
+            model(random_ids(70), past_key_values=cache)
+        kept[decode_selection] = [cache.policy._layers[layer].selected.flatten().tolist() for layer in range(4)]
+    assert kept["layer"][0] != kept["layer"][1]  # layer 0's own vote reads other spans than the whole vote
+    assert kept["final"] == [kept["layer"][1]] * 4
+
+
+def test_decode_selection_must_be_known():
+    with pytest.raises(ValueError, match=r"decode_selection must be one of \('final', 'layer'\), got 'own'"):
+        ConsensusPolicy(decode_selection="own")
+
+
 @pytest.mark.parametrize("bad", [0, -2, 0.0, 1.5, True, "18"])
 def test_vote_layers_must_be_a_count_a_share_or_null(bad):
     with pytest.raises(ValueError, match=rf"consensus policy: vote_layers must be a layer count .* got {bad!r}"):
