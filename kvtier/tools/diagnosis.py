@@ -53,8 +53,9 @@ def probe_of(sample: Any, length: int | None = None) -> Probe:
 def diagnose(model, tokenizer, probes: Iterable[Probe], config: ReAttentionConfig | dict | str | None = None, *,
              max_new_tokens: int = 10, prefill_chunk: int = PREFILL_CHUNK, oracle: bool = True,
              progress: bool = False) -> dict[str, Any]:
-    """Answer each probe greedily as `kvtier.tools.niah.answer` does, with a new `ReAttentionCache(model, config)`,
-    observing every layer's selection at the answer's queries (the last prompt token, then each generated token);
+    """Answer each probe greedily as `kvtier.tools.niah.answer` does, with a new `ReAttentionCache(model, config)`
+    whose decode steps all run eagerly (decode_graphs "off"), observing every layer's selection at each of the answer's
+    queries (the last prompt token, then each generated token);
     with `oracle`, answer it again with the needle's spans forced into those selections. An answer is a hit when it
     holds every one of the probe's `answers`. Returns {"label", "config", "max_new_tokens", "oracle", "prompts": one
     record per probe, "summary": per length and overall (see `summarise`)}."""
@@ -88,7 +89,9 @@ def _answer(model, tokenizer, probe: Probe, config, max_new_tokens: int, prefill
             forced: bool) -> tuple[dict[str, Any], Observation, ReAttentionConfig]:
     """One greedy answer to `probe` in a new cache, its answer queries observed (and with `forced`, the needle's spans
     forced into them) -> (answer record, observation, the cache's resolved config)."""
-    cache = ReAttentionCache(model, config)
+    # every decode step eager: a static one (decode_graphs, on CUDA) reuses the last selection without calling the
+    # layers' select, so the hooks would miss its query and the recall would weigh the eager steps only
+    cache = ReAttentionCache(model, config, decode_graphs="off")
     resolved, answer_from = cache.config, len(probe.ids) - 1
     with ExitStack() as hooks:
         if forced:  # entered first, so the observer (wrapping it) records the forced selections

@@ -213,6 +213,7 @@ def test_diagnose_reports_recall_rank_and_the_oracle_per_prompt_and_layer(one_to
     report = diagnose(model, tokenizer, probes, config, max_new_tokens=3, prefill_chunk=64)
     probes_ids = {probe.depth: probe.ids for probe in probes}
     assert report["config"]["top_k"] == 6 and len(report["prompts"]) == 2
+    assert report["config"]["decode_graphs"] == "off"  # no static step hides an answer query from the hooks
     for prompt in report["prompts"]:
         assert len(prompt["layers"]) == 2 and prompt["needle_spans"]
         for layer in prompt["layers"]:
