@@ -40,6 +40,9 @@ given run at once, each in its own process, and the script waits for all of them
   diagnose-long kvtier niah --diagnose at 64K and 256K, 6 depths x 1 key
   long-1m-keys2a, long-1m-keys2b  long-1m's cell at 11 depths x 2 keys in two halves (depths 0-0.5, 0.6-1), one
              device call each (~7 minutes on the H200; not beside another 1M stage: one takes ~72 GiB of GPU memory)
+  long-1m-rest  the depths of long-1m's 11 x 2 cell that RESULTS 27 did not reach (0.3, 0.4, 0.5, 1; 2 keys)
+  diagnose-1m-keys2  kvtier niah --diagnose at 1M, depths 0.1 and 0.2 x 2 keys (RESULTS 27's misses and hits there),
+             two processes side by side (~7 minutes)
   stride     consensus at 16K and 64K scoring every 2nd, 4th and 8th query chunk of a prefill forward (configs/
              consensus-stride{2,4,8}.yaml; the default: every chunk)
   speed      kvtier bench on SmolLM2 at 32K and 128K: stock, quest and consensus prefill tokens/s, decode ms/token
@@ -48,7 +51,7 @@ so stages running side by side never fail to grow a pool.
 environment: NATURAL_LIMIT seconds per stage (default 560). An unknown stage runs nothing and exits 2.
 USAGE
 }
-known=" decode diagnose-long vote vote-1m layout long-1m long-1m-keys2a long-1m-keys2b filler-1m diagnose diagnose-1m stride 16k 64k 64k-paper topk long stock tasks ablate long-quest filler speed chunksize default long-keys2 multikey "
+known=" decode diagnose-long long-1m-rest diagnose-1m-keys2 vote vote-1m layout long-1m long-1m-keys2a long-1m-keys2b filler-1m diagnose diagnose-1m stride 16k 64k 64k-paper topk long stock tasks ablate long-quest filler speed chunksize default long-keys2 multikey "
 here=$(cd "$(dirname "$0")" && pwd)
 source "$here/stages.sh"
 depths=0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1
@@ -110,6 +113,10 @@ for stage in "$@"; do
         long-1m) run long-1m --lengths 1m --depths 0.1,0.3,0.5,0.7,0.9,1 --batch 2 $best_last & ;;
         long-1m-keys2a) run long-1m-keys2a --lengths 1m --depths 0,0.1,0.2,0.3,0.4,0.5 --keys 2 --batch 2 $best_last & ;;
         long-1m-keys2b) run long-1m-keys2b --lengths 1m --depths 0.6,0.7,0.8,0.9,1 --keys 2 --batch 2 $best_last & ;;
+        long-1m-rest) run long-1m-rest --lengths 1m --depths 0.3,0.4,0.5,1 --keys 2 --batch 2 $best_last & ;;
+        diagnose-1m-keys2) for depth in 0.1 0.2; do
+                               run "diagnose-1m-keys2-$depth" --diagnose --lengths 1m --depths "$depth" --keys 2 $gpu12 &
+                           done ;;
         filler-1m) run filler-1m --haystack filler --lengths 1m --depths 0.1,0.3,0.5,0.7,0.9 --policy consensus --batch 1 \
                        $gpu12 & ;;
         diagnose) run diagnose-stock --lengths 4k --depths $depths --keys 2 --policy stock --batch 11 &
