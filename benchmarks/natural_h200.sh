@@ -35,8 +35,10 @@ given run at once, each in its own process, and the script waits for all of them
   vote       consensus with every layer voting its mass (configs/consensus-all-layers.yaml: the default before RESULTS
              26), voting by rank, by log mass, and with the first 18 layers voting, at 16K and 64K, 11 depths x 2 keys
   decode     the default (decode steps of every layer reuse the whole vote's selection), each layer its own
-             (configs/consensus-decode-layer.yaml, the default before RESULTS 27) and every layer voting
-             (configs/consensus-all-layers.yaml) at 16K and 64K, 11 depths x 2 keys, side by side
+             (configs/consensus-decode-layer.yaml, the default before RESULTS 27), the whole vote's at re-scoring decode
+             steps too (configs/consensus-final-all.yaml) and every layer voting (configs/consensus-all-layers.yaml)
+             at 16K and 64K, 11 depths x 2 keys, side by side
+  decode-1m  kvtier niah --diagnose at 1M as diagnose-1m, with configs/consensus-final-all.yaml
   diagnose-long kvtier niah --diagnose at 64K and 256K, 6 depths x 1 key
   long-1m-keys2a, long-1m-keys2b  long-1m's cell at 11 depths x 2 keys in two halves (depths 0-0.5, 0.6-1), one
              device call each (~7 minutes on the H200; not beside another 1M stage: one takes ~72 GiB of GPU memory)
@@ -51,7 +53,7 @@ so stages running side by side never fail to grow a pool.
 environment: NATURAL_LIMIT seconds per stage (default 560). An unknown stage runs nothing and exits 2.
 USAGE
 }
-known=" decode diagnose-long long-1m-rest diagnose-1m-keys2 vote vote-1m layout long-1m long-1m-keys2a long-1m-keys2b filler-1m diagnose diagnose-1m stride 16k 64k 64k-paper topk long stock tasks ablate long-quest filler speed chunksize default long-keys2 multikey "
+known=" decode decode-1m diagnose-long long-1m-rest diagnose-1m-keys2 vote vote-1m layout long-1m long-1m-keys2a long-1m-keys2b filler-1m diagnose diagnose-1m stride 16k 64k 64k-paper topk long stock tasks ablate long-quest filler speed chunksize default long-keys2 multikey "
 here=$(cd "$(dirname "$0")" && pwd)
 source "$here/stages.sh"
 depths=0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1
@@ -122,6 +124,7 @@ for stage in "$@"; do
         diagnose) run diagnose-stock --lengths 4k --depths $depths --keys 2 --policy stock --batch 11 &
                   run diagnose --diagnose --lengths 16k --depths $depths --keys 2 $gpu12 & ;;
         diagnose-long) run diagnose-long --diagnose --lengths 64k,256k --depths 0,0.2,0.4,0.6,0.8,1 $gpu12 & ;;
+        decode-1m) run decode-1m --diagnose --lengths 1m --depths 0.1,0.7 --config "$here/configs/consensus-final-all.yaml" & ;;
         diagnose-1m) run diagnose-1m --diagnose --lengths 1m --depths 0.1,0.7 $gpu12 & ;;
         vote-1m) for vote in rank log vote18; do
                      run "vote-1m-$vote" --diagnose --lengths 1m --depths 0.1,0.7 --config "$here/configs/consensus-$vote.yaml" &
@@ -131,7 +134,7 @@ for stage in "$@"; do
                       --config "$here/configs/consensus-$vote.yaml" &
               done ;;
         decode) run decode-final --lengths 16k,64k --depths $depths --keys 2 --batch 11 $gpu12 &
-                for option in decode-layer all-layers; do
+                for option in decode-layer final-all all-layers; do
                     run "decode-$option" --lengths 16k,64k --depths $depths --keys 2 --batch 11 \
                         --config "$here/configs/consensus-$option.yaml" &
                 done ;;

@@ -42,7 +42,7 @@ from .reattention import ReAttentionPolicy
 
 _MASS_BLOCK_BYTES = 2**29  # select_chunks scores chunks in blocks whose fp32 scores stay within this
 VOTES = ("mass", "rank", "log")
-DECODE_SELECTIONS = ("final", "layer")
+DECODE_SELECTIONS = ("final", "layer", "final_all")
 
 
 @dataclass
@@ -119,7 +119,8 @@ class ConsensusPolicy(ReAttentionPolicy):
     vote_layers: int | float | None = 0.6
     # what decode steps reuse between re-scorings: "final" (every layer the selection of the forward's whole vote, the
     # one the layers past vote_layers select by: an early layer's own sum is near chance among many spans, RESULTS 27)
-    # or "layer" (each layer its own: the sum of the votes up to it)
+    # or "layer" (each layer its own: the sum of the votes up to it); "final_all": as final, and at a decode step that
+    # re-scores the layers before the last voter keep the last whole vote's selection too (they still vote)
     decode_selection: str = "final"
     span_block: int = 1024  # spans scored at once: bounds the [B, Hkv, g, window, block, S] score tensor
     # what computes span_best_scores' result instead of it: kvtier.kernels.window_mass on the kernel path (set by
@@ -231,6 +232,9 @@ class ConsensusPolicy(ReAttentionPolicy):
             # a layer on another device (device_map) adds the earlier layers' votes on its own
             votes = mass if earlier is None else earlier[1].to(mass.device) + mass
         self._votes[tokens] = (layer, votes)
+        if queries.shape[2] == 1 and self._keeps_whole_vote(layer, state, k):
+            state.steps, state.spans = 0, n_spans
+            return state.selected
         score = F.max_pool1d(votes, 3, 1, 1) + 1e-3 * votes if self.neighbours and votes.shape[-1] > 1 else votes
         state.selected, state.steps, state.spans = best_spans(score, votes, k, layout=self.layout), 0, n_spans
         self._share_final(layer, state.selected, n_spans)
@@ -294,11 +298,18 @@ class ConsensusPolicy(ReAttentionPolicy):
             count = self.num_layers
         return count if count is None or self.num_layers is None else min(count, self.num_layers)
 
-    def _share_final(self, layer: int, selected: torch.Tensor, n_spans: int) -> None:
-        """With decode_selection "final", at the forward's last voting layer: the earlier layers keep its selection
-        [B, Hsel, k] (the whole vote's) for the decode steps that reuse theirs."""
+    def _keeps_whole_vote(self, layer: int, state: _LayerState, k: int) -> bool:
+        """Whether a re-scoring decode step of `layer` keeps the last whole vote's selection (decode_selection
+        "final_all", a layer before the last voter, a selection of k spans held)."""
         count = self._voting_layers()
-        if self.decode_selection != "final" or count is None or layer != count - 1:
+        return (self.decode_selection == "final_all" and count is not None and layer < count - 1
+                and state.selected is not None and state.selected.shape[-1] == k)
+
+    def _share_final(self, layer: int, selected: torch.Tensor, n_spans: int) -> None:
+        """With decode_selection "final" or "final_all", at the forward's last voting layer: the earlier layers keep its
+        selection [B, Hsel, k] (the whole vote's) for the decode steps that reuse theirs."""
+        count = self._voting_layers()
+        if self.decode_selection == "layer" or count is None or layer != count - 1:
             return
         for earlier, state in self._layers.items():
             if earlier < layer and state.selected is not None:

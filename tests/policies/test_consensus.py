@@ -352,6 +352,27 @@ def test_decode_steps_of_every_layer_reuse_the_whole_vote_s_selection(decode_sel
     assert policy._layers[0].spans == 5 and policy.reuses_selection(0)
 
 
+@pytest.mark.parametrize("decode_selection, layer_0", [("final", 1), ("final_all", 3)])
+def test_a_re_scoring_decode_step_keeps_the_last_whole_vote_in_the_early_layers_with_final_all(decode_selection,
+                                                                                             layer_0):
+    """A decode step that brings a newly sealed span re-scores: with "final" layer 0 selects by its own vote again,
+    with "final_all" it keeps the last whole vote's selection; either way it still votes, so the last voter selects by
+    both layers' sum."""
+    keys = [_spans([0, 2, 0, 1.5, 0]), _spans([0, 0, 0, 40, 0])]
+    policy = ConsensusPolicy(window=1, neighbours=False, vote_layers=2, decode_selection=decode_selection)
+    policy.num_layers = 2
+    for layer, layer_keys in enumerate(keys):
+        policy.select_at(_e(0), layer_keys, 1, False, layer=layer, tokens=10)
+    sealed = [torch.cat((layer_keys, _spans([0])), 2) for layer_keys in keys]  # a sixth span, scoring 0
+    calls = _count_scorings(policy)
+    steps = [policy.select_at(_e(0), layer_keys, 1, False, layer=layer, tokens=11).item()
+             for layer, layer_keys in enumerate(sealed)]
+    masses = [policy.window_mass(_e(0), layer_keys, False) for layer_keys in sealed]
+    assert steps == [layer_0, best_spans(masses[0] + masses[1], masses[0] + masses[1], 1).item()] == [layer_0, 3]
+    assert len(calls) == 2 + 2  # both layers scored this step (and the masses above)
+    assert policy._layers[0].spans == 6 and policy.reuses_selection(0)
+
+
 def test_without_the_model_s_depth_every_layer_keeps_its_own_selection():
     """Outside a cache a policy whose every layer votes does not know its last layer: each keeps its own."""
     keys = [_spans([0, 2, 0, 1.5, 0]), _spans([0, 0, 0, 40, 0])]
@@ -375,7 +396,7 @@ def test_after_a_prompt_every_layer_of_a_cache_keeps_the_whole_vote_s_selection(
 
 
 def test_decode_selection_must_be_known():
-    with pytest.raises(ValueError, match=r"decode_selection must be one of \('final', 'layer'\), got 'own'"):
+    with pytest.raises(ValueError, match=r"decode_selection must be one of \('final', 'layer', 'final_all'\), got 'own'"):
         ConsensusPolicy(decode_selection="own")
 
 
