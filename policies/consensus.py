@@ -18,8 +18,9 @@ span_size steps: the newest text becomes selectable) or, if set, `refresh` steps
 window sliding over the generated queries. By default (`decode_selection: final`) the last voting layer hands its
 selection, the whole vote's, to the layers before it for those steps: an early layer's own sum is near chance among
 the 32K spans of a 1M prompt (RESULTS 26), and the answer's tokens read what the question's vote chose. So a decode
-runs eagerly only where it seals anyway, and statically in between (kvtier.fast_decode). In a prompt's batched forward (select_chunks) a query chunk scores every middle key for
-its window: the one prefill cost that grows with the prompt (quadratic in it). With `stride` s > 1 only every s-th
+runs eagerly only where it seals anyway, and statically in between (kvtier.fast_decode). In a prompt's batched forward
+(select_chunks) a query chunk scores every middle key for its window: the one prefill cost that grows with the prompt
+(quadratic in it). With `stride` s > 1 only every s-th
 chunk of a forward and its last (the question's) score; the chunks between reuse the selection before them. The
 "summary" is the span's full keys (as `reattention`'s), so every middle key stays
 on the model's device."""

@@ -396,7 +396,8 @@ def test_after_a_prompt_every_layer_of_a_cache_keeps_the_whole_vote_s_selection(
 
 
 def test_decode_selection_must_be_known():
-    with pytest.raises(ValueError, match=r"decode_selection must be one of \('final', 'layer', 'final_all'\), got 'own'"):
+    expected = r"decode_selection must be one of \('final', 'layer', 'final_all'\), got 'own'"
+    with pytest.raises(ValueError, match=expected):
         ConsensusPolicy(decode_selection="own")
 
 
