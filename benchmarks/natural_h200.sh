@@ -45,6 +45,12 @@ given run at once, each in its own process, and the script waits for all of them
   long-1m-rest  the depths of long-1m's 11 x 2 cell that RESULTS 27 did not reach (0.3, 0.4, 0.5, 1; 2 keys)
   diagnose-1m-keys2  kvtier niah --diagnose at 1M, depths 0.1 and 0.2 x 2 keys (RESULTS 27's misses and hits there),
              two processes side by side (~7 minutes)
+  final-all  consensus with decode_selection final_all (configs/consensus-final-all.yaml) at 16K and 64K, 11 depths x
+             2 keys (the decode stage's cell of that config, alone)
+  final-all-1m-a, final-all-1m-b, final-all-1m-c  the same at 1M, 11 depths x 2 keys in three parts (depths 0-0.3,
+             0.4-0.7, 0.8-1; batch 2, ~72 GiB of GPU memory: not beside another 1M niah stage), one device call each
+  diagnose-1m-depth0  kvtier niah --diagnose at 1M, depth 0 (the needle across the global tokens and the first span),
+             1 key, with configs/consensus-final-all.yaml
   stride     consensus at 16K and 64K scoring every 2nd, 4th and 8th query chunk of a prefill forward (configs/
              consensus-stride{2,4,8}.yaml; the default: every chunk)
   speed      kvtier bench on SmolLM2 at 32K and 128K: stock, quest and consensus prefill tokens/s, decode ms/token
@@ -53,13 +59,14 @@ so stages running side by side never fail to grow a pool.
 environment: NATURAL_LIMIT seconds per stage (default 560). An unknown stage runs nothing and exits 2.
 USAGE
 }
-known=" decode decode-1m diagnose-long long-1m-rest diagnose-1m-keys2 vote vote-1m layout long-1m long-1m-keys2a long-1m-keys2b filler-1m diagnose diagnose-1m stride 16k 64k 64k-paper topk long stock tasks ablate long-quest filler speed chunksize default long-keys2 multikey "
+known=" final-all final-all-1m-a final-all-1m-b final-all-1m-c diagnose-1m-depth0 decode decode-1m diagnose-long long-1m-rest diagnose-1m-keys2 vote vote-1m layout long-1m long-1m-keys2a long-1m-keys2b filler-1m diagnose diagnose-1m stride 16k 64k 64k-paper topk long stock tasks ablate long-quest filler speed chunksize default long-keys2 multikey "
 here=$(cd "$(dirname "$0")" && pwd)
 source "$here/stages.sh"
 depths=0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1
 gpu12="--config $here/configs/niah-gpu12.yaml"
 best_last="--config $here/configs/consensus-best-last.yaml"
 text_order="--config $here/configs/consensus-text.yaml"
+final_all="--config $here/configs/consensus-final-all.yaml"
 mkdir -p "$out"
 run() {  # stage, kvtier niah arguments...
     local stage=$1
@@ -124,7 +131,7 @@ for stage in "$@"; do
         diagnose) run diagnose-stock --lengths 4k --depths $depths --keys 2 --policy stock --batch 11 &
                   run diagnose --diagnose --lengths 16k --depths $depths --keys 2 $gpu12 & ;;
         diagnose-long) run diagnose-long --diagnose --lengths 64k,256k --depths 0,0.2,0.4,0.6,0.8,1 $gpu12 & ;;
-        decode-1m) run decode-1m --diagnose --lengths 1m --depths 0.1,0.7 --config "$here/configs/consensus-final-all.yaml" & ;;
+        decode-1m) run decode-1m --diagnose --lengths 1m --depths 0.1,0.7 $final_all & ;;
         diagnose-1m) run diagnose-1m --diagnose --lengths 1m --depths 0.1,0.7 $gpu12 & ;;
         vote-1m) for vote in rank log vote18; do
                      run "vote-1m-$vote" --diagnose --lengths 1m --depths 0.1,0.7 --config "$here/configs/consensus-$vote.yaml" &
@@ -138,6 +145,11 @@ for stage in "$@"; do
                     run "decode-$option" --lengths 16k,64k --depths $depths --keys 2 --batch 11 \
                         --config "$here/configs/consensus-$option.yaml" &
                 done ;;
+        final-all) run final-all --lengths 16k,64k --depths $depths --keys 2 --batch 11 $final_all & ;;
+        final-all-1m-a) run final-all-1m-a --lengths 1m --depths 0,0.1,0.2,0.3 --keys 2 --batch 2 $final_all & ;;
+        final-all-1m-b) run final-all-1m-b --lengths 1m --depths 0.4,0.5,0.6,0.7 --keys 2 --batch 2 $final_all & ;;
+        final-all-1m-c) run final-all-1m-c --lengths 1m --depths 0.8,0.9,1 --keys 2 --batch 2 $final_all & ;;
+        diagnose-1m-depth0) run diagnose-1m-depth0 --diagnose --lengths 1m --depths 0 $final_all & ;;
         stride) for every in 2 4 8; do
                     run "stride-$every" --lengths 16k,64k --depths $depths --keys 2 --batch 11 \
                         --config "$here/configs/consensus-stride$every.yaml" &
