@@ -51,6 +51,8 @@ given run at once, each in its own process, and the script waits for all of them
              0.4-0.7, 0.8-1; batch 2, ~72 GiB of GPU memory: not beside another 1M niah stage), one device call each
   diagnose-1m-depth0  kvtier niah --diagnose at 1M, depth 0 (the needle across the global tokens and the first span),
              1 key, with configs/consensus-final-all.yaml
+  first-span the default (span 0 always selected, since RESULTS 28) and without it
+             (configs/consensus-no-first-span.yaml) at 16K and 64K, 11 depths x 2 keys, side by side
   stride     consensus at 16K and 64K scoring every 2nd, 4th and 8th query chunk of a prefill forward (configs/
              consensus-stride{2,4,8}.yaml; the default: every chunk)
   speed      kvtier bench on SmolLM2 at 32K and 128K: stock, quest and consensus prefill tokens/s, decode ms/token
@@ -59,7 +61,7 @@ so stages running side by side never fail to grow a pool.
 environment: NATURAL_LIMIT seconds per stage (default 560). An unknown stage runs nothing and exits 2.
 USAGE
 }
-known=" final-all final-all-1m-a final-all-1m-b final-all-1m-c diagnose-1m-depth0 decode decode-1m diagnose-long long-1m-rest diagnose-1m-keys2 vote vote-1m layout long-1m long-1m-keys2a long-1m-keys2b filler-1m diagnose diagnose-1m stride 16k 64k 64k-paper topk long stock tasks ablate long-quest filler speed chunksize default long-keys2 multikey "
+known=" first-span final-all final-all-1m-a final-all-1m-b final-all-1m-c diagnose-1m-depth0 decode decode-1m diagnose-long long-1m-rest diagnose-1m-keys2 vote vote-1m layout long-1m long-1m-keys2a long-1m-keys2b filler-1m diagnose diagnose-1m stride 16k 64k 64k-paper topk long stock tasks ablate long-quest filler speed chunksize default long-keys2 multikey "
 here=$(cd "$(dirname "$0")" && pwd)
 source "$here/stages.sh"
 depths=0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1
@@ -145,6 +147,9 @@ for stage in "$@"; do
                     run "decode-$option" --lengths 16k,64k --depths $depths --keys 2 --batch 11 \
                         --config "$here/configs/consensus-$option.yaml" &
                 done ;;
+        first-span) run first-span --lengths 16k,64k --depths $depths --keys 2 --batch 11 $gpu12 &
+                    run no-first-span --lengths 16k,64k --depths $depths --keys 2 --batch 11 \
+                        --config "$here/configs/consensus-no-first-span.yaml" & ;;
         final-all) run final-all --lengths 16k,64k --depths $depths --keys 2 --batch 11 $final_all & ;;
         final-all-1m-a) run final-all-1m-a --lengths 1m --depths 0,0.1,0.2,0.3 --keys 2 --batch 2 $final_all & ;;
         final-all-1m-b) run final-all-1m-b --lengths 1m --depths 0.4,0.5,0.6,0.7 --keys 2 --batch 2 $final_all & ;;

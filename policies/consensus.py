@@ -18,7 +18,10 @@ span_size steps: the newest text becomes selectable) or, if set, `refresh` steps
 window sliding over the generated queries. By default (`decode_selection: final`) the last voting layer hands its
 selection, the whole vote's, to the layers before it for those steps: an early layer's own sum is near chance among
 the 32K spans of a 1M prompt (RESULTS 26), and the answer's tokens read what the question's vote chose. So a decode
-runs eagerly only where it seals anyway, and statically in between (kvtier.fast_decode). In a prompt's batched forward
+runs eagerly only where it seals anyway, and statically in between (kvtier.fast_decode). Span 0, the text right
+after the global tokens, is always chosen (`keep_first_span`; in the last pick's place where its rank leaves it out,
+so best-last lays it out first, where the global tokens end): at 1M a needle across that border never reached the
+scope (RESULTS 28). In a prompt's batched forward
 (select_chunks) a query chunk scores every middle key for its window: the one prefill cost that grows with the prompt
 (quadratic in it). With `stride` s > 1 only every s-th
 chunk of a forward and its last (the question's) score; the chunks between reuse the selection before them. The
@@ -123,6 +126,10 @@ class ConsensusPolicy(ReAttentionPolicy):
     # or "layer" (each layer its own: the sum of the votes up to it); "final_all": as final, and at a decode step that
     # re-scores the layers before the last voter keep the last whole vote's selection too (they still vote)
     decode_selection: str = "final"
+    # span 0, the text right after the global tokens, is always in the scope (in the last pick's place where its rank
+    # leaves it out): a sentence the global region's end cuts reads whole. At 1M a needle there never reached the
+    # scope (rank ~88 of 32K spans: the words the question shares with it lie in the global tokens; RESULTS 28)
+    keep_first_span: bool = True
     span_block: int = 1024  # spans scored at once: bounds the [B, Hkv, g, window, block, S] score tensor
     # what computes span_best_scores' result instead of it: kvtier.kernels.window_mass on the kernel path (set by
     # kvtier.dispatch at each selection), None elsewhere
@@ -143,6 +150,8 @@ class ConsensusPolicy(ReAttentionPolicy):
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"consensus policy: {option} must be a positive integer, got {value!r}")
+        if not isinstance(self.keep_first_span, bool):
+            raise ValueError(f"consensus policy: keep_first_span must be true or false, got {self.keep_first_span!r}")
         if self.layout not in LAYOUTS:
             raise ValueError(f"consensus policy: layout must be one of {LAYOUTS}, got {self.layout!r}")
         if self.vote not in VOTES:
@@ -237,7 +246,8 @@ class ConsensusPolicy(ReAttentionPolicy):
             state.steps, state.spans = 0, n_spans
             return state.selected
         score = F.max_pool1d(votes, 3, 1, 1) + 1e-3 * votes if self.neighbours and votes.shape[-1] > 1 else votes
-        state.selected, state.steps, state.spans = best_spans(score, votes, k, layout=self.layout), 0, n_spans
+        state.selected = best_spans(score, votes, k, layout=self.layout, keep_first=self.keep_first_span)
+        state.steps, state.spans = 0, n_spans
         self._share_final(layer, state.selected, n_spans)
         return state.selected
 
@@ -277,7 +287,7 @@ class ConsensusPolicy(ReAttentionPolicy):
         if self.neighbours:
             score = F.max_pool1d(votes.flatten(0, 1), 3, 1, 1).view_as(votes) + 1e-3 * votes
         chosen = best_spans(score.masked_fill(beyond, -torch.inf), votes.masked_fill(beyond, -torch.inf), top_k,
-                            layout=self.layout)
+                            layout=self.layout, keep_first=self.keep_first_span)
         previous, scored = state.selected, chosen.unbind(2)  # [B, Hsel, m', k] -> m' of [B, Hsel, k]
         state.selected, state.steps, state.spans = scored[-1], 0, n_spans  # the last chunk always scores
         self._share_final(layer, state.selected, n_spans)

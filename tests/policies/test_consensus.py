@@ -57,6 +57,11 @@ def _e(index: int, scale: float = 1.0, dim: int = 4) -> torch.Tensor:
     return q
 
 
+def _voter(**options) -> ConsensusPolicy:
+    """A consensus policy whose every pick is the vote's (span 0 not kept whatever its rank): for tests of the vote."""
+    return ConsensusPolicy(keep_first_span=False, **options)
+
+
 def _count_scorings(policy: ConsensusPolicy) -> list[int]:
     """Wrap the policy's window_mass so that calls to it are counted in the returned list (one entry per call)."""
     calls: list[int] = []
@@ -103,7 +108,7 @@ def test_window_mass_centres_queries_only_when_the_window_has_several():
 
 # ---- 2. cross-layer voting --------------------------------------------------------------------------------------
 def test_layers_of_one_chunk_vote_and_a_new_chunk_votes_afresh():
-    policy = ConsensusPolicy(window=1, neighbours=False)  # window 1: only a chunk's last query is in the window
+    policy = _voter(window=1, neighbours=False)  # window 1: only a chunk's last query is in the window
     junk = _e(0, -50.0)  # each chunk's first query, dropped from the window: it would favour the lowest span
     # chunk 1 (10 tokens): layer 0 is sure of span 1, layer 1 mildly prefers span 3
     keys0, keys1 = _spans([0, 20, 0, 0, 0]), _spans([0, 2, 0, 4, 0])
@@ -130,7 +135,7 @@ def test_layers_of_one_chunk_vote_and_a_new_chunk_votes_afresh():
 def test_earlier_chunks_of_one_forward_keep_their_layer_0_vote():
     """A prefill runs layer 0 over every chunk, then layer 1 over every chunk: layer 1's first chunk still adds to
     layer 0's vote for that chunk, not to layer 0's vote for the last one."""
-    policy = ConsensusPolicy(window=1, neighbours=False)
+    policy = _voter(window=1, neighbours=False)
     keys0a, keys0b, keys1a = _spans([0, 20, 0, 0]), _spans([0, 0, 20, 0]), _spans([0, 2, 0, 4])
     policy.select_at(_e(0), keys0a, 1, False, layer=0, tokens=10)
     policy.select_at(torch.cat((_e(1), _e(0)), 2), keys0b, 1, False, layer=0, tokens=20)
@@ -142,7 +147,7 @@ def test_earlier_chunks_of_one_forward_keep_their_layer_0_vote():
 def test_layer_0_starts_a_fresh_vote_even_for_a_chunk_of_the_same_length():
     """A later forward whose chunk ends at the same token count (a new prompt in a reset cache) does not add to the
     finished forward's votes; votes of finished forwards are dropped."""
-    policy = ConsensusPolicy(window=1, neighbours=False)
+    policy = _voter(window=1, neighbours=False)
     chunk = torch.cat((_e(1), _e(0)), 2)
     old = _spans([0, 20, 0, 0, 0])
     policy.select_at(chunk, old, 1, False, layer=0, tokens=10)
@@ -160,7 +165,7 @@ def test_votes_are_summed_per_kv_head_when_selecting_per_kv_head():
     gen = torch.Generator().manual_seed(7)
     queries = [torch.randn(2, 6, 3, 8, generator=gen) for _ in range(2)]
     keys = [torch.randn(2, 2, 9, 4, 8, generator=gen) for _ in range(2)]
-    policy = ConsensusPolicy(neighbours=False, layout="text")
+    policy = _voter(neighbours=False, layout="text")
     policy.select_at(queries[0], keys[0], 3, True, layer=0, tokens=50)
     ids = policy.select_at(queries[1], keys[1], 3, True, layer=1, tokens=50)
     total = policy.window_mass(queries[0], keys[0], True) + policy.window_mass(queries[1], keys[1], True)
@@ -177,10 +182,22 @@ def test_votes_are_summed_per_kv_head_when_selecting_per_kv_head():
     (False, 2, [0, 0, 0, 20, 0, 0, 5], [6, 3]),
 ])
 def test_neighbours_of_the_best_span_share_its_score(neighbours, top_k, scores, expected):
-    policy = ConsensusPolicy(neighbours=neighbours)
+    policy = _voter(neighbours=neighbours)
     ids = policy.select_at(_e(0), _spans(scores), top_k, False, layer=0, tokens=100)
     assert ids.dtype == torch.long
     assert ids.tolist() == [[expected]]
+
+
+def test_by_default_span_0_is_always_selected_and_sits_right_after_the_global_tokens():
+    scores = [0.0, 0, 0, 20, 0, 0, 9]  # span 0 has no mass: the vote alone picks 3 and its neighbours, then 6
+    ids = ConsensusPolicy().select_at(_e(0), _spans(scores), 4, False, layer=0, tokens=100)
+    assert _voter().select_at(_e(0), _spans(scores), 4, False, layer=0, tokens=100).tolist() == [[[6, 2, 3, 4]]]
+    assert ids.tolist() == [[[0, 2, 3, 4]]]  # span 0 in 6's place (the last pick), laid out first
+
+
+def test_keep_first_span_must_be_a_bool():
+    with pytest.raises(ValueError, match="keep_first_span must be true or false, got 'yes'"):
+        ConsensusPolicy(keep_first_span="yes")
 
 
 def test_neighbours_with_a_single_span():
@@ -198,14 +215,14 @@ def test_decode_steps_reuse_the_selection_for_refresh_steps_then_rescore():
     keys = torch.zeros(1, 1, 4, 2, 4)
     keys[0, 0, 0, 0] = 8 * torch.eye(4)[1]  # span 0 answers e1
     keys[0, 0, 1, 0] = 8 * torch.eye(4)[2]  # span 1 answers e2
-    policy = ConsensusPolicy(window=4, refresh=2, neighbours=False)
+    policy = _voter(window=4, refresh=2, neighbours=False)
     calls = _count_scorings(policy)
     prefill = torch.cat((_e(1, 2.0), _e(1, -1.0), _e(1, -1.0)), 2)  # centred already: the first query wants span 0
     selected = policy.select_at(prefill, keys, 1, False, layer=0, tokens=30)
     assert selected.tolist() == [[[0]]] and len(calls) == 1
 
     step = _e(2, 5.0)  # a decode query that, scored, picks span 1
-    assert ConsensusPolicy(neighbours=False).select_at(step, keys, 1, False, layer=0, tokens=31).tolist() == [[[1]]]
+    assert _voter(neighbours=False).select_at(step, keys, 1, False, layer=0, tokens=31).tolist() == [[[1]]]
     for tokens in (31, 32):  # `refresh` steps reuse the selection, unscored
         reused = policy.select_at(step, keys, 1, False, layer=0, tokens=tokens)
         assert reused is selected and reused.tolist() == [[[0]]]
@@ -307,12 +324,12 @@ def test_a_rank_vote_counts_each_layer_by_rank_so_a_peaked_layer_cannot_outvote_
     keys = [_spans([0, 2, 0, 1.5, 0]), _spans([0, 2, 0, 1.5, 0]), _spans([0, 0, 0, 40, 0])]
     chosen = {}
     for vote in ("mass", "rank"):
-        policy = ConsensusPolicy(window=1, neighbours=False, vote=vote, rank_offset=2)
+        policy = _voter(window=1, neighbours=False, vote=vote, rank_offset=2)
         chosen[vote] = [policy.select_at(_e(0), layer_keys, 1, False, layer=layer, tokens=10).item()
                         for layer, layer_keys in enumerate(keys)]
     assert chosen["mass"] == [1, 1, 3]  # layer 2's mass outweighs the two layers before it
     assert chosen["rank"] == [1, 1, 1]  # by rank: span 1 has 1/2 + 1/2 + 1/4 against span 3's 1/3 + 1/3 + 1/2
-    policy = ConsensusPolicy(vote="rank", rank_offset=2)
+    policy = _voter(vote="rank", rank_offset=2)
     mass = torch.tensor([[[0.1, 3.0, 0.1, 2.0, 0.0]]])
     assert torch.allclose(policy.layer_vote(mass), torch.tensor([[[1 / 4, 1 / 2, 1 / 5, 1 / 3, 1 / 6]]]))
     beyond = torch.tensor([[False, False, False, True, True]])  # spans 3 and 4 sealed after the chunk: mass 0
@@ -323,14 +340,14 @@ def test_a_rank_vote_counts_each_layer_by_rank_so_a_peaked_layer_cannot_outvote_
 def test_layers_past_vote_layers_select_by_the_earlier_votes_and_score_nothing():
     # layers 0 and 1 prefer span 1 mildly; layer 2 piles its mass onto span 3
     keys = [_spans([0, 2, 0, 1.5, 0]), _spans([0, 2, 0, 1.5, 0]), _spans([0, 0, 0, 40, 0])]
-    policy = ConsensusPolicy(window=1, neighbours=False, vote_layers=2)
+    policy = _voter(window=1, neighbours=False, vote_layers=2)
     scored = []
     policy.window_mass = lambda *args, original=policy.window_mass: scored.append(1) or original(*args)
     chosen = [policy.select_at(_e(0), layer_keys, 1, False, layer=layer, tokens=10).item()
               for layer, layer_keys in enumerate(keys)]
     assert chosen == [1, 1, 1]  # every layer voting chooses [1, 1, 3] (test_a_rank_vote_counts_each_layer...)
     assert len(scored) == 2  # layer 2 scored nothing
-    alone = ConsensusPolicy(window=1, neighbours=False, vote_layers=2)
+    alone = _voter(window=1, neighbours=False, vote_layers=2)
     assert alone.select_at(_e(0), keys[2], 1, False, layer=2, tokens=10).item() == 3  # no earlier vote: it scores
 
 
@@ -340,7 +357,7 @@ def test_decode_steps_of_every_layer_reuse_the_whole_vote_s_selection(decode_sel
     earlier layers' too: a decode step reusing layer 0's selection reads what layers 1 and 2 read; with "layer" it
     reads layer 0's own."""
     keys = [_spans([0, 2, 0, 1.5, 0]), _spans([0, 0, 0, 40, 0]), _spans([0, 2, 0, 1.5, 0])]
-    policy = ConsensusPolicy(window=1, neighbours=False, vote_layers=2, decode_selection=decode_selection)
+    policy = _voter(window=1, neighbours=False, vote_layers=2, decode_selection=decode_selection)
     policy.num_layers = 3
     chosen = [policy.select_at(_e(0), layer_keys, 1, False, layer=layer, tokens=10).item()
               for layer, layer_keys in enumerate(keys)]
@@ -359,7 +376,7 @@ def test_a_re_scoring_decode_step_keeps_the_last_whole_vote_in_the_early_layers_
     with "final_all" it keeps the last whole vote's selection; either way it still votes, so the last voter selects by
     both layers' sum."""
     keys = [_spans([0, 2, 0, 1.5, 0]), _spans([0, 0, 0, 40, 0])]
-    policy = ConsensusPolicy(window=1, neighbours=False, vote_layers=2, decode_selection=decode_selection)
+    policy = _voter(window=1, neighbours=False, vote_layers=2, decode_selection=decode_selection)
     policy.num_layers = 2
     for layer, layer_keys in enumerate(keys):
         policy.select_at(_e(0), layer_keys, 1, False, layer=layer, tokens=10)
@@ -376,7 +393,7 @@ def test_a_re_scoring_decode_step_keeps_the_last_whole_vote_in_the_early_layers_
 def test_without_the_model_s_depth_every_layer_keeps_its_own_selection():
     """Outside a cache a policy whose every layer votes does not know its last layer: each keeps its own."""
     keys = [_spans([0, 2, 0, 1.5, 0]), _spans([0, 0, 0, 40, 0])]
-    policy = ConsensusPolicy(window=1, neighbours=False, vote_layers=None)
+    policy = _voter(window=1, neighbours=False, vote_layers=None)
     for layer, layer_keys in enumerate(keys):
         policy.select_at(_e(0), layer_keys, 1, False, layer=layer, tokens=10)
     assert [policy._layers[layer].selected.item() for layer in (0, 1)] == [1, 3]
@@ -387,7 +404,8 @@ def test_after_a_prompt_every_layer_of_a_cache_keeps_the_whole_vote_s_selection(
     kept = {}
     for decode_selection in ("final", "layer"):
         cache = ReAttentionCache(model, dict(TINY, policy="consensus",
-                                             policy_options={"decode_selection": decode_selection}))
+                                             policy_options={"decode_selection": decode_selection,
+                                                             "keep_first_span": False}))
         with torch.inference_mode():
             model(random_ids(70), past_key_values=cache)
         kept[decode_selection] = [cache.policy._layers[layer].selected.flatten().tolist() for layer in range(4)]
@@ -439,8 +457,8 @@ def test_layout_must_be_known():
 def test_by_default_the_spans_text_order_selects_are_laid_out_best_last(per_kv_head):
     gen = torch.Generator().manual_seed(11)
     queries, keys = torch.randn(2, 6, 5, 8, generator=gen), torch.randn(2, 2, 12, 4, 8, generator=gen)
-    text = ConsensusPolicy(neighbours=False, layout="text").select_at(queries, keys, 5, per_kv_head, layer=0, tokens=80)
-    best_last = ConsensusPolicy(neighbours=False)  # the default layout
+    text = _voter(neighbours=False, layout="text").select_at(queries, keys, 5, per_kv_head, layer=0, tokens=80)
+    best_last = _voter(neighbours=False)  # the default layout
     ids = best_last.select_at(queries, keys, 5, per_kv_head, layer=0, tokens=80)
     assert torch.equal(ids.sort(-1).values, text)  # the same spans
     mass = best_last.window_mass(queries, keys, per_kv_head)

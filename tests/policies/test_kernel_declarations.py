@@ -193,7 +193,7 @@ def test_an_overridden_span_best_scores_runs_on_the_kernel_path(kernel_calls, co
         ids = torch.arange(keys.shape[2], dtype=torch.float32, device=keys.device)
         return ids.expand(*queries.shape[:4], -1)
 
-    policy = _subclass(ConsensusPolicy, span_best_scores=span_best_scores)()
+    policy = _subclass(ConsensusPolicy, span_best_scores=span_best_scores)(keep_first_span=False)
     queries, keys = _selection_inputs(policy)
     ids = dispatch.select(policy, queries, keys, config, use_kernels=True)
     assert torch.equal(ids, torch.arange(7, 10, device=DEVICE).view(1, 1, 3))
