@@ -413,6 +413,25 @@ def test_after_a_prompt_every_layer_of_a_cache_keeps_the_whole_vote_s_selection(
     assert kept["final"] == [kept["layer"][1]] * 4
 
 
+def test_a_cache_s_default_consensus_reads_span_0_in_every_layer_and_decode_step():
+    model = tiny_model("llama", num_hidden_layers=4)
+    ids = random_ids(200)
+
+    def selections(keep_first_span: bool) -> list[list[int]]:
+        options = {"window": 4, "keep_first_span": keep_first_span}
+        cache = ReAttentionCache(model, dict(TINY, policy="consensus", policy_options=options))
+        with torch.inference_mode():
+            model(ids, past_key_values=cache)
+            held = [cache.policy._layers[layer].selected.flatten().tolist() for layer in range(4)]
+            for token in range(3):
+                model(ids[:, token:token + 1], past_key_values=cache)
+                held += [cache.policy._layers[layer].selected.flatten().tolist() for layer in range(4)]
+        return held
+
+    assert not any(0 in chosen for chosen in selections(False))  # the premise: the vote alone leaves span 0 out
+    assert all(chosen[0] == 0 for chosen in selections(True))  # kept, and laid out first, right after the global tokens
+
+
 def test_decode_selection_must_be_known():
     expected = r"decode_selection must be one of \('final', 'layer', 'final_all'\), got 'own'"
     with pytest.raises(ValueError, match=expected):
