@@ -209,15 +209,16 @@ def best_spans(primary: torch.Tensor, secondary: torch.Tensor, k: int, merge_hea
     [B, Hsel, k] int64. merge_heads None: one selection per head (Hsel = H); "sum" / "max": one for all heads
     (Hsel = 1), ranked by primary summed / maxed over the heads, ties by secondary maxed. Layouts (the order the spans
     take in the scope): "text", ascending; "best_last", see best_run_last. keep_first: span 0 is always chosen; where
-    its rank leaves it out it takes the last pick's place and rank (so best-last lays its run out first, right after
-    the global tokens, which it continues in the text)."""
+    its rank leaves it out it comes in ranked best and the last pick goes (so best-last lays it out next to the local
+    window, as kvtier.tools.diagnose's oracle lays out the spans it forces in)."""
     if merge_heads is not None:
         primary = primary.sum(1, keepdim=True) if merge_heads == "sum" else primary.amax(1, keepdim=True)
         secondary = secondary.amax(1, keepdim=True)
     ranked = rank_spans(primary, secondary)[..., :k]  # [..., k] best first
     if keep_first and ranked.shape[-1] > 0:
         chosen = (ranked == 0).any(-1, keepdim=True)  # [..., 1]
-        ranked = torch.cat((ranked[..., :-1], ranked[..., -1:].masked_fill(~chosen, 0)), dim=-1)
+        brought = torch.cat((torch.zeros_like(ranked[..., :1]), ranked[..., :-1]), dim=-1)  # [..., k] span 0 best
+        ranked = torch.where(chosen, ranked, brought)
     return best_run_last(ranked) if layout == "best_last" else ranked.sort(dim=-1).values
 
 

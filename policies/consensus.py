@@ -19,9 +19,9 @@ window sliding over the generated queries. By default (`decode_selection: final`
 selection, the whole vote's, to the layers before it for those steps: an early layer's own sum is near chance among
 the 32K spans of a 1M prompt (RESULTS 26), and the answer's tokens read what the question's vote chose. So a decode
 runs eagerly only where it seals anyway, and statically in between (kvtier.fast_decode). Span 0, the text right
-after the global tokens, is always chosen (`keep_first_span`; in the last pick's place where its rank leaves it out,
-so best-last lays it out first, where the global tokens end): at 1M a needle across that border never reached the
-scope (RESULTS 28). In a prompt's batched forward
+after the global tokens, is always chosen (`keep_first_span`; where its rank leaves it out it comes in ranked best,
+next to the local window, and the last pick goes): at 1M a needle across that border never reached the scope, and
+read where it lies in the text it is found less often than read next to the question (RESULTS 28). In a prompt's batched forward
 (select_chunks) a query chunk scores every middle key for its window: the one prefill cost that grows with the prompt
 (quadratic in it). With `stride` s > 1 only every s-th
 chunk of a forward and its last (the question's) score; the chunks between reuse the selection before them. The
@@ -126,9 +126,9 @@ class ConsensusPolicy(ReAttentionPolicy):
     # or "layer" (each layer its own: the sum of the votes up to it); "final_all": as final, and at a decode step that
     # re-scores the layers before the last voter keep the last whole vote's selection too (they still vote)
     decode_selection: str = "final"
-    # span 0, the text right after the global tokens, is always in the scope (in the last pick's place where its rank
-    # leaves it out): a sentence the global region's end cuts reads whole. At 1M a needle there never reached the
-    # scope (rank ~88 of 32K spans: the words the question shares with it lie in the global tokens; RESULTS 28)
+    # span 0, the text right after the global tokens, is always in the scope (where its rank leaves it out it comes in
+    # ranked best, next to the local window, and the last pick goes): at 1M a needle there never reached the scope
+    # (the words the question shares with it lie in the global tokens; RESULTS 28)
     keep_first_span: bool = True
     span_block: int = 1024  # spans scored at once: bounds the [B, Hkv, g, window, block, S] score tensor
     # what computes span_best_scores' result instead of it: kvtier.kernels.window_mass on the kernel path (set by

@@ -188,11 +188,11 @@ def test_neighbours_of_the_best_span_share_its_score(neighbours, top_k, scores, 
     assert ids.tolist() == [[expected]]
 
 
-def test_by_default_span_0_is_always_selected_and_sits_right_after_the_global_tokens():
+def test_by_default_span_0_is_always_selected_and_sits_next_to_the_local_window():
     scores = [0.0, 0, 0, 20, 0, 0, 9]  # span 0 has no mass: the vote alone picks 3 and its neighbours, then 6
     ids = ConsensusPolicy().select_at(_e(0), _spans(scores), 4, False, layer=0, tokens=100)
     assert _voter().select_at(_e(0), _spans(scores), 4, False, layer=0, tokens=100).tolist() == [[[6, 2, 3, 4]]]
-    assert ids.tolist() == [[[0, 2, 3, 4]]]  # span 0 in 6's place (the last pick), laid out first
+    assert ids.tolist() == [[[2, 3, 4, 0]]]  # span 0 ranked best, laid out last; 6, the last pick, goes
 
 
 def test_keep_first_span_must_be_a_bool():
@@ -429,7 +429,7 @@ def test_a_cache_s_default_consensus_reads_span_0_in_every_layer_and_decode_step
         return held
 
     assert not any(0 in chosen for chosen in selections(False))  # the premise: the vote alone leaves span 0 out
-    assert all(chosen[0] == 0 for chosen in selections(True))  # kept, and laid out first, right after the global tokens
+    assert all(chosen[-1] == 0 for chosen in selections(True))  # kept, ranked best: next to the local window
 
 
 def test_decode_selection_must_be_known():

@@ -430,12 +430,12 @@ def test_best_spans_lays_out_the_same_spans_best_last():
     assert best_last.tolist() == [[[0, 5, 2, 3]]]  # 2-3 (ranks 0 and 1) last, then 5 (rank 2), 0 (rank 3) first
 
 
-def test_best_spans_keep_first_takes_span_0_in_the_last_pick_s_place_and_lays_its_run_out_first():
+def test_best_spans_keep_first_brings_span_0_in_ranked_best_in_place_of_the_last_pick():
     primary = torch.tensor([[[0.0, 0.5, 3.0, 2.0, 0.1, 1.0]], [[4.0, 0.0, 3.0, 2.0, 0.1, 1.0]]])  # [B=2, H=1, n=6]
     assert best_spans(primary, primary, 3, layout="best_last").tolist() == [[[5, 2, 3]], [[2, 3, 0]]]
     kept = best_spans(primary, primary, 3, layout="best_last", keep_first=True)
-    # row 0: span 0 replaces 5 (the last pick) and, ranked last, comes first; row 1 chose it already: unchanged
-    assert kept.tolist() == [[[0, 2, 3]], [[2, 3, 0]]]
+    # row 0: span 0 comes in ranked best (laid out last) and 5, the last pick, goes; row 1 chose it already: unchanged
+    assert kept.tolist() == [[[2, 3, 0]], [[2, 3, 0]]]
     assert best_spans(primary, primary, 3, keep_first=True).tolist() == [[[0, 2, 3]], [[0, 2, 3]]]
     assert best_spans(primary, primary, 0, keep_first=True).shape == (2, 1, 0)
 
