@@ -21,8 +21,8 @@ the 32K spans of a 1M prompt (RESULTS 26), and the answer's tokens read what the
 runs eagerly only where it seals anyway, and statically in between (kvtier.fast_decode). Span 0, the text right
 after the global tokens, is always chosen (`keep_first_span`; where its rank leaves it out it comes in ranked best,
 next to the local window, and the last pick goes): at 1M a needle across that border never reached the scope, and
-read where it lies in the text it is found less often than read next to the question (RESULTS 28). In a prompt's batched forward
-(select_chunks) a query chunk scores every middle key for its window: the one prefill cost that grows with the prompt
+read where it lies in the text it is found less often than read next to the question (RESULTS 28). In a prompt's
+batched forward (select_chunks) a query chunk scores every middle key for its window: the one prefill cost that grows with the prompt
 (quadratic in it). With `stride` s > 1 only every s-th
 chunk of a forward and its last (the question's) score; the chunks between reuse the selection before them. The
 "summary" is the span's full keys (as `reattention`'s), so every middle key stays
@@ -127,8 +127,8 @@ class ConsensusPolicy(ReAttentionPolicy):
     # re-scores the layers before the last voter keep the last whole vote's selection too (they still vote)
     decode_selection: str = "final"
     # span 0, the text right after the global tokens, is always in the scope (where its rank leaves it out it comes in
-    # ranked best, next to the local window, and the last pick goes): at 1M a needle there never reached the scope
-    # (the words the question shares with it lie in the global tokens; RESULTS 28)
+    # ranked best, next to the local window, and the last pick goes): at 1M a needle there never reached the scope,
+    # and forced in it was read (RESULTS 28)
     keep_first_span: bool = True
     span_block: int = 1024  # spans scored at once: bounds the [B, Hkv, g, window, block, S] score tensor
     # what computes span_best_scores' result instead of it: kvtier.kernels.window_mass on the kernel path (set by
