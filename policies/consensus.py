@@ -22,11 +22,10 @@ runs eagerly only where it seals anyway, and statically in between (kvtier.fast_
 after the global tokens, is always chosen (`keep_first_span`; where its rank leaves it out it comes in ranked best,
 next to the local window, and the last pick goes): at 1M a needle across that border never reached the scope, and
 read where it lies in the text it is found less often than read next to the question (RESULTS 28). In a prompt's
-batched forward (select_chunks) a query chunk scores every middle key for its window: the one prefill cost that grows with the prompt
-(quadratic in it). With `stride` s > 1 only every s-th
-chunk of a forward and its last (the question's) score; the chunks between reuse the selection before them. The
-"summary" is the span's full keys (as `reattention`'s), so every middle key stays
-on the model's device."""
+batched forward (select_chunks) a query chunk scores every middle key for its window: the one prefill cost that grows
+with the prompt (quadratic in it). With `stride` s > 1 only every s-th chunk of a forward and its last (the
+question's) score; the chunks between reuse the selection before them. The "summary" is the span's full keys (as
+`reattention`'s), so every middle key stays on the model's device."""
 from __future__ import annotations
 
 import bisect
