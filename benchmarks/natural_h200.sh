@@ -50,7 +50,11 @@ given run at once, each in its own process, and the script waits for all of them
   final-all-1m-a, final-all-1m-b, final-all-1m-c  the same at 1M, 11 depths x 2 keys in three parts (depths 0-0.3,
              0.4-0.7, 0.8-1; batch 2, ~72 GiB of GPU memory: not beside another 1M niah stage), one device call each
   diagnose-1m-depth0  kvtier niah --diagnose at 1M, depth 0 (the needle across the global tokens and the first span),
-             1 key, with configs/consensus-final-all.yaml
+             1 key, the default (RESULTS 28 ran it with configs/consensus-final-all.yaml, before keep_first_span)
+  cell-1m-a  the default's 1M cell (niah_single, 11 depths x 2 keys) in three parts, all with configs/niah-gpu4.yaml
+  cell-1m-b  so that the parts merge into one report (kvtier niah --report): a = depths 0 and 1 (batch 2) beside
+  cell-1m-c  diagnose-1m-depth0; b = depths 0.1-0.6 as three runs of batch 1 side by side (0.1-0.2, 0.3-0.4, 0.5-0.6);
+             c = depths 0.7-0.9 as two runs of batch 1 (0.7-0.8, 0.9); one device call each
   first-span the default (span 0 always selected, since RESULTS 28) and without it
              (configs/consensus-no-first-span.yaml) at 16K and 64K, 11 depths x 2 keys, side by side
   stride     consensus at 16K and 64K scoring every 2nd, 4th and 8th query chunk of a prefill forward (configs/
@@ -61,7 +65,7 @@ so stages running side by side never fail to grow a pool.
 environment: NATURAL_LIMIT seconds per stage (default 560). An unknown stage runs nothing and exits 2.
 USAGE
 }
-known=" first-span final-all final-all-1m-a final-all-1m-b final-all-1m-c diagnose-1m-depth0 decode decode-1m diagnose-long long-1m-rest diagnose-1m-keys2 vote vote-1m layout long-1m long-1m-keys2a long-1m-keys2b filler-1m diagnose diagnose-1m stride 16k 64k 64k-paper topk long stock tasks ablate long-quest filler speed chunksize default long-keys2 multikey "
+known=" cell-1m-a cell-1m-b cell-1m-c first-span final-all final-all-1m-a final-all-1m-b final-all-1m-c diagnose-1m-depth0 decode decode-1m diagnose-long long-1m-rest diagnose-1m-keys2 vote vote-1m layout long-1m long-1m-keys2a long-1m-keys2b filler-1m diagnose diagnose-1m stride 16k 64k 64k-paper topk long stock tasks ablate long-quest filler speed chunksize default long-keys2 multikey "
 here=$(cd "$(dirname "$0")" && pwd)
 source "$here/stages.sh"
 depths=0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1
@@ -69,6 +73,7 @@ gpu12="--config $here/configs/niah-gpu12.yaml"
 best_last="--config $here/configs/consensus-best-last.yaml"
 text_order="--config $here/configs/consensus-text.yaml"
 final_all="--config $here/configs/consensus-final-all.yaml"
+gpu4="--config $here/configs/niah-gpu4.yaml"
 mkdir -p "$out"
 run() {  # stage, kvtier niah arguments...
     local stage=$1
@@ -154,7 +159,15 @@ for stage in "$@"; do
         final-all-1m-a) run final-all-1m-a --lengths 1m --depths 0,0.1,0.2,0.3 --keys 2 --batch 2 $final_all & ;;
         final-all-1m-b) run final-all-1m-b --lengths 1m --depths 0.4,0.5,0.6,0.7 --keys 2 --batch 2 $final_all & ;;
         final-all-1m-c) run final-all-1m-c --lengths 1m --depths 0.8,0.9,1 --keys 2 --batch 2 $final_all & ;;
-        diagnose-1m-depth0) run diagnose-1m-depth0 --diagnose --lengths 1m --depths 0 $final_all & ;;
+        diagnose-1m-depth0) run diagnose-1m-depth0 --diagnose --lengths 1m --depths 0 $gpu12 & ;;
+        cell-1m-a) run cell-1m-0,1 --lengths 1m --depths 0,1 --keys 2 --batch 2 $gpu4 &
+                   run diagnose-1m-depth0 --diagnose --lengths 1m --depths 0 $gpu12 & ;;
+        cell-1m-b) for part in 0.1,0.2 0.3,0.4 0.5,0.6; do
+                       run "cell-1m-$part" --lengths 1m --depths "$part" --keys 2 --batch 1 $gpu4 &
+                   done ;;
+        cell-1m-c) for part in 0.7,0.8 0.9; do
+                       run "cell-1m-$part" --lengths 1m --depths "$part" --keys 2 --batch 1 $gpu4 &
+                   done ;;
         stride) for every in 2 4 8; do
                     run "stride-$every" --lengths 16k,64k --depths $depths --keys 2 --batch 11 \
                         --config "$here/configs/consensus-stride$every.yaml" &
