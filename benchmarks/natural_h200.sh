@@ -40,6 +40,7 @@ given run at once, each in its own process, and the script waits for all of them
              at 16K and 64K, 11 depths x 2 keys, side by side
   decode-1m  kvtier niah --diagnose at 1M as diagnose-1m, with configs/consensus-final-all.yaml
   diagnose-long kvtier niah --diagnose at 64K and 256K, 6 depths x 1 key
+  diagnose-64k, diagnose-256k  the same, one length each (two processes side by side)
   long-1m-keys2a, long-1m-keys2b  long-1m's cell at 11 depths x 2 keys in two halves (depths 0-0.5, 0.6-1), one
              device call each (~7 minutes on the H200; not beside another 1M stage: one takes ~72 GiB of GPU memory)
   long-1m-rest  the depths of long-1m's 11 x 2 cell that RESULTS 27 did not reach (0.3, 0.4, 0.5, 1; 2 keys)
@@ -54,7 +55,7 @@ given run at once, each in its own process, and the script waits for all of them
   cell-1m-a  the default's 1M cell (niah_single, 11 depths x 2 keys) in three parts, all with configs/niah-gpu4.yaml
   cell-1m-b  so that the parts merge into one report (kvtier niah --report): a = depths 0 and 1 (batch 2) beside
   cell-1m-c  diagnose-1m-depth0; b = depths 0.1-0.6 as three runs of batch 1 side by side (0.1-0.2, 0.3-0.4, 0.5-0.6);
-             c = depths 0.7-0.9 as two runs of batch 1 (0.7-0.8, 0.9); one device call each
+             c = depths 0.7, 0.8 and 0.9 as three runs of batch 1; one device call each
   first-span the default (span 0 always selected, since RESULTS 28) and without it
              (configs/consensus-no-first-span.yaml) at 16K and 64K, 11 depths x 2 keys, side by side
   stride     consensus at 16K and 64K scoring every 2nd, 4th and 8th query chunk of a prefill forward (configs/
@@ -65,7 +66,7 @@ so stages running side by side never fail to grow a pool.
 environment: NATURAL_LIMIT seconds per stage (default 560). An unknown stage runs nothing and exits 2.
 USAGE
 }
-known=" cell-1m-a cell-1m-b cell-1m-c first-span final-all final-all-1m-a final-all-1m-b final-all-1m-c diagnose-1m-depth0 decode decode-1m diagnose-long long-1m-rest diagnose-1m-keys2 vote vote-1m layout long-1m long-1m-keys2a long-1m-keys2b filler-1m diagnose diagnose-1m stride 16k 64k 64k-paper topk long stock tasks ablate long-quest filler speed chunksize default long-keys2 multikey "
+known=" diagnose-64k diagnose-256k cell-1m-a cell-1m-b cell-1m-c first-span final-all final-all-1m-a final-all-1m-b final-all-1m-c diagnose-1m-depth0 decode decode-1m diagnose-long long-1m-rest diagnose-1m-keys2 vote vote-1m layout long-1m long-1m-keys2a long-1m-keys2b filler-1m diagnose diagnose-1m stride 16k 64k 64k-paper topk long stock tasks ablate long-quest filler speed chunksize default long-keys2 multikey "
 here=$(cd "$(dirname "$0")" && pwd)
 source "$here/stages.sh"
 depths=0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1
@@ -137,6 +138,7 @@ for stage in "$@"; do
                        $gpu12 & ;;
         diagnose) run diagnose-stock --lengths 4k --depths $depths --keys 2 --policy stock --batch 11 &
                   run diagnose --diagnose --lengths 16k --depths $depths --keys 2 $gpu12 & ;;
+        diagnose-64k|diagnose-256k) run "$stage" --diagnose --lengths "${stage#diagnose-}" --depths 0,0.2,0.4,0.6,0.8,1 $gpu12 & ;;
         diagnose-long) run diagnose-long --diagnose --lengths 64k,256k --depths 0,0.2,0.4,0.6,0.8,1 $gpu12 & ;;
         decode-1m) run decode-1m --diagnose --lengths 1m --depths 0.1,0.7 $final_all & ;;
         diagnose-1m) run diagnose-1m --diagnose --lengths 1m --depths 0.1,0.7 $gpu12 & ;;
@@ -165,7 +167,7 @@ for stage in "$@"; do
         cell-1m-b) for part in 0.1,0.2 0.3,0.4 0.5,0.6; do
                        run "cell-1m-$part" --lengths 1m --depths "$part" --keys 2 --batch 1 $gpu4 &
                    done ;;
-        cell-1m-c) for part in 0.7,0.8 0.9; do
+        cell-1m-c) for part in 0.7 0.8 0.9; do
                        run "cell-1m-$part" --lengths 1m --depths "$part" --keys 2 --batch 1 $gpu4 &
                    done ;;
         stride) for every in 2 4 8; do
