@@ -146,7 +146,8 @@ def force_spans(cache: ReAttentionCache, span_ids_per_row: Sequence[Sequence[int
     tokens are in the local window). They replace the policy's lowest-ranked picks under its own ordering
     (`policy_order`), so the selection stays unique and no longer than the policy's, laid out as the policy lays out
     its own (consensus' `layout`: the forced spans ranked first, so best-last puts them next to the local window).
-    For tests and diagnosis only; `select` is restored on exit."""
+    A policy that always keeps span 0 (consensus' `keep_first_span`) keeps it under the oracle too, ranked right after
+    the forced spans. For tests and diagnosis only; `select` is restored on exit."""
     forced_rows = [sorted(set(map(int, ids))) for ids in span_ids_per_row]
     top_k = cache.config.top_k
     if any(len(ids) > top_k for ids in forced_rows):
@@ -162,6 +163,8 @@ def force_spans(cache: ReAttentionCache, span_ids_per_row: Sequence[Sequence[int
             sealed = [[span for span in forced if span < len(layer.table)] for forced in forced_rows]
             if not any(sealed):  # the spans to force are all still in the local window
                 return ids
+            if getattr(layer.policy, "keep_first_span", False):
+                sealed = [forced if 0 in forced else forced + [0] for forced in sealed]
             picks = ids[:, : _selecting_heads(layer)]  # [B, Hsel, k]
             order = policy_order(layer.policy, queries, layer.table.summaries.view(), layer.config.per_kv_head)
             layout = getattr(layer.policy, "layout", "text")
@@ -197,10 +200,11 @@ def _record(layer: ReAttentionLayer, index: int, query: int, tokens: int, querie
         _check_rows("observe_selection", len(needles), ids.shape[0])
     picks = ids[:, : _selecting_heads(layer)].tolist()  # [B][Hsel][k]
     summaries = layer.table.summaries.view()  # [B, Hkv, n, c, D]
-    ranked = summaries.shape[3] > 0  # a policy without summaries (`streaming`) ranks nothing
     ranks = None
-    if ranked:
-        ranks = _ranks(policy_order(layer.policy, queries, summaries, layer.config.per_kv_head)).tolist()
+    if summaries.shape[3] > 0:  # a policy without summaries (`streaming`) ranks nothing
+        order = (policy_order(layer.policy, queries, summaries, layer.config.per_kv_head) if summaries.shape[2]
+                 else ids.new_empty(len(picks), len(picks[0]), 0))  # [B, Hsel, n]; none sealed yet: nothing to rank
+        ranks = _ranks(order).tolist()
     needle_spans, needle_ranks, needle_selected = [], [], []
     for row, heads in enumerate(picks):
         fed = [] if needles is None else [(start, min(end, tokens)) for start, end in needles[row] if start < tokens]

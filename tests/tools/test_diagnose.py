@@ -173,6 +173,17 @@ def test_force_spans_puts_the_spans_in_every_selection_in_place_of_the_lowest_ra
     assert touched > 0
 
 
+def test_force_spans_keeps_span_0_where_the_policy_always_keeps_it(model):
+    """consensus' keep_first_span: span 0 stays in every selection under the oracle, ranked after the forced span, so
+    the room left for the policy's picks is one span smaller; without the option the oracle may drop it."""
+    config = CONFIG.replace(policy="consensus", top_k=3)
+    cache = ReAttentionCache(model, config)
+    with force_spans(cache, [[7]]), observe_selection(cache, [EVERY_SPAN]) as forced:
+        _answer(model, cache)
+    holding_7 = [record.selected[0][0] for record in forced.records if record.sealed > 7]
+    assert holding_7 and all(0 in chosen and 7 in chosen for chosen in holding_7)
+
+
 def test_force_spans_leaves_the_library_unchanged_after_exit(model):
     baseline = _answer(model, ReAttentionCache(model, CONFIG), new_tokens=6).tokens
     cache = ReAttentionCache(model, CONFIG)
