@@ -147,7 +147,7 @@ def force_spans(cache: ReAttentionCache, span_ids_per_row: Sequence[Sequence[int
     (`policy_order`), so the selection stays unique and no longer than the policy's, laid out as the policy lays out
     its own (consensus' `layout`: the forced spans ranked first, so best-last puts them next to the local window).
     A policy that always keeps span 0 (consensus' `keep_first_span`) keeps it under the oracle too, ranked right after
-    the forced spans. For tests and diagnosis only; `select` is restored on exit."""
+    the forced spans, where they leave room. For tests and diagnosis only; `select` is restored on exit."""
     forced_rows = [sorted(set(map(int, ids))) for ids in span_ids_per_row]
     top_k = cache.config.top_k
     if any(len(ids) > top_k for ids in forced_rows):
@@ -163,8 +163,8 @@ def force_spans(cache: ReAttentionCache, span_ids_per_row: Sequence[Sequence[int
             sealed = [[span for span in forced if span < len(layer.table)] for forced in forced_rows]
             if not any(sealed):  # the spans to force are all still in the local window
                 return ids
-            if getattr(layer.policy, "keep_first_span", False):
-                sealed = [forced if 0 in forced else forced + [0] for forced in sealed]
+            if getattr(layer.policy, "keep_first_span", False):  # span 0 too, where the forced spans leave room
+                sealed = [forced if 0 in forced or len(forced) >= top_k else forced + [0] for forced in sealed]
             picks = ids[:, : _selecting_heads(layer)]  # [B, Hsel, k]
             order = policy_order(layer.policy, queries, layer.table.summaries.view(), layer.config.per_kv_head)
             layout = getattr(layer.policy, "layout", "text")

@@ -182,6 +182,10 @@ def test_force_spans_keeps_span_0_where_the_policy_always_keeps_it(model):
         _answer(model, cache)
     holding_7 = [record.selected[0][0] for record in forced.records if record.sealed > 7]
     assert holding_7 and all(0 in chosen and 7 in chosen for chosen in holding_7)
+    cache = ReAttentionCache(model, config)
+    with force_spans(cache, [[5, 6, 7]]), observe_selection(cache, [EVERY_SPAN]) as full:
+        _answer(model, cache)  # as many forced spans as top_k: no room left for span 0
+    assert all(record.selected[0][0] == [5, 6, 7] for record in full.records if record.sealed > 7)
 
 
 def test_force_spans_leaves_the_library_unchanged_after_exit(model):
