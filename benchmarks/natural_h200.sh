@@ -75,6 +75,7 @@ best_last="--config $here/configs/consensus-best-last.yaml"
 text_order="--config $here/configs/consensus-text.yaml"
 final_all="--config $here/configs/consensus-final-all.yaml"
 gpu4="--config $here/configs/niah-gpu4.yaml"
+diagnose_depths=0,0.2,0.4,0.6,0.8,1
 mkdir -p "$out"
 run() {  # stage, kvtier niah arguments...
     local stage=$1
@@ -82,6 +83,12 @@ run() {  # stage, kvtier niah arguments...
     timeout "${NATURAL_LIMIT:-560}" python3 -m kvtier niah --out "$out/$stage" "$@" > "$out/$stage.log" 2>&1
     echo "== $stage: kvtier niah $* -> exit $?"
     tr '\r' '\n' < "$out/$stage.log" | grep -E "found|^[0-9]+[KM] |^all " | tail -n 12
+}
+cell_1m_parts() {  # depth lists: one batch-1 run of the 1M cell (2 keys) per list, side by side
+    local part
+    for part in "$@"; do
+        run "cell-1m-$part" --lengths 1m --depths "$part" --keys 2 --batch 1 $gpu4 &
+    done
 }
 bench() {  # stage, kvtier bench arguments (SmolLM2)...
     local stage=$1
@@ -138,8 +145,8 @@ for stage in "$@"; do
                        $gpu12 & ;;
         diagnose) run diagnose-stock --lengths 4k --depths $depths --keys 2 --policy stock --batch 11 &
                   run diagnose --diagnose --lengths 16k --depths $depths --keys 2 $gpu12 & ;;
-        diagnose-64k|diagnose-256k) run "$stage" --diagnose --lengths "${stage#diagnose-}" --depths 0,0.2,0.4,0.6,0.8,1 $gpu12 & ;;
-        diagnose-long) run diagnose-long --diagnose --lengths 64k,256k --depths 0,0.2,0.4,0.6,0.8,1 $gpu12 & ;;
+        diagnose-64k|diagnose-256k) run "$stage" --diagnose --lengths "${stage#diagnose-}" --depths $diagnose_depths $gpu12 & ;;
+        diagnose-long) run diagnose-long --diagnose --lengths 64k,256k --depths $diagnose_depths $gpu12 & ;;
         decode-1m) run decode-1m --diagnose --lengths 1m --depths 0.1,0.7 $final_all & ;;
         diagnose-1m) run diagnose-1m --diagnose --lengths 1m --depths 0.1,0.7 $gpu12 & ;;
         vote-1m) for vote in rank log vote18; do
@@ -164,12 +171,8 @@ for stage in "$@"; do
         diagnose-1m-depth0) run diagnose-1m-depth0 --diagnose --lengths 1m --depths 0 $gpu12 & ;;
         cell-1m-a) run cell-1m-0,1 --lengths 1m --depths 0,1 --keys 2 --batch 2 $gpu4 &
                    run diagnose-1m-depth0 --diagnose --lengths 1m --depths 0 $gpu12 & ;;
-        cell-1m-b) for part in 0.1,0.2 0.3,0.4 0.5,0.6; do
-                       run "cell-1m-$part" --lengths 1m --depths "$part" --keys 2 --batch 1 $gpu4 &
-                   done ;;
-        cell-1m-c) for part in 0.7 0.8 0.9; do
-                       run "cell-1m-$part" --lengths 1m --depths "$part" --keys 2 --batch 1 $gpu4 &
-                   done ;;
+        cell-1m-b) cell_1m_parts 0.1,0.2 0.3,0.4 0.5,0.6 ;;
+        cell-1m-c) cell_1m_parts 0.7 0.8 0.9 ;;
         stride) for every in 2 4 8; do
                     run "stride-$every" --lengths 16k,64k --depths $depths --keys 2 --batch 11 \
                         --config "$here/configs/consensus-stride$every.yaml" &
