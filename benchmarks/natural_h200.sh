@@ -41,6 +41,10 @@ given run at once, each in its own process, and the script waits for all of them
   decode-1m  kvtier niah --diagnose at 1M as diagnose-1m, with configs/consensus-final-all.yaml
   diagnose-long kvtier niah --diagnose at 64K and 256K, 6 depths x 1 key
   diagnose-64k, diagnose-256k  the same, one length each (two processes side by side)
+  diagnose-64k-cell  kvtier niah --diagnose at 64K, 11 depths x 2 keys (the whole cell: the oracle beside stock's
+             in-window rate), as two processes side by side (depths 0-0.5, 0.6-1)
+  diagnose-256k-odd  kvtier niah --diagnose at 256K, depths 0.1, 0.3, 0.5, 0.7, 0.9 (with diagnose-256k: 11 depths),
+             as two processes side by side (0.1-0.3, 0.5-0.9)
   long-1m-keys2a, long-1m-keys2b  long-1m's cell at 11 depths x 2 keys in two halves (depths 0-0.5, 0.6-1), one
              device call each (~7 minutes on the H200; not beside another 1M stage: one takes ~72 GiB of GPU memory)
   long-1m-rest  the depths of long-1m's 11 x 2 cell that RESULTS 27 did not reach (0.3, 0.4, 0.5, 1; 2 keys)
@@ -66,7 +70,7 @@ so stages running side by side never fail to grow a pool.
 environment: NATURAL_LIMIT seconds per stage (default 560). An unknown stage runs nothing and exits 2.
 USAGE
 }
-known=" diagnose-64k diagnose-256k cell-1m-a cell-1m-b cell-1m-c first-span final-all final-all-1m-a final-all-1m-b final-all-1m-c diagnose-1m-depth0 decode decode-1m diagnose-long long-1m-rest diagnose-1m-keys2 vote vote-1m layout long-1m long-1m-keys2a long-1m-keys2b filler-1m diagnose diagnose-1m stride 16k 64k 64k-paper topk long stock tasks ablate long-quest filler speed chunksize default long-keys2 multikey "
+known=" diagnose-64k diagnose-256k diagnose-64k-cell diagnose-256k-odd cell-1m-a cell-1m-b cell-1m-c first-span final-all final-all-1m-a final-all-1m-b final-all-1m-c diagnose-1m-depth0 decode decode-1m diagnose-long long-1m-rest diagnose-1m-keys2 vote vote-1m layout long-1m long-1m-keys2a long-1m-keys2b filler-1m diagnose diagnose-1m stride 16k 64k 64k-paper topk long stock tasks ablate long-quest filler speed chunksize default long-keys2 multikey "
 here=$(cd "$(dirname "$0")" && pwd)
 source "$here/stages.sh"
 depths=0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1
@@ -146,6 +150,10 @@ for stage in "$@"; do
         diagnose) run diagnose-stock --lengths 4k --depths $depths --keys 2 --policy stock --batch 11 &
                   run diagnose --diagnose --lengths 16k --depths $depths --keys 2 $gpu12 & ;;
         diagnose-64k|diagnose-256k) run "$stage" --diagnose --lengths "${stage#diagnose-}" --depths $diagnose_depths $gpu12 & ;;
+        diagnose-64k-cell) run diagnose-64k-a --diagnose --lengths 64k --depths 0,0.1,0.2,0.3,0.4,0.5 --keys 2 $gpu12 &
+                           run diagnose-64k-b --diagnose --lengths 64k --depths 0.6,0.7,0.8,0.9,1 --keys 2 $gpu12 & ;;
+        diagnose-256k-odd) run diagnose-256k-a --diagnose --lengths 256k --depths 0.1,0.3 $gpu12 &
+                           run diagnose-256k-b --diagnose --lengths 256k --depths 0.5,0.7,0.9 $gpu12 & ;;
         diagnose-long) run diagnose-long --diagnose --lengths 64k,256k --depths $diagnose_depths $gpu12 & ;;
         decode-1m) run decode-1m --diagnose --lengths 1m --depths 0.1,0.7 $final_all & ;;
         diagnose-1m) run diagnose-1m --diagnose --lengths 1m --depths 0.1,0.7 $gpu12 & ;;
