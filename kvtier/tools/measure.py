@@ -14,9 +14,10 @@ from kvtier.hf import cache_keyword
 
 
 def sync() -> None:
-    """Wait for the GPU's queued work (no-op without CUDA)."""
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+    """Wait for the queued work of every GPU (a model spread by a device_map ends its forward on another GPU than it
+    starts on); no-op without CUDA."""
+    for device in range(torch.cuda.device_count() if torch.cuda.is_available() else 0):
+        torch.cuda.synchronize(device)
 
 
 def step(model, cache, tokens: torch.Tensor, keyword: str | None = None) -> torch.Tensor:

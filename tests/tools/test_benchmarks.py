@@ -99,7 +99,8 @@ def test_decode_profile_chunk_profiles_a_prefill_forward(tmp_path):
         assert ranges == [2, 2, 2, 2]  # each step once per layer: the forward's two chunks go at once
 
 
-@pytest.mark.parametrize("script", ["decode_profile.py", "kernels.py", "selection_ranks.py", "spill.py", "tiers.py"])
+@pytest.mark.parametrize("script", ["decode_profile.py", "kernels.py", "multigpu.py", "selection_ranks.py", "spill.py",
+                                    "tiers.py"])
 def test_every_benchmark_script_explains_quick_and_out(script, capsys, monkeypatch):
     spec = importlib.util.spec_from_file_location(f"benchmark_{Path(script).stem}", ROOT / "benchmarks" / script)
     module = importlib.util.module_from_spec(spec)
@@ -112,7 +113,7 @@ def test_every_benchmark_script_explains_quick_and_out(script, capsys, monkeypat
 
 
 @pytest.mark.parametrize("script, stage", [("niah_h200.sh", "1m-a"), ("profile_h200.sh", "1m"), ("natural_h200.sh", "16k"),
-                                           ("speed_h200.sh", "llama8b")])
+                                           ("speed_h200.sh", "llama8b"), ("multigpu_h200x2.sh", "tp")])
 def test_the_h200_staging_scripts_list_their_stages_and_refuse_an_unknown_one(script, stage, tmp_path):
     helped = subprocess.run(["bash", str(ROOT / "benchmarks" / script), "--help"], capture_output=True, text=True)
     assert helped.returncode == 0 and helped.stdout.startswith(f"usage: bash benchmarks/{script} OUT_DIR STAGE")
