@@ -108,7 +108,8 @@ def load(args: argparse.Namespace, dtype: torch.dtype):
     if world > 1:
         raise MultiGpuError(f"--layout {args.layout} is one process; run it without torchrun (only tp uses ranks)")
     if args.layout == "single":
-        return AutoModelForCausalLM.from_pretrained(args.weights, dtype=dtype, device_map="cuda:0" if cuda else "cpu").eval()
+        device_map = "cuda:0" if cuda else "cpu"
+        return AutoModelForCausalLM.from_pretrained(args.weights, dtype=dtype, device_map=device_map).eval()
     if cuda and torch.cuda.device_count() < args.gpus:
         raise MultiGpuError(f"--layout layers --gpus {args.gpus}, but torch sees {torch.cuda.device_count()} CUDA "
                             "device(s): run on a machine with that many GPUs, or lower --gpus")
@@ -129,7 +130,8 @@ def shard_config(model):
     config = copy.copy(model.config)
     config.num_attention_heads //= world
     config.num_key_value_heads //= world
-    config.head_dim = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
+    heads = model.config.num_attention_heads
+    config.head_dim = getattr(model.config, "head_dim", None) or model.config.hidden_size // heads
     return config
 
 
@@ -218,7 +220,8 @@ def run(args: argparse.Namespace, quick: bool) -> Path | None:
         try:
             cell = measure(model, config, context, steps, warmup, chunk)
         except (torch.OutOfMemoryError, TierFullError) as err:
-            cell = {"context": context, "status": "error", "reason": f"{type(err).__name__}: {str(err).splitlines()[0]}"}
+            reason = f"{type(err).__name__}: {str(err).splitlines()[0]}"
+            cell = {"context": context, "status": "error", "reason": reason}
         cell = gathered(cell)
         result["cells"].append(cell)
         if rank == 0:
@@ -249,8 +252,8 @@ def report(paths: list[Path], out: Path) -> tuple[list[Path], str]:
         if not {"meta", "cells"} <= set(runs[-1]):
             raise MultiGpuError(f"--report {path} is not a benchmarks/multigpu.py multigpu.json")
     cells = {(run["meta"]["layout"], cell["context"]): cell for run in runs for cell in run["cells"]}
-    rows = [compared(layout, cell, cells.get(("single", context)))
-            for (layout, context), cell in sorted(cells.items(), key=lambda item: (item[0][1], LAYOUTS.index(item[0][0])))]
+    order = sorted(cells, key=lambda key: (key[1], LAYOUTS.index(key[0])))  # by context, then layout
+    rows = [compared(layout, cells[layout, context], cells.get(("single", context))) for layout, context in order]
     merged = {"runs": [run["meta"] for run in runs], "rows": rows, "goals": goals(rows)}
     labels = [f"{row['layout']} @ {format_length(row['context'])}" for row in rows]
     files = [write_json(out / "multigpu.json", merged),
@@ -331,7 +334,8 @@ def quick(out: Path) -> tuple[list[Path], str]:
     common = ["--quick", "--device", "cpu", "--weights", str(out / "weights")]
     launches = {"single": [sys.executable, __file__],
                 "layers": [sys.executable, __file__],
-                "tp": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", __file__]}
+                "tp": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                       __file__]}
     for layout, launch in launches.items():
         done = subprocess.run([*launch, *common, "--layout", layout, "--out", str(out / layout)], env=env,
                               capture_output=True, text=True, timeout=600)

@@ -94,6 +94,7 @@ def test_the_report_compares_each_layout_with_single_and_checks_the_goals(multig
 def test_a_bad_launch_or_folder_is_refused_with_the_fix(args, message, tmp_path):
     (tmp_path / "weights").mkdir()
     (tmp_path / "weights" / "config.json").write_text("{}")
-    done = _script(*[str(tmp_path / "weights") if arg == "WEIGHTS" else arg for arg in args], "--out", str(tmp_path / "out"))
+    given = [str(tmp_path / "weights") if arg == "WEIGHTS" else arg for arg in args]
+    done = _script(*given, "--out", str(tmp_path / "out"))
     assert done.returncode == 2 and message in done.stderr, done.stderr[-2000:]
     assert not (tmp_path / "out").exists()
