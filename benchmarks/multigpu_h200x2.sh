@@ -35,12 +35,8 @@ measure() {  # stage, launcher (words), benchmarks/multigpu.py arguments...: one
 }
 for stage in "$@"; do
     case $stage in
-        tests)
-            # beside the installed kvtier (a checkout's kvtier/ would shadow its kvtier.kernels)
-            rm -rf /tmp/kvtier-tests && mkdir -p /tmp/kvtier-tests && cp -r "$here/../tests" /tmp/kvtier-tests/
-            (cd /tmp/kvtier-tests && timeout "${MULTIGPU_LIMIT:-560}" python3 -m pytest -q -p no:cacheprovider \
-                -m multigpu tests/core/test_device_map.py tests/core/test_tensor_parallel.py > "$out/tests.log" 2>&1)
-            echo "== tests: exit $?"; tail -n 5 "$out/tests.log" ;;
+        tests) installed_tests "${MULTIGPU_LIMIT:-560}" "$out/tests.log" -m multigpu tests/core/test_device_map.py \
+                   tests/core/test_tensor_parallel.py ;;
         weights)
             python3 "$here/multigpu.py" --save-weights "$weights" > "$out/weights.log" 2>&1
             echo "== weights -> exit $?"; tail -n 2 "$out/weights.log" ;;

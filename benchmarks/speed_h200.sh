@@ -65,13 +65,8 @@ bench() {  # name, kvtier bench arguments...
 }
 for stage in "$@"; do
     case $stage in
-        tests)
-            # the tests run beside the installed kvtier (a checkout's kvtier/ would shadow its kvtier.kernels)
-            rm -rf /tmp/kvtier-tests && mkdir -p /tmp/kvtier-tests && cp -r "$here/../tests" /tmp/kvtier-tests/
-            (cd /tmp/kvtier-tests && timeout "${SPEED_LIMIT:-280}" python3 -m pytest -q -p no:cacheprovider -m gpu \
-                tests/core/test_fast_decode.py tests/core/test_prefill.py tests/kernels/test_window_mass.py tests/kernels/test_decode_attention.py \
-                > "$out/tests.log" 2>&1)
-            echo "== tests: exit $?"; tail -n 5 "$out/tests.log" ;;
+        tests) installed_tests "${SPEED_LIMIT:-280}" "$out/tests.log" -m gpu tests/core/test_fast_decode.py \
+                   tests/core/test_prefill.py tests/kernels/test_window_mass.py tests/kernels/test_decode_attention.py ;;
         kernels)
             timeout "${SPEED_LIMIT:-280}" python3 "$here/kernels.py" --out "$out/kernels" > "$out/kernels.log" 2>&1
             echo "== kernels: exit $?"; tail -n 40 "$out/kernels.log" ;;
